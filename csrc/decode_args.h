@@ -1,0 +1,41 @@
+// The arguments every decode and combine kernel receives, already validated by ffa_api.cu.
+#pragma once
+
+#include <stdint.h>
+
+namespace ffa {
+
+struct DecodeArgs {
+  const void *q, *new_k, *new_v;
+  void *k_cache, *v_cache, *out;
+  int64_t q_sb, q_sh, nk_sb, nk_sh, nv_sb, nv_sh;   // element strides
+  int64_t k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh;
+
+  const void *pos_ptr, *start_ptr;  // device arrays or nullptr (then the scalars hold)
+  int64_t pos_scalar, start_scalar;
+  int pos_is64, start_is64;
+
+  float scale_log2;  // softmax_scale * log2(e): logits are kept in base-2 units
+  float prune_p;
+  int heads, group, heads_per_block, max_len;
+  int split_len, num_splits;  // split_len == 0: one block per sequence, no combine
+  float *part_out;            // [batch, heads, num_splits, head_dim] normalized partial outputs
+  float *part_lse;            // [batch, heads, num_splits] log2-sum-exp of each split
+};
+
+// Position `b` of an index array, or the scalar when no array was given.
+__device__ __forceinline__ int64_t read_index(const void *p, int is64, int64_t scalar, int b) {
+  if (p == nullptr) return scalar;
+  return is64 ? static_cast<const int64_t *>(p)[b] : static_cast<const int32_t *>(p)[b];
+}
+
+// The positions sequence b attends to are [start, pos]. Returns false for a position
+// outside the cache or a start beyond it: such a sequence gets NaN output and no cache write.
+__device__ __forceinline__ bool sequence_range(const DecodeArgs &a, int b, int64_t &start,
+                                               int64_t &pos) {
+  pos = read_index(a.pos_ptr, a.pos_is64, a.pos_scalar, b);
+  start = read_index(a.start_ptr, a.start_is64, a.start_scalar, b);
+  return pos >= 0 && pos < a.max_len && start >= 0 && start <= pos;
+}
+
+}  // namespace ffa

@@ -1,0 +1,309 @@
+// Decode attention: one query row per head against a KV cache, with the new K/V row
+// appended in the same launch.
+//
+// Memory layout. The cache is [batch, kv_heads, max_len, head_dim] with head_dim contiguous;
+// a row (one position of one kv head) is D elements, read as 16-byte chunks.
+//
+// What one thread block does. Block (split, head group, batch) takes `heads_per_block`
+// (<= G) query heads that share one kv head, and the positions of its split that lie in the
+// sequence's range [start, pos]. Reading each K/V row once for all heads of the group is
+// what makes grouped-query attention cost no more memory traffic than one head.
+//
+// Threads. TPK consecutive lanes hold one key row (each lane one or two 16-byte chunks);
+// the block's threads / TPK "key groups" take interleaved positions. Positions are
+// processed in sub-chunks of SUB, each in three phases separated by barriers:
+//   1. logits: each key group loads U rows at once (loads in flight), dots them with q held
+//      in registers, reduces over its TPK lanes with shuffles and writes the logit to
+//      shared memory (base-2 units: q is prescaled by softmax_scale * log2 e);
+//   2. softmax: block-wide max and sum of the sub-chunk update the running max/sum (online
+//      softmax), logits become unnormalized weights, the accumulators are rescaled;
+//   3. values: each key group loads the V rows of its positions and accumulates weight * v.
+//      With pruning (p > 0) a row is skipped when, for every head, weight / running sum < p:
+//      the running sum only grows, so the exact weight is then below p too.
+// At the end the key groups' accumulators are summed (shuffles inside a warp, shared memory
+// across warps) and divided by the sum; a split block writes its normalized partial output
+// and log-sum-exp for the combine kernel instead.
+#pragma once
+
+#include <float.h>
+#include <math.h>
+
+#include "decode_args.h"
+#include "vec.cuh"
+
+namespace ffa {
+
+constexpr int kMaxThreads = 256;
+constexpr int kMaxWarps = kMaxThreads / 32;
+constexpr int kLogitFloats = 2048;  // shared logits buffer: G heads x SUB positions
+constexpr int kRowsInFlight = 4;    // U: rows each key group loads before using them
+
+constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
+constexpr int cmin(int a, int b) { return a < b ? a : b; }
+
+template <typename T, int D>
+struct RowShape {
+  static constexpr int VEC = Chunk<T>::kElems;            // elements per chunk
+  static constexpr int CHUNKS = D / VEC;                   // chunks per row
+  static constexpr int TPK = cmin(32, pow2_at_least(CHUNKS));  // lanes per row
+  static constexpr int CPL = (CHUNKS + TPK - 1) / TPK;    // chunks per lane
+};
+
+// Sum (or max) over the TPK lanes that share a row; every lane gets the result.
+template <int TPK>
+__device__ __forceinline__ float row_sum(float x) {
+#pragma unroll
+  for (int off = TPK / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Block-wide reduction of G values; `buf` holds kMaxWarps x G floats. Every thread gets the
+// result. Contains one barrier; callers alternate buffers between consecutive reductions.
+template <int G, bool kMax>
+__device__ __forceinline__ void block_reduce(float (&v)[G], float *buf) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      float o = __shfl_xor_sync(0xffffffffu, v[g], off);
+      v[g] = kMax ? fmaxf(v[g], o) : v[g] + o;
+    }
+    if (lane == 0) buf[warp * G + g] = v[g];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    float r = buf[g];
+    for (int w = 1; w < nwarps; ++w) r = kMax ? fmaxf(r, buf[w * G + g]) : r + buf[w * G + g];
+    v[g] = r;
+  }
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kMaxThreads) decode_kernel(const DecodeArgs a) {
+  using S = RowShape<T, D>;
+  constexpr int VEC = S::VEC, CHUNKS = S::CHUNKS, TPK = S::TPK, CPL = S::CPL;
+  constexpr int U = kRowsInFlight;
+  constexpr int SUB = kLogitFloats / G;
+
+  __shared__ float logits[kLogitFloats];  // [G][SUB]; reused for the final reduction
+  __shared__ float red_max[kMaxWarps * G], red_sum[kMaxWarps * G];
+
+  const int tid = threadIdx.x, nt = blockDim.x;
+  const int lane_k = tid % TPK, key = tid / TPK, kpp = nt / TPK;
+  const int b = blockIdx.z, split = blockIdx.x;
+  const int subgroups = a.group / a.heads_per_block;
+  const int kvh = blockIdx.y / subgroups;
+  const int h0 = kvh * a.group + (blockIdx.y % subgroups) * a.heads_per_block;
+  const int nh = a.heads_per_block;
+
+  int64_t start, pos;
+  const bool valid = sequence_range(a, b, start, pos);
+  if (!valid) {  // NaN output marks the sequence; the combine kernel does it for splits
+    if (a.split_len == 0)
+      for (int i = tid; i < nh * D; i += nt)
+        static_cast<T *>(a.out)[b * a.o_sb + (h0 + i / D) * a.o_sh + i % D] = T(NAN);
+    return;
+  }
+  int64_t lo = 0, hi = a.max_len;
+  if (a.split_len > 0) {
+    lo = int64_t(split) * a.split_len;
+    hi = lo + a.split_len < hi ? lo + a.split_len : hi;
+  }
+  lo = lo > start ? lo : start;
+  hi = hi < pos + 1 ? hi : pos + 1;
+  if (lo >= hi) return;
+
+  const T *kbase = static_cast<const T *>(a.k_cache) + b * a.k_sb + kvh * a.k_sh;
+  const T *vbase = static_cast<const T *>(a.v_cache) + b * a.v_sb + kvh * a.v_sh;
+  const T *knew = static_cast<const T *>(a.new_k) + b * a.nk_sb + kvh * a.nk_sh;
+  const T *vnew = static_cast<const T *>(a.new_v) + b * a.nv_sb + kvh * a.nv_sh;
+
+  // Fused cache append: the block whose range holds `pos` (first head group only) writes it.
+  // No block reads the cache at `pos` in this launch: they take the row from new_k/new_v.
+  if (pos >= lo && pos < hi && blockIdx.y % subgroups == 0) {
+    for (int c = tid; c < 2 * CHUNKS; c += nt) {
+      const bool is_k = c < CHUNKS;
+      const int ch = is_k ? c : c - CHUNKS;
+      T *dst = const_cast<T *>(is_k ? kbase + pos * a.k_ss : vbase + pos * a.v_ss);
+      *reinterpret_cast<uint4 *>(dst + ch * VEC) = load_chunk((is_k ? knew : vnew) + ch * VEC);
+    }
+  }
+
+  // q of this block's heads, prescaled to base-2 logits; unused heads and lanes hold zeros.
+  float q[G][CPL][VEC];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const int ch = lane_k + c * TPK;
+      if (g < nh && ch < CHUNKS) {
+        const T *qrow = static_cast<const T *>(a.q) + b * a.q_sb + (h0 + g) * a.q_sh;
+        to_float(load_chunk(qrow + ch * VEC), q[g][c], T());
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q[g][c][e] *= a.scale_log2;
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) q[g][c][e] = 0.f;
+      }
+    }
+
+  float acc[G][CPL][VEC] = {};
+  float m_run[G], l_run[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) m_run[g] = -INFINITY, l_run[g] = 0.f;
+
+  for (int64_t s0 = lo; s0 < hi; s0 += SUB) {
+    const int n = hi - s0 < SUB ? int(hi - s0) : SUB;
+
+    // Phase 1: logits of positions s0 .. s0+n-1.
+    for (int i0 = 0; i0 < n; i0 += kpp * U) {
+      uint4 raw[U][CPL];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + key + u * kpp;
+        const T *row = (s0 + i == pos) ? knew : kbase + (s0 + i) * a.k_ss;
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          const int ch = lane_k + c * TPK;
+          raw[u][c] = (i < n && ch < CHUNKS) ? load_chunk(row + ch * VEC) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float dot[G] = {};
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          float kf[VEC];
+          to_float(raw[u][c], kf, T());
+#pragma unroll
+          for (int g = 0; g < G; ++g)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q[g][c][e], kf[e], dot[g]);
+        }
+        const int i = i0 + key + u * kpp;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          dot[g] = row_sum<TPK>(dot[g]);
+          if (lane_k == 0 && i < n) logits[g * SUB + i] = dot[g];
+        }
+      }
+    }
+    __syncthreads();
+
+    // Phase 2: online softmax update with this sub-chunk's max and sum.
+    float mx[G], sm[G], alpha[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) mx[g] = -INFINITY;
+    for (int i = tid; i < n; i += nt)
+#pragma unroll
+      for (int g = 0; g < G; ++g) mx[g] = fmaxf(mx[g], logits[g * SUB + i]);
+    block_reduce<G, true>(mx, red_max);
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float m_new = fmaxf(m_run[g], mx[g]);
+      alpha[g] = exp2f(m_run[g] - m_new);
+      m_run[g] = m_new;
+      sm[g] = 0.f;
+    }
+    for (int i = tid; i < n; i += nt)
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float w = exp2f(logits[g * SUB + i] - m_run[g]);
+        logits[g * SUB + i] = w;
+        sm[g] += w;
+      }
+    block_reduce<G, false>(sm, red_sum);  // its barrier also publishes the weights
+    float threshold[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      l_run[g] = l_run[g] * alpha[g] + sm[g];
+      threshold[g] = a.prune_p * l_run[g];
+#pragma unroll
+      for (int c = 0; c < CPL; ++c)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[g][c][e] *= alpha[g];
+    }
+
+    // Phase 3: accumulate weight * v, skipping rows every head weighs below the threshold.
+    for (int i0 = 0; i0 < n; i0 += kpp * U) {
+      uint4 raw[U][CPL];
+      bool keep[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int i = i0 + key + u * kpp;
+        keep[u] = false;
+        if (i < n)
+#pragma unroll
+          for (int g = 0; g < G; ++g) keep[u] |= g < nh && logits[g * SUB + i] >= threshold[g];
+        const T *row = (s0 + i == pos) ? vnew : vbase + (s0 + i) * a.v_ss;
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          const int ch = lane_k + c * TPK;
+          raw[u][c] = (keep[u] && ch < CHUNKS) ? load_chunk(row + ch * VEC) : make_uint4(0, 0, 0, 0);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (!keep[u]) continue;
+        const int i = i0 + key + u * kpp;
+#pragma unroll
+        for (int c = 0; c < CPL; ++c) {
+          float vf[VEC];
+          to_float(raw[u][c], vf, T());
+#pragma unroll
+          for (int g = 0; g < G; ++g) {
+            const float w = logits[g * SUB + i];
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[g][c][e] = fmaf(w, vf[e], acc[g][c][e]);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next sub-chunk overwrites the weights
+  }
+
+  // Sum the key groups' accumulators: inside the warp by shuffles, then across warps.
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int c = 0; c < CPL; ++c)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+#pragma unroll
+        for (int off = TPK; off < 32; off *= 2)
+          acc[g][c][e] += __shfl_xor_sync(0xffffffffu, acc[g][c][e], off);
+
+  const int lane = tid % 32, warp = tid / 32, nwarps = nt / 32;
+  float *red = logits;  // [nwarps][D] <= 8 x 256 floats
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    if (g >= nh) break;
+    if (lane < TPK)
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const int ch = lane_k + c * TPK;
+        if (ch < CHUNKS)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) red[warp * D + ch * VEC + e] = acc[g][c][e];
+      }
+    __syncthreads();
+    const float inv_l = 1.f / l_run[g];
+    const int h = h0 + g;
+    for (int d = tid; d < D; d += nt) {
+      float s = 0.f;
+      for (int w = 0; w < nwarps; ++w) s += red[w * D + d];
+      if (a.split_len == 0) {
+        static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(s * inv_l);
+      } else {
+        const int64_t row = (int64_t(b) * a.heads + h) * a.num_splits + split;
+        a.part_out[row * D + d] = s * inv_l;
+        if (d == 0) a.part_lse[row] = m_run[g] + log2f(l_run[g]);
+      }
+    }
+    __syncthreads();  // before the next head reuses `red`
+  }
+}
+
+}  // namespace ffa

@@ -1,0 +1,105 @@
+/* FastForwardAttention: the plain C ABI of the native library.
+ *
+ * One call, ffa_decode, appends one new key/value row per sequence into a preallocated
+ * cache and computes decode attention for every query head. Everything is passed as raw
+ * device pointers, element strides and small integers, so the library links no libtorch
+ * and one build serves every Python and PyTorch version.
+ *
+ * Every function returns an ffa_status; ffa_last_error() gives a sentence about the most
+ * recent failure on the calling thread. FFA_ABI_VERSION changes whenever this struct or
+ * the meaning of a field changes: callers check ffa_abi_version() before the first call.
+ */
+#ifndef FFA_H_
+#define FFA_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FFA_ABI_VERSION 1
+
+#if defined(__GNUC__)
+#define FFA_API __attribute__((visibility("default")))
+#else
+#define FFA_API
+#endif
+
+typedef enum {
+  FFA_OK = 0,
+  FFA_ERR_INVALID_ARGUMENT = 1, /* a shape, stride, dtype or launch field is out of range */
+  FFA_ERR_UNSUPPORTED = 2,      /* valid request that this build has no kernel for */
+  FFA_ERR_NO_KERNEL_IMAGE = 3,  /* the GPU's architecture is not compiled into the library */
+  FFA_ERR_CUDA = 4,             /* the CUDA runtime reported an error */
+  FFA_ERR_ABI_MISMATCH = 5      /* params.abi_version differs from FFA_ABI_VERSION */
+} ffa_status;
+
+typedef enum { FFA_F16 = 0, FFA_BF16 = 1, FFA_F32 = 2 } ffa_dtype;
+
+/* One decode step. Strides are in elements; the last dimension (head_dim) is contiguous.
+ *   q:        [batch, heads, head_dim]
+ *   new_k/v:  [batch, kv_heads, head_dim]
+ *   k/v_cache:[batch, kv_heads, max_len, head_dim]
+ *   out:      [batch, heads, head_dim]
+ * Sequence b attends over cache positions start[b] .. pos[b] inclusive, after new_k/v[b]
+ * have been written at pos[b]. pos and start come from device arrays of int32 or int64
+ * (pos_ptr/start_ptr, read by the kernel, so a captured CUDA graph sees new values on
+ * replay) or, when the pointer is NULL, from the scalar fields. */
+typedef struct {
+  int64_t abi_version;
+  int64_t dtype; /* ffa_dtype of q, new_k, new_v, caches and out */
+  int64_t batch, heads, kv_heads, head_dim, max_len;
+
+  const void *q;
+  int64_t q_stride_b, q_stride_h;
+  const void *new_k;
+  int64_t new_k_stride_b, new_k_stride_h;
+  const void *new_v;
+  int64_t new_v_stride_b, new_v_stride_h;
+  void *k_cache;
+  int64_t k_stride_b, k_stride_h, k_stride_s;
+  void *v_cache;
+  int64_t v_stride_b, v_stride_h, v_stride_s;
+  void *out;
+  int64_t out_stride_b, out_stride_h;
+
+  const void *pos_ptr;   /* [batch] int32/int64 on the device, or NULL */
+  int64_t pos_bits;      /* 32 or 64 when pos_ptr is set */
+  int64_t pos_scalar;    /* used when pos_ptr is NULL */
+  const void *start_ptr; /* [batch] int32/int64 on the device, or NULL */
+  int64_t start_bits;
+  int64_t start_scalar;
+
+  double softmax_scale;
+  double prune_p; /* 0 <= p < 1; positions whose softmax weight is proven below p skip V */
+
+  /* Launch configuration. split_len == 0: one block covers all positions of a sequence.
+   * split_len > 0: blocks of split_len positions, combined by a second kernel; the grid
+   * has ceil(max_len / split_len) splits, fixed by static sizes only. */
+  int64_t threads;         /* 64, 128 or 256 */
+  int64_t heads_per_block; /* query heads sharing one K/V read; divides heads/kv_heads, <= 8 */
+  int64_t split_len;       /* 0 or a multiple of 16 */
+
+  void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0 */
+  int64_t workspace_bytes;
+  void *stream; /* cudaStream_t */
+} ffa_decode_params;
+
+FFA_API int64_t ffa_abi_version(void);
+FFA_API const char *ffa_version(void);
+/* JSON text: {"version":..., "abi":..., "archs":[...], "dtypes":[...], "head_dims":[...], ...} */
+FFA_API const char *ffa_build_info(void);
+FFA_API const char *ffa_status_string(int status);
+FFA_API const char *ffa_last_error(void);
+
+/* Bytes of workspace a split launch with these sizes needs (0 when split_len == 0). */
+FFA_API int ffa_workspace_bytes(const ffa_decode_params *p, int64_t *bytes);
+/* FFA_OK when the library holds machine code or PTX that runs on CUDA device `device`. */
+FFA_API int ffa_check_device(int device);
+FFA_API int ffa_decode(const ffa_decode_params *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* FFA_H_ */

@@ -1,0 +1,233 @@
+// The C ABI of ffa.h: argument checking that protects memory, then dispatch to launch.cuh.
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+
+#include <string>
+
+#include "ffa.h"
+#include "launch.cuh"
+
+#ifndef FFA_VERSION
+#error "build with -DFFA_VERSION=\"x.y.z\" (setup.py passes the package version)"
+#endif
+#define FFA_STR2(x) #x
+#define FFA_STR(x) FFA_STR2(x)
+
+namespace {
+
+thread_local std::string g_last_error;
+
+int fail(int status, const char *fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  g_last_error = buf;
+  return status;
+}
+
+int64_t dtype_size(int64_t dtype) { return dtype == FFA_F32 ? 4 : 2; }
+
+bool supported_head_dim(int64_t d) {
+  for (int hd : ffa::kHeadDims)
+    if (hd == d) return true;
+  return false;
+}
+
+int64_t num_splits(const ffa_decode_params *p) {
+  return p->split_len > 0 ? (p->max_len + p->split_len - 1) / p->split_len : 1;
+}
+
+int64_t workspace_needed(const ffa_decode_params *p) {
+  if (p->split_len == 0) return 0;
+  const int64_t rows = p->batch * p->heads * num_splits(p);
+  return rows * p->head_dim * 4 + rows * 4;  // partial outputs, then log-sum-exps
+}
+
+// Shapes, dtype and launch fields; everything ffa_workspace_bytes needs too.
+int check_shapes(const ffa_decode_params *p) {
+  if (!p) return fail(FFA_ERR_INVALID_ARGUMENT, "params is NULL");
+  if (p->abi_version != FFA_ABI_VERSION)
+    return fail(FFA_ERR_ABI_MISMATCH, "params.abi_version is %lld, this library speaks %d",
+                (long long)p->abi_version, FFA_ABI_VERSION);
+  if (p->dtype < FFA_F16 || p->dtype > FFA_F32)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "dtype code %lld is not 0 (f16), 1 (bf16) or 2 (f32)",
+                (long long)p->dtype);
+  if (p->batch < 0 || p->batch > 65535)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "batch %lld is outside [0, 65535]", (long long)p->batch);
+  if (p->heads < 1 || p->kv_heads < 1 || p->heads % p->kv_heads != 0)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "heads (%lld) must be a positive multiple of kv_heads (%lld)",
+                (long long)p->heads, (long long)p->kv_heads);
+  if (!supported_head_dim(p->head_dim))
+    return fail(FFA_ERR_UNSUPPORTED, "head_dim %lld is not compiled; supported: 32, 64, 80, 96, 128, 256",
+                (long long)p->head_dim);
+  if (p->max_len < 1 || p->max_len > (int64_t(1) << 30))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "max_len %lld is outside [1, 2^30]", (long long)p->max_len);
+  if (p->threads != 64 && p->threads != 128 && p->threads != 256)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "threads %lld is not 64, 128 or 256", (long long)p->threads);
+  const int64_t group = p->heads / p->kv_heads;
+  if (p->heads_per_block < 1 || p->heads_per_block > ffa::kMaxHeadsPerBlock ||
+      group % p->heads_per_block != 0)
+    return fail(FFA_ERR_INVALID_ARGUMENT,
+                "heads_per_block %lld must divide the group size %lld and be at most %d",
+                (long long)p->heads_per_block, (long long)group, ffa::kMaxHeadsPerBlock);
+  if (p->split_len < 0 || (p->split_len > 0 && num_splits(p) > 8192))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld gives more than 8192 splits of max_len %lld",
+                (long long)p->split_len, (long long)p->max_len);
+  return FFA_OK;
+}
+
+bool aligned16(const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
+
+int check_tensor(const char *name, const void *ptr, std::initializer_list<int64_t> strides, int64_t vec) {
+  if (!ptr) return fail(FFA_ERR_INVALID_ARGUMENT, "%s is NULL", name);
+  if (!aligned16(ptr)) return fail(FFA_ERR_INVALID_ARGUMENT, "%s is not 16-byte aligned", name);
+  for (int64_t s : strides)
+    if (s < 0 || s % vec != 0)
+      return fail(FFA_ERR_INVALID_ARGUMENT,
+                  "%s has stride %lld; strides must be non-negative multiples of %lld elements",
+                  name, (long long)s, (long long)vec);
+  return FFA_OK;
+}
+
+int check_index(const char *name, const void *ptr, int64_t bits) {
+  if (ptr && bits != 32 && bits != 64)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "%s_bits is %lld, not 32 or 64", name, (long long)bits);
+  if (ptr && !aligned16(ptr) && (reinterpret_cast<uintptr_t>(ptr) % (bits / 8)) != 0)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "%s array is misaligned", name);
+  return FFA_OK;
+}
+
+}  // namespace
+
+__global__ void ffa_probe_kernel() {}
+
+extern "C" {
+
+int64_t ffa_abi_version(void) { return FFA_ABI_VERSION; }
+
+const char *ffa_version(void) { return FFA_VERSION; }
+
+const char *ffa_build_info(void) {
+  return "{\"version\": \"" FFA_VERSION "\", \"abi\": " FFA_STR(FFA_ABI_VERSION)
+         ", \"archs\": [" FFA_STR(__CUDA_ARCH_LIST__)
+         "], \"dtypes\": [\"float16\", \"bfloat16\", \"float32\"]"
+         ", \"head_dims\": [32, 64, 80, 96, 128, 256], \"threads\": [64, 128, 256]"
+         ", \"max_heads_per_block\": 8, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
+}
+
+const char *ffa_status_string(int status) {
+  switch (status) {
+    case FFA_OK: return "ok";
+    case FFA_ERR_INVALID_ARGUMENT: return "invalid argument";
+    case FFA_ERR_UNSUPPORTED: return "unsupported";
+    case FFA_ERR_NO_KERNEL_IMAGE: return "no kernel image for this GPU";
+    case FFA_ERR_CUDA: return "CUDA error";
+    case FFA_ERR_ABI_MISMATCH: return "ABI version mismatch";
+    default: return "unknown status";
+  }
+}
+
+const char *ffa_last_error(void) { return g_last_error.c_str(); }
+
+int ffa_workspace_bytes(const ffa_decode_params *p, int64_t *bytes) {
+  if (int st = check_shapes(p)) return st;
+  if (!bytes) return fail(FFA_ERR_INVALID_ARGUMENT, "bytes is NULL");
+  *bytes = workspace_needed(p);
+  return FFA_OK;
+}
+
+int ffa_check_device(int device) {
+  int previous = 0;
+  cudaError_t err = cudaGetDevice(&previous);
+  if (err == cudaSuccess) err = cudaSetDevice(device);
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "device %d: %s", device, cudaGetErrorString(err));
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, ffa_probe_kernel);
+  cudaSetDevice(previous);
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    cudaGetLastError();
+    cudaDeviceProp prop;
+    int major = 0, minor = 0;
+    if (cudaGetDeviceProperties(&prop, device) == cudaSuccess) major = prop.major, minor = prop.minor;
+    return fail(FFA_ERR_NO_KERNEL_IMAGE,
+                "this FFA build has no code for device %d (sm_%d%d); it was compiled for "
+                "compute capabilities " FFA_STR(__CUDA_ARCH_LIST__),
+                device, major, minor);
+  }
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "device %d: %s", device, cudaGetErrorString(err));
+  return FFA_OK;
+}
+
+int ffa_decode(const ffa_decode_params *p) {
+  if (int st = check_shapes(p)) return st;
+  if (p->batch == 0) return FFA_OK;
+  const int64_t vec = 16 / dtype_size(p->dtype);
+  int st;
+  if ((st = check_tensor("q", p->q, {p->q_stride_b, p->q_stride_h}, vec)) ||
+      (st = check_tensor("new_k", p->new_k, {p->new_k_stride_b, p->new_k_stride_h}, vec)) ||
+      (st = check_tensor("new_v", p->new_v, {p->new_v_stride_b, p->new_v_stride_h}, vec)) ||
+      (st = check_tensor("k_cache", p->k_cache, {p->k_stride_b, p->k_stride_h, p->k_stride_s}, vec)) ||
+      (st = check_tensor("v_cache", p->v_cache, {p->v_stride_b, p->v_stride_h, p->v_stride_s}, vec)) ||
+      (st = check_tensor("out", p->out, {p->out_stride_b, p->out_stride_h}, 1)) ||
+      (st = check_index("pos", p->pos_ptr, p->pos_bits)) ||
+      (st = check_index("start", p->start_ptr, p->start_bits)))
+    return st;
+  if (!p->pos_ptr && (p->pos_scalar < 0 || p->pos_scalar >= p->max_len))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "position %lld is outside the cache [0, %lld)",
+                (long long)p->pos_scalar, (long long)p->max_len);
+  if (!p->start_ptr && (p->start_scalar < 0 || (!p->pos_ptr && p->start_scalar > p->pos_scalar)))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "start %lld is outside [0, position]",
+                (long long)p->start_scalar);
+  if (!isfinite(p->softmax_scale))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "softmax_scale is not finite");
+  if (!(p->prune_p >= 0.0 && p->prune_p < 1.0))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "prune_p %g is outside [0, 1)", p->prune_p);
+  const int64_t need = workspace_needed(p);
+  if (need > 0 && (!p->workspace || p->workspace_bytes < need || !aligned16(p->workspace)))
+    return fail(FFA_ERR_INVALID_ARGUMENT,
+                "a split launch needs a 16-byte aligned workspace of %lld bytes (got %lld)",
+                (long long)need, (long long)p->workspace_bytes);
+
+  ffa::DecodeArgs a = {};
+  a.q = p->q, a.new_k = p->new_k, a.new_v = p->new_v;
+  a.k_cache = p->k_cache, a.v_cache = p->v_cache, a.out = p->out;
+  a.q_sb = p->q_stride_b, a.q_sh = p->q_stride_h;
+  a.nk_sb = p->new_k_stride_b, a.nk_sh = p->new_k_stride_h;
+  a.nv_sb = p->new_v_stride_b, a.nv_sh = p->new_v_stride_h;
+  a.k_sb = p->k_stride_b, a.k_sh = p->k_stride_h, a.k_ss = p->k_stride_s;
+  a.v_sb = p->v_stride_b, a.v_sh = p->v_stride_h, a.v_ss = p->v_stride_s;
+  a.o_sb = p->out_stride_b, a.o_sh = p->out_stride_h;
+  a.pos_ptr = p->pos_ptr, a.pos_is64 = p->pos_bits == 64, a.pos_scalar = p->pos_scalar;
+  a.start_ptr = p->start_ptr, a.start_is64 = p->start_bits == 64, a.start_scalar = p->start_scalar;
+  a.scale_log2 = float(p->softmax_scale * 1.4426950408889634);
+  a.prune_p = float(p->prune_p);
+  a.heads = int(p->heads), a.group = int(p->heads / p->kv_heads);
+  a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
+  a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
+  if (need > 0) {
+    a.part_out = static_cast<float *>(p->workspace);
+    a.part_lse = a.part_out + p->batch * p->heads * a.num_splits * p->head_dim;
+  }
+
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "cudaGetDevice: %s", cudaGetErrorString(err));
+  cudaStream_t stream = static_cast<cudaStream_t>(p->stream);
+  err = [&] {
+    switch (p->dtype) {
+      case FFA_F16: return ffa::launch_decode<__half>(a, int(p->head_dim), int(p->batch), int(p->kv_heads), int(p->threads), stream);
+      case FFA_BF16: return ffa::launch_decode<__nv_bfloat16>(a, int(p->head_dim), int(p->batch), int(p->kv_heads), int(p->threads), stream);
+      default: return ffa::launch_decode<float>(a, int(p->head_dim), int(p->batch), int(p->kv_heads), int(p->threads), stream);
+    }
+  }();
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
+    return fail(FFA_ERR_NO_KERNEL_IMAGE, "no kernel image for device %d (compiled for " FFA_STR(__CUDA_ARCH_LIST__) ")", device);
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "kernel launch on device %d: %s", device, cudaGetErrorString(err));
+  return FFA_OK;
+}
+
+}  // extern "C"

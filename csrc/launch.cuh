@@ -1,0 +1,55 @@
+// The thin launch layer: maps a runtime (head_dim, heads-per-block) to a compiled kernel and
+// launches the decode kernel, then the combine kernel for split launches.
+//
+// Compiled shapes: head_dim in kHeadDims, heads-per-block template G in {1, 2, 4, 8} (a block
+// with fewer heads uses the next G up). Each dtype's instantiations live in their own file
+// under instantiate/ so that nvcc compiles them in parallel.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "combine_kernel.cuh"
+#include "decode_kernel.cuh"
+
+namespace ffa {
+
+constexpr int kHeadDims[] = {32, 64, 80, 96, 128, 256};
+constexpr int kMaxHeadsPerBlock = 8;
+
+inline int template_group(int heads_per_block) {
+  return heads_per_block <= 1 ? 1 : heads_per_block <= 2 ? 2 : heads_per_block <= 4 ? 4 : 8;
+}
+
+template <typename T, int D>
+cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int threads, cudaStream_t stream) {
+  switch (template_group(a.heads_per_block)) {
+    case 1: decode_kernel<T, D, 1><<<grid, threads, 0, stream>>>(a); break;
+    case 2: decode_kernel<T, D, 2><<<grid, threads, 0, stream>>>(a); break;
+    case 4: decode_kernel<T, D, 4><<<grid, threads, 0, stream>>>(a); break;
+    default: decode_kernel<T, D, 8><<<grid, threads, 0, stream>>>(a); break;
+  }
+  return cudaGetLastError();
+}
+
+// Launches one decode step; `head_dim` must be one of kHeadDims (checked by the caller).
+template <typename T>
+cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_heads, int threads,
+                          cudaStream_t stream) {
+  const dim3 grid(a.split_len > 0 ? a.num_splits : 1, kv_heads * (a.group / a.heads_per_block),
+                  batch);
+  cudaError_t err;
+  switch (head_dim) {
+    case 32: err = launch_decode_d<T, 32>(a, grid, threads, stream); break;
+    case 64: err = launch_decode_d<T, 64>(a, grid, threads, stream); break;
+    case 80: err = launch_decode_d<T, 80>(a, grid, threads, stream); break;
+    case 96: err = launch_decode_d<T, 96>(a, grid, threads, stream); break;
+    case 128: err = launch_decode_d<T, 128>(a, grid, threads, stream); break;
+    default: err = launch_decode_d<T, 256>(a, grid, threads, stream); break;
+  }
+  if (err != cudaSuccess || a.split_len == 0) return err;
+  const size_t smem = size_t(a.num_splits) * sizeof(float);
+  combine_kernel<T><<<dim3(a.heads, batch), 128, smem, stream>>>(a, head_dim);
+  return cudaGetLastError();
+}
+
+}  // namespace ffa

@@ -1,0 +1,194 @@
+"""FastForwardAttn: a preallocated KV cache and the decode step over it.
+
+    ffa = FastForwardAttn(K, V, max_len, use_default_kernel_launch=False)
+    out = ffa.attention(q, k, v, softmax_scale, t, p=0.0)
+
+K, V: [batch, kv_heads, prompt_len, head_dim], copied once into a cache of max_len positions.
+q: [batch, heads, 1, head_dim] (or [batch, heads, head_dim]); k, v: [batch, kv_heads, 1,
+head_dim] (or without the 1). attention() writes k, v at position t and returns the attention
+of q over positions start .. t as [batch, heads, head_dim]. t (and start) may be ints or
+integer tensors of shape [batch], one position per sequence; tensors on the GPU are read by
+the kernel itself, so a captured CUDA graph sees their new values on every replay.
+
+p is the pruning threshold: value rows whose softmax weight is below p may be skipped, which
+bounds the error of each output element by sum_{w_i < p} w_i |v_i|; p = 0 is exact.
+"""
+
+import math
+import numbers
+
+import torch
+
+from . import _lib, ops, tuner
+from .launch import LaunchConfig, default_launch, heuristic, length_bucket
+
+GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CPU_DTYPES = GPU_DTYPES + (torch.float64,)
+HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def _expect_tensor(name, x, ndim_options):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() not in ndim_options:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndim_options))} dimensions, "
+                         f"got shape {tuple(x.shape)}")
+
+
+def _as_rows(name, x, batch, heads, head_dim, dtype, device):
+    """Accept [batch, heads, 1, head_dim] or [batch, heads, head_dim]; return the 3-D view."""
+    _expect_tensor(name, x, (3, 4))
+    if x.dim() == 4:
+        if x.shape[2] != 1:
+            raise ValueError(f"{name} must hold one position (dim 2 of size 1), got shape {tuple(x.shape)}")
+        x = x[:, :, 0]
+    if tuple(x.shape) != (batch, heads, head_dim):
+        raise ValueError(f"{name} must have shape [{batch}, {heads}, 1, {head_dim}], got {tuple(x.shape)}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, the cache is on {device}")
+    return x
+
+
+def _positions(name, value, batch, device, low, high):
+    """An int in [low, high] or an integer tensor [batch]; returns (tensor or None, int)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.Tensor)):
+        raise TypeError(f"{name} must be an int or an integer tensor of shape [{batch}], "
+                        f"got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must have dtype int32 or int64, got {value.dtype}")
+        if value.dim() == 0:
+            value = value.reshape(1).expand(batch)
+        if tuple(value.shape) != (batch,):
+            raise ValueError(f"{name} must have shape [{batch}], got {tuple(value.shape)}")
+        if not value.is_cuda or not device.type == "cuda":
+            # Host values are checked here; device values are checked by the kernel, which
+            # gives a sequence with an out-of-range position a NaN output and no cache write.
+            bad = (value < low) | (value > high)
+            if bool(bad.any()):
+                raise ValueError(f"{name} holds {value[bad][0].item()}, outside [{low}, {high}]")
+            value = value.to(device)
+        elif value.device != device:
+            raise ValueError(f"{name} is on {value.device}, the cache is on {device}")
+        return value.contiguous(), 0
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name}={value} is outside [{low}, {high}]")
+    return None, value
+
+
+class FastForwardAttn:
+    """Decode attention over a preallocated KV cache (see the module docstring)."""
+
+    def __init__(self, K, V, max_len, use_default_kernel_launch=False, *, launch=None):
+        """`launch` (a LaunchConfig) fixes the launch instead of the tuner cache or heuristic."""
+        _expect_tensor("K", K, (4,))
+        _expect_tensor("V", V, (4,))
+        if K.shape != V.shape:
+            raise ValueError(f"K and V must have the same shape, got {tuple(K.shape)} and {tuple(V.shape)}")
+        if K.dtype != V.dtype or K.device != V.device:
+            raise TypeError(f"K and V must share dtype and device, got {K.dtype}/{K.device} and {V.dtype}/{V.device}")
+        allowed = GPU_DTYPES if K.is_cuda else CPU_DTYPES
+        if K.dtype not in allowed:
+            raise TypeError(f"K has dtype {K.dtype}; supported on {K.device.type}: "
+                            f"{', '.join(str(d) for d in allowed)}")
+        batch, kv_heads, prompt_len, head_dim = K.shape
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"K has head_dim {head_dim}; supported: {', '.join(map(str, HEAD_DIMS))}")
+        if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
+            raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
+        if not max(prompt_len, 1) <= max_len <= 2**30:
+            raise ValueError(f"max_len={max_len} must be at least the prompt length {prompt_len} (and >= 1)")
+        if K.is_cuda:
+            try:
+                _lib.check_device(K.device.index)
+            except _lib.FFAError as e:
+                raise ValueError(f"K is on {K.device}, which FFA cannot run on: {e}") from None
+
+        self.batch, self.kv_heads, self.head_dim, self.max_len = batch, kv_heads, head_dim, int(max_len)
+        self.prompt_len = prompt_len
+        self.dtype, self.device = K.dtype, K.device
+        self.use_default_kernel_launch = bool(use_default_kernel_launch)
+        if launch is not None and not isinstance(launch, LaunchConfig):
+            raise TypeError(f"launch must be a LaunchConfig, got {type(launch).__name__}")
+        self.launch = launch
+        shape = (batch, kv_heads, self.max_len, head_dim)
+        self.k_cache = torch.empty(shape, dtype=K.dtype, device=K.device)
+        self.v_cache = torch.empty(shape, dtype=K.dtype, device=K.device)
+        self.k_cache[:, :, :prompt_len] = K
+        self.v_cache[:, :, :prompt_len] = V
+        # Per-process device facts and the tuner's table, read here so that attention() is
+        # plain arithmetic that torch.compile can trace.
+        self._configs = {}
+        self._sm_count = torch.cuda.get_device_properties(K.device).multi_processor_count if K.is_cuda else 1
+        self._tuned = tuner.load_table(K.device) if K.is_cuda else None
+        self._workspace = torch.empty(0, dtype=torch.uint8, device=K.device)
+
+    def get_cache(self):
+        """The cache tensors [batch, kv_heads, max_len, head_dim] (views, not copies)."""
+        return self.k_cache, self.v_cache
+
+    def launch_config(self, heads, length):
+        """The LaunchConfig used for `heads` query heads at sequence length `length`."""
+        if self.use_default_kernel_launch:
+            return default_launch()
+        if self.launch is not None:
+            return self.launch
+        key = (heads, length_bucket(length))
+        config = self._configs.get(key)
+        if config is None:
+            group = heads // self.kv_heads
+            if self._tuned is not None:
+                config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, key[1])
+            if config is None:
+                config = heuristic(self.batch, self.kv_heads, group, key[1], self._sm_count)
+            self._configs[key] = config
+        return config
+
+    def attention(self, q, k, v, softmax_scale=None, t=None, p=0.0, *, start=0, out=None):
+        """Append k, v at position t and attend q over start .. t; returns [batch, heads, head_dim]
+        (written into `out` when given: a contiguous tensor of that shape and q's dtype)."""
+        _expect_tensor("q", q, (3, 4))
+        heads = q.shape[1]
+        if heads % self.kv_heads:
+            raise ValueError(f"q has {heads} heads, not a multiple of the cache's {self.kv_heads} kv heads")
+        q = _as_rows("q", q, self.batch, heads, self.head_dim, self.dtype, self.device)
+        k = _as_rows("k", k, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
+        v = _as_rows("v", v, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
+        if softmax_scale is None:
+            softmax_scale = 1.0 / math.sqrt(self.head_dim)
+        if not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
+            raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
+        if t is None:
+            raise TypeError("t (the position to write and attend up to) is required")
+        pos, pos_int = _positions("t", t, self.batch, self.device, 0, self.max_len - 1)
+        start_t, start_int = _positions("start", start, self.batch, self.device, 0, self.max_len - 1)
+        if pos is None and start_t is None and start_int > pos_int:
+            raise ValueError(f"start={start_int} is beyond t={pos_int}")
+        if pos is not None and start_t is not None and pos.device.type == "cpu" and bool((start_t > pos).any()):
+            raise ValueError("start is beyond t for some sequence")
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+            raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+
+        length = self.max_len if pos is not None else pos_int + 1
+        config = self.launch_config(heads, length)
+        workspace = self._workspace_for(heads, config)
+        if out is None:
+            out = q.new_empty(q.shape)
+        elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype \
+                or out.device != q.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+        ops.decode(out, q, k, v, self.k_cache, self.v_cache, pos, pos_int, start_t, start_int,
+                   float(softmax_scale), float(p), config.threads, config.heads_per_block,
+                   config.split_len, workspace)
+        return out
+
+    def _workspace_for(self, heads, config):
+        if not self.device.type == "cuda" or config.split_len == 0:
+            return self._workspace[:0]
+        need = ops.workspace_bytes(self.batch, heads, self.head_dim, self.max_len, config)
+        if self._workspace.numel() < need:
+            self._workspace = torch.empty(need, dtype=torch.uint8, device=self.device)
+        return self._workspace

@@ -1,0 +1,167 @@
+"""The CUDA kernel against the float64 reference, over the whole supported matrix."""
+
+import math
+
+import pytest
+import torch
+
+from cases import Case, exact, make_inputs, pruning_bound, rel_l2
+from ffa import FastForwardAttn, LaunchConfig
+
+pytestmark = pytest.mark.gpu
+
+# Relative L2 error allowed against float64, per dtype (output rounding dominates).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
+LAUNCHES = ["default", "split"]
+
+
+def launch_for(name, heads, kv_heads):
+    if name == "default":
+        return None
+    group = heads // kv_heads
+    return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=64)
+
+
+def run_case(c, launch_name, seed):
+    gen = torch.Generator().manual_seed(seed)
+    K, V, q, k, v, t, start = make_inputs(c, gen)
+    rounded = [x.to(c.dtype).double() for x in (K, V, q, k, v)]  # what the kernel sees
+    K, V, q, k, v = rounded
+    scale = 1 / math.sqrt(c.head_dim)
+    ref, kc, vc = exact(K, V, q, k, v, t, start, scale, c.max_len)
+
+    dev = lambda x: x.to("cuda", c.dtype)
+    f = FastForwardAttn(dev(K), dev(V), c.max_len, launch_name == "default",
+                        launch=launch_for(launch_name, c.heads, c.kv_heads))
+    out = torch.full((c.batch, c.heads, c.head_dim), float("nan"), dtype=c.dtype, device="cuda")
+    tt = t.cuda() if c.ragged else int(t[0])
+    st = start.cuda() if c.padded else 0
+    f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out)
+    torch.cuda.synchronize()
+
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
+    for b in range(c.batch):  # the new row landed at t[b]
+        assert torch.equal(f.k_cache[b, :, t[b]].cpu(), dev(k)[b, :, 0].cpu())
+        assert torch.equal(f.v_cache[b, :, t[b]].cpu(), dev(v)[b, :, 0].cpu())
+    if c.p == 0:
+        err = rel_l2(out, ref)
+        assert err < TOL[c.dtype], f"relative L2 error {err:.3g}"
+    else:
+        bound = pruning_bound(q, kc, vc, t, start, scale, c.p)
+        slack = 4 * TOL[c.dtype] * ref.abs().max()
+        excess = ((out.double().cpu() - ref).abs() - bound - slack).max()
+        assert excess <= 0, f"pruning error exceeds its bound by {excess:.3g}"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.01])
+@pytest.mark.parametrize("shape", ["plain", "ragged_padded"])
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("heads", list(HEADS))
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matrix(dtype, head_dim, heads, launch, shape, p):
+    h, kvh = HEADS[heads]
+    c = Case(batch=3, heads=h, kv_heads=kvh, head_dim=head_dim, prompt_len=300, max_len=400,
+             dtype=dtype, ragged=shape != "plain", padded=shape != "plain", p=p)
+    run_case(c, launch, seed=torch.randint(0, 2**31, ()).item())
+
+
+@pytest.mark.parametrize("launch", LAUNCHES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_context_many_subchunks(dtype, launch):
+    c = Case(batch=2, heads=4, kv_heads=4, head_dim=128, prompt_len=5000, max_len=5001, dtype=dtype)
+    run_case(c, launch, seed=torch.randint(0, 2**31, ()).item())
+
+
+@pytest.mark.parametrize("heads,kv_heads,hpb", [(12, 2, 3), (14, 2, 7), (32, 2, 8), (10, 2, 5)])
+def test_odd_groups(heads, kv_heads, hpb):
+    c = Case(batch=2, heads=heads, kv_heads=kv_heads, head_dim=64, prompt_len=200, max_len=300,
+             dtype=torch.float16, ragged=True)
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    K, V, q, k, v, t, start = [x.to(torch.float16).double() if x.is_floating_point() else x
+                               for x in make_inputs(c, gen)]
+    ref, _, _ = exact(K, V, q, k, v, t, start, 0.125, c.max_len)
+    dev = lambda x: x.to("cuda", c.dtype)
+    for split in (0, 64):
+        f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=LaunchConfig(128, hpb, split))
+        out = f.attention(dev(q), dev(k), dev(v), 0.125, t.cuda())
+        assert rel_l2(out, ref) < TOL[torch.float16]
+
+
+def test_float32_seed_example_accuracy():
+    """The seed example's inputs (torch.rand, head_dim 64, 1,152 positions): within 1e-6."""
+    torch.manual_seed(torch.randint(0, 2**31, ()).item())
+    B, H, D, P = 10, 32, 64, 1151
+    K, V = torch.rand(B, H, P, D, dtype=torch.float64), torch.rand(B, H, P, D, dtype=torch.float64)
+    q, k, v = (torch.rand(B, H, 1, D, dtype=torch.float64) for _ in range(3))
+    t = torch.full((B,), P)
+    ref, _, _ = exact(K, V, q, k, v, t, torch.zeros(B, dtype=torch.long), 1 / 8, P + 1)
+    for default in (True, False):
+        f = FastForwardAttn(K.float().cuda(), V.float().cuda(), P + 1, default)
+        out = f.attention(q.float().cuda(), k.float().cuda(), v.float().cuda(), 1 / 8, P)
+        assert rel_l2(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads,kv_heads", [(16, 16), (16, 4)])
+def test_error_no_worse_than_sdpa(dtype, heads, kv_heads):
+    """Against float64, the kernel's error is at most 1.5x SDPA's on the same inputs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours, theirs = [], []
+    for _ in range(5):
+        c = Case(batch=4, heads=heads, kv_heads=kv_heads, head_dim=128, prompt_len=1000,
+                 max_len=1024, dtype=dtype)
+        K, V, q, k, v, t, start = make_inputs(c)
+        K, V, q, k, v = [x.to(dtype).double() for x in (K, V, q, k, v)]
+        ref, kc, vc = exact(K, V, q, k, v, t, start, 1 / math.sqrt(128), c.max_len)
+        dev = lambda x: x.to("cuda", dtype)
+        for default in (True, False):
+            f = FastForwardAttn(dev(K), dev(V), c.max_len, default)
+            ours.append(rel_l2(f.attention(dev(q), dev(k), dev(v), 1 / math.sqrt(128), c.prompt_len), ref))
+        L = c.prompt_len + 1
+        g = heads // kv_heads
+        kk = dev(kc[:, :, :L]).repeat_interleave(g, 1)
+        vv = dev(vc[:, :, :L]).repeat_interleave(g, 1)
+        s = torch.nn.functional.scaled_dot_product_attention(dev(q), kk, vv, scale=1 / math.sqrt(128))
+        theirs.append(rel_l2(s[:, :, 0], ref))
+    assert max(ours) <= 1.5 * (sum(theirs) / len(theirs)), (ours, theirs)
+
+
+def test_large_logits_stay_finite():
+    c = Case(batch=2, heads=4, kv_heads=2, head_dim=64, prompt_len=500, max_len=512, dtype=torch.float16)
+    K, V, q, k, v, t, start = make_inputs(c)
+    q = q * 300  # logits of order 1e4 after scaling
+    dev = lambda x: x.to("cuda", torch.float16)
+    for default in (True, False):
+        f = FastForwardAttn(dev(K), dev(V), c.max_len, default, launch=None if default else LaunchConfig(128, 2, 64))
+        out = f.attention(dev(q), dev(k), dev(v), 1.0, c.prompt_len)
+        assert torch.isfinite(out).all()
+        ref, _, _ = exact(*(x.to(torch.float16).double() for x in (K, V, q, k, v)), t, start, 1.0, c.max_len)
+        assert rel_l2(out, ref) < 1e-2
+
+
+def test_device_position_out_of_range_is_nan_and_writes_nothing():
+    c = Case(batch=3, heads=4, kv_heads=4, head_dim=64, prompt_len=10, max_len=16, dtype=torch.float16)
+    K, V, q, k, v, t, start = make_inputs(c)
+    dev = lambda x: x.to("cuda", torch.float16)
+    for default in (True, False):
+        f = FastForwardAttn(dev(K), dev(V), c.max_len, default, launch=None if default else LaunchConfig(128, 1, 16))
+        f.k_cache[:, :, c.prompt_len:] = 7
+        before = f.k_cache.clone()
+        bad = torch.tensor([5, 16, -1], device="cuda")
+        out = f.attention(dev(q), dev(k), dev(v), 0.125, bad)
+        assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
+        changed = (f.k_cache != before).any(-1)  # [batch, heads, positions]
+        assert changed[0, :, 5].all() and changed.sum() == c.heads
+
+
+@pytest.mark.parametrize("split_len", [0, 64, 1000])
+def test_workspace_size_matches_library(split_len):
+    from ffa import _lib, ops
+    config = LaunchConfig(128, 2, split_len)
+    P = _lib.DecodeParams(abi_version=_lib.ABI_VERSION, dtype=0, batch=3, heads=8, kv_heads=4, head_dim=96,
+                          max_len=5000, threads=128, heads_per_block=2, split_len=split_len)
+    assert ops.workspace_bytes(3, 8, 96, 5000, config) == _lib.workspace_bytes(P)
