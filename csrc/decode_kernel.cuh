@@ -19,7 +19,8 @@
 //      softmax), logits become unnormalized weights, the accumulators are rescaled;
 //   3. values: each key group loads the V rows of its positions and accumulates weight * v.
 //      With pruning (p > 0) a row is skipped when, for every head, weight / running sum < p:
-//      the running sum only grows, so the exact weight is then below p too.
+//      the running sum only grows, so the exact weight is then below p too. (A split block
+//      adds the weight of the sequence's first position to its running sum, see first_logit.)
 // At the end the key groups' accumulators are summed (shuffles inside a warp, shared memory
 // across warps) and divided by the sum; a split block writes its normalized partial output
 // and log-sum-exp for the combine kernel instead.
@@ -40,6 +41,7 @@ constexpr int kRowsInFlight = 4;    // U: rows each key group loads before using
 
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 constexpr int cmin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int warp_of(int tid) { return tid / 32; }
 
 template <typename T, int D>
 struct RowShape {
@@ -80,8 +82,14 @@ __device__ __forceinline__ void block_reduce(float (&v)[G], float *buf) {
   }
 }
 
+// Registers bound occupancy, and occupancy bounds the loads in flight: every block size up
+// to 256 threads must fit two blocks per multiprocessor (<= 128 registers), except the
+// 8-head kernel whose q and accumulators alone need 128.
+template <int G>
+constexpr int min_blocks() { return G >= 8 ? 1 : 2; }
+
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(kMaxThreads) decode_kernel(const DecodeArgs a) {
+__global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(const DecodeArgs a) {
   using S = RowShape<T, D>;
   constexpr int VEC = S::VEC, CHUNKS = S::CHUNKS, TPK = S::TPK, CPL = S::CPL;
   constexpr int U = kRowsInFlight;
@@ -154,6 +162,32 @@ __global__ void __launch_bounds__(kMaxThreads) decode_kernel(const DecodeArgs a)
 #pragma unroll
   for (int g = 0; g < G; ++g) m_run[g] = -INFINITY, l_run[g] = 0.f;
 
+  // Pruning divides by a lower bound of the softmax denominator. A split block sees only its
+  // own positions, so it adds the sequence's first position (an attention sink in practice,
+  // often the largest weight): first_logit holds that logit, or -inf when the block holds it.
+  // Warp 0 computes it; it is read after phase 1's barrier.
+  __shared__ float first_logit[G];
+  if (warp_of(tid) == 0) {
+    const bool needed = a.prune_p > 0.f && lo > start;
+    const T *row = (start == pos) ? knew : kbase + start * a.k_ss;
+    float dot[G] = {};
+#pragma unroll
+    for (int c = 0; c < CPL; ++c) {
+      const int ch = lane_k + c * TPK;
+      float kf[VEC];
+      to_float(needed && ch < CHUNKS ? load_chunk(row + ch * VEC) : make_uint4(0, 0, 0, 0), kf, T());
+#pragma unroll
+      for (int g = 0; g < G; ++g)
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q[g][c][e], kf[e], dot[g]);
+    }
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      dot[g] = row_sum<TPK>(dot[g]);
+      if (tid == 0) first_logit[g] = needed ? dot[g] : -INFINITY;
+    }
+  }
+
   for (int64_t s0 = lo; s0 < hi; s0 += SUB) {
     const int n = hi - s0 < SUB ? int(hi - s0) : SUB;
 
@@ -219,7 +253,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_kernel(const DecodeArgs a)
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       l_run[g] = l_run[g] * alpha[g] + sm[g];
-      threshold[g] = a.prune_p * l_run[g];
+      threshold[g] = a.prune_p * (l_run[g] + exp2f(first_logit[g] - m_run[g]));
 #pragma unroll
       for (int c = 0; c < CPL; ++c)
 #pragma unroll

@@ -20,7 +20,7 @@ import numbers
 import torch
 
 from . import _lib, ops, tuner
-from .launch import LaunchConfig, default_launch, heuristic, length_bucket
+from .launch import LaunchConfig, default_launch, fit_splits, heuristic, length_bucket
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = GPU_DTYPES + (torch.float64,)
@@ -144,6 +144,7 @@ class FastForwardAttn:
                 config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, key[1])
             if config is None:
                 config = heuristic(self.batch, self.kv_heads, group, key[1], self._sm_count)
+            config = fit_splits(config, self.max_len)
             self._configs[key] = config
         return config
 
@@ -180,7 +181,8 @@ class FastForwardAttn:
         elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype \
                 or out.device != q.device or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
-        ops.decode(out, q, k, v, self.k_cache, self.v_cache, pos, pos_int, start_t, start_int,
+        op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
+        op(out, q, k, v, self.k_cache, self.v_cache, pos, pos_int, start_t, start_int,
                    float(softmax_scale), float(p), config.threads, config.heads_per_block,
                    config.split_len, workspace)
         return out

@@ -7,9 +7,10 @@ A LaunchConfig is the part of a launch that does not change results, only speed:
 The tuner (ffa.tuner) measures these per GPU; without its cache, `heuristic` decides.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 MAX_HEADS_PER_BLOCK = 8
+MAX_SPLITS = 8192  # the library's limit on ceil(max_len / split_len)
 THREADS = (64, 128, 256)
 
 
@@ -58,3 +59,11 @@ def length_bucket(length):
     while bucket < length:
         bucket *= 2
     return bucket
+
+
+def fit_splits(config, max_len):
+    """The grid of a split launch covers the whole cache (max_len), so a split length chosen
+    for a short current length may give too many splits: lengthen it to stay within MAX_SPLITS."""
+    if config.split_len == 0 or -(-max_len // config.split_len) <= MAX_SPLITS:
+        return config
+    return replace(config, split_len=round_up(-(-max_len // MAX_SPLITS), 64))

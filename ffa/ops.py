@@ -62,11 +62,10 @@ def _cuda_decode(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, st
         _lib.decode(P)
 
 
-@torch.library.custom_op("ffa::decode", mutates_args=("out", "k_cache", "v_cache", "workspace"))
-def decode(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
-           k_cache: torch.Tensor, v_cache: torch.Tensor, pos: Optional[torch.Tensor], pos_int: int,
-           start: Optional[torch.Tensor], start_int: int, scale: float, p: float,
-           threads: int, heads_per_block: int, split_len: int, workspace: torch.Tensor) -> None:
+def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, pos: Optional[torch.Tensor], pos_int: int,
+                start: Optional[torch.Tensor], start_int: int, scale: float, p: float,
+                threads: int, heads_per_block: int, split_len: int, workspace: torch.Tensor) -> None:
     """One decode step (see reference.py for the semantics), written into `out` [batch, heads, head_dim]."""
     if q.is_cuda:
         _cuda_decode(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int,
@@ -76,6 +75,11 @@ def decode(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch
     out.copy_(decode_reference(q, new_k, new_v, k_cache, v_cache,
                                _positions(pos, pos_int, batch, q.device),
                                _positions(start, start_int, batch, q.device), scale, p))
+
+
+# The registered op, for torch.compile and export. Eager callers use decode_into directly:
+# the dispatcher adds tens of microseconds per call, more than a small decode step takes.
+decode = torch.library.custom_op("ffa::decode", decode_into, mutates_args=("out", "k_cache", "v_cache", "workspace"))
 
 
 @decode.register_fake

@@ -1,6 +1,6 @@
-"""Measured launch configurations per GPU (filled in by `python -m ffa.tuner`)."""
+"""Measured launch configurations per GPU: `python -m ffa.tuner` measures them (search.py),
+cache.py keeps them on disk, and the runtime reads them through `load_table`."""
 
+from .cache import KERNEL_VERSION, DeviceInfo, Table, TunerCacheWarning, load_table, reset
 
-def load_table(device):
-    """The tuned table for `device` (an object with .lookup(...)), or None without a cache."""
-    return None
+__all__ = ["KERNEL_VERSION", "DeviceInfo", "Table", "TunerCacheWarning", "load_table", "reset"]

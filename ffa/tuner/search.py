@@ -1,0 +1,320 @@
+"""The search behind `python -m ffa.tuner`: candidate space, workload grid, checking each
+candidate against the reference, and timing it.
+
+For every workload (dtype, head_dim, group, batch x kv_heads, context length) the search
+  1. builds one random problem at full length and its reference output (ffa.reference on
+     upcast copies of the cache);
+  2. coarse stage: every split_len at 128 threads and the largest heads_per_block, plus the
+     heuristic's own choice;
+  3. refine stage: every threads x heads_per_block at the `refine` best split lengths;
+  4. keeps the fastest candidate.
+A candidate is timed only after one run into a NaN-filled output matched the reference; one
+that raises ValueError or disagrees is rejected. The two functions that touch the GPU, `run`
+(one decode step with a given LaunchConfig) and `timer` (seconds taken by a callable), are
+parameters, so tests run the whole search on CPU tensors with a fake timer.
+"""
+
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import FastForwardAttn
+from ..launch import MAX_HEADS_PER_BLOCK, THREADS, LaunchConfig, heuristic, largest_heads_per_block
+from ..reference import decode_reference
+from .cache import DTYPE_NAMES, Entry
+
+SPLIT_LENS = (0, 64, 128, 256, 512, 1024, 2048, 4096)
+SHORT_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Relative L2 error against the upcast reference that a correct launch stays within (output
+# rounding dominates); a launch that drops one 64-position split of a 64k context is off by ~3e-2.
+TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
+
+
+# ---- what is searched ----------------------------------------------------------------------
+
+def heads_per_block_options(group):
+    return [d for d in range(1, min(group, MAX_HEADS_PER_BLOCK) + 1) if group % d == 0]
+
+
+def split_options(length):
+    return [s for s in SPLIT_LENS if s < length]
+
+
+def candidates(group, length):
+    """The whole candidate space of one workload."""
+    return [LaunchConfig(t, h, s) for s in split_options(length)
+            for t in THREADS for h in heads_per_block_options(group)]
+
+
+def coarse_candidates(group, length):
+    hpb = largest_heads_per_block(group)
+    return [LaunchConfig(128, hpb, s) for s in split_options(length)]
+
+
+def refine_candidates(group, split_len):
+    return [LaunchConfig(t, h, split_len) for t in THREADS for h in heads_per_block_options(group)]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One bucket of the grid, with the batch and kv_heads that realise it."""
+    dtype: torch.dtype
+    head_dim: int
+    group: int
+    batch: int
+    kv_heads: int
+    length: int
+
+    @property
+    def batch_kv_heads(self):
+        return self.batch * self.kv_heads
+
+    @property
+    def kv_bytes(self):
+        return 2 * self.batch_kv_heads * self.length * self.head_dim * self.dtype.itemsize
+
+    def __str__(self):
+        return (f"{SHORT_NAMES.get(self.dtype, self.dtype)} d{self.head_dim} g{self.group} "
+                f"b{self.batch}x{self.kv_heads} L{self.length}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """dtype x head_dim x group x batch x context, at a fixed kv_heads, skipping shapes whose
+    K+V exceed max_kv_bytes (those have blocks for every SM anyway and the nearest smaller
+    bucket serves them). `refine` is how many split lengths the refine stage explores."""
+    dtypes: tuple = (torch.float16, torch.bfloat16)
+    head_dims: tuple = (64, 128)
+    groups: tuple = (1, 2, 4, 8)
+    kv_heads: int = 8
+    batches: tuple = (1, 4, 16, 64)
+    lengths: tuple = (1024, 4096, 16384, 65536)
+    max_kv_bytes: int = 1 << 30
+    refine: int = 2
+
+    def workloads(self):
+        every = (Workload(dt, d, g, b, self.kv_heads, n) for dt in self.dtypes for d in self.head_dims
+                 for g in self.groups for b in self.batches for n in self.lengths)
+        return [w for w in every if w.kv_bytes <= self.max_kv_bytes]
+
+
+DEFAULT_GRID = Grid()
+QUICK_GRID = Grid(head_dims=(128,), groups=(1, 4), batches=(1, 8), lengths=(2048, 16384), refine=1)
+
+
+# ---- one workload ------------------------------------------------------------------------
+
+class Problem:
+    """A workload's random inputs in a FastForwardAttn filled to its full length (the step
+    writes and attends at t = length - 1), and the reference output of that step."""
+
+    def __init__(self, workload, device, seed=0):
+        w = self.workload = workload
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def rnd(*shape):
+            return torch.randn(*shape, generator=gen, device=device, dtype=w.dtype)
+
+        prompt = (w.batch, w.kv_heads, w.length - 1, w.head_dim)
+        self.attn = FastForwardAttn(rnd(*prompt), rnd(*prompt), w.length)
+        self.q = rnd(w.batch, w.kv_heads * w.group, 1, w.head_dim)
+        self.k = rnd(w.batch, w.kv_heads, 1, w.head_dim)
+        self.v = rnd(w.batch, w.kv_heads, 1, w.head_dim)
+        self.t = w.length - 1
+        self.scale = 1 / math.sqrt(w.head_dim)
+        self.out = torch.empty(w.batch, w.kv_heads * w.group, w.head_dim, dtype=w.dtype, device=device)
+        self.reference = self._reference()
+
+    def _reference(self, chunk_bytes=256 << 20):
+        """decode_reference on float32 (float64 for float32 inputs) copies, a few sequences
+        at a time so that the copies stay small."""
+        w = self.workload
+        acc = torch.float64 if w.dtype == torch.float32 else torch.float32
+        per_sequence = 2 * w.kv_heads * w.length * w.head_dim * acc.itemsize
+        step = max(1, chunk_bytes // per_sequence)
+        k_cache, v_cache = self.attn.get_cache()
+        device = self.q.device
+        outs = []
+        for b in range(0, w.batch, step):
+            rows = slice(b, b + step)
+            n = len(range(w.batch)[rows])
+            up = [x[rows].to(acc, copy=True) for x in (self.q[:, :, 0], self.k[:, :, 0], self.v[:, :, 0],
+                                                       k_cache, v_cache)]
+            pos = torch.full((n,), self.t, dtype=torch.int64, device=device)
+            start = torch.zeros(n, dtype=torch.int64, device=device)
+            outs.append(decode_reference(*up, pos, start, self.scale, 0.0))
+        return torch.cat(outs)
+
+
+def run_candidate(problem, config):
+    """One decode step of the problem with launch `config`; returns the output tensor."""
+    problem.attn.launch = config  # the attribute FastForwardAttn(launch=...) sets
+    return problem.attn.attention(problem.q, problem.k, problem.v, problem.scale, problem.t, out=problem.out)
+
+
+def relative_error(out, reference):
+    """Relative L2 error of `out` against `reference` (NaN if out holds a NaN)."""
+    if tuple(out.shape) != tuple(reference.shape):
+        return math.inf
+    diff = out.to(reference.dtype) - reference
+    return float(diff.norm() / reference.norm())
+
+
+@dataclass
+class Result:
+    """The outcome of one workload: every timed candidate, every rejected one and why."""
+    workload: Workload
+    heuristic: LaunchConfig
+    timings: dict = field(default_factory=dict)   # LaunchConfig -> seconds
+    rejected: dict = field(default_factory=dict)  # LaunchConfig -> reason
+
+    @property
+    def config(self):
+        return min(self.timings, key=self.timings.get) if self.timings else None
+
+    @property
+    def seconds(self):
+        return self.timings[self.config] if self.timings else None
+
+    def entry(self):
+        w, h = self.workload, self.timings.get(self.heuristic)
+        return Entry(DTYPE_NAMES[w.dtype], w.head_dim, w.group, w.batch_kv_heads, w.length,
+                     self.config, round(self.seconds * 1e6, 3), self.heuristic,
+                     None if h is None else round(h * 1e6, 3))
+
+
+def tune(problem, sm_count, timer, run=run_candidate, refine=2):
+    """Check and time the coarse candidates, then refine around the best split lengths."""
+    w = problem.workload
+    result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count))
+
+    def measure(config):
+        if config in result.timings or config in result.rejected:
+            return
+        problem.out.fill_(float("nan"))
+        try:
+            out = run(problem, config)
+        except ValueError as e:
+            result.rejected[config] = f"raised {e}"
+            return
+        err = relative_error(out, problem.reference)
+        if not err <= TOLERANCE[w.dtype]:
+            result.rejected[config] = f"relative error {err:.3g} vs the reference"
+            return
+        result.timings[config] = timer(lambda: run(problem, config))
+
+    measure(result.heuristic)
+    for config in coarse_candidates(w.group, w.length):
+        measure(config)
+    per_split = {}
+    for config, seconds in result.timings.items():
+        per_split[config.split_len] = min(seconds, per_split.get(config.split_len, math.inf))
+    for split_len in sorted(per_split, key=per_split.get)[:refine]:
+        for config in refine_candidates(w.group, split_len):
+            measure(config)
+    return result
+
+
+# ---- the sweep ---------------------------------------------------------------------------
+
+class Progress:
+    """tqdm's bar when tqdm is installed, else a plain counter on stderr."""
+
+    def __init__(self, total, enabled=True):
+        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, desc="ffa.tuner", unit="shape", file=sys.stderr)
+            except ImportError:
+                pass
+
+    def step(self, label):
+        self.done += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"\rffa.tuner [{self.done}/{self.total}] {label:<32}", end="", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.enabled:
+            print(file=sys.stderr)
+
+
+def sweep(workloads, device, sm_count, timer, *, run=run_candidate, refine=2, on_result=None,
+          progress=True, seed=0):
+    """Tune every workload in turn; `on_result(result)` is called as each finishes (the CLI
+    saves there, so an interrupted sweep keeps what it measured). Returns the Results."""
+    results = []
+    bar = Progress(len(workloads), enabled=progress)
+    try:
+        for w in workloads:
+            problem = Problem(w, device, seed)
+            result = tune(problem, sm_count, timer, run, refine)
+            del problem
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+            bar.step(str(w))
+    finally:
+        bar.close()
+    return results
+
+
+class CudaTimer:
+    """Median seconds of fn() over repeats, each measured with CUDA events after flushing L2
+    (by writing a buffer twice its size). Repeats are sized so that one timing takes about
+    target_s; a spin kernel queued first lets the host enqueue every repeat before the GPU
+    starts, so the events time the GPU and not Python's launch overhead."""
+
+    def __init__(self, device, target_s=2e-3, min_repeats=5, max_repeats=30):
+        props = torch.cuda.get_device_properties(device)
+        l2 = getattr(props, "L2_cache_size", 0) or (64 << 20)
+        self.flush = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+        self.target_s, self.min_repeats, self.max_repeats = target_s, min_repeats, max_repeats
+        self.host_s = 1e-4  # host time to enqueue one repeat, updated as we go
+        self.cycles_per_s = self._sleep_rate()
+
+    @staticmethod
+    def _sleep_rate():
+        if not hasattr(torch.cuda, "_sleep"):
+            return None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(2):  # the first run pays for loading the kernel
+            start.record()
+            torch.cuda._sleep(1_000_000)
+            end.record()
+            end.synchronize()
+        return 1_000_000 / (start.elapsed_time(end) * 1e-3)
+
+    def _times(self, fn, repeats, gpu_s=0.0):
+        """Seconds of each of `repeats` flushed calls; gpu_s, a guess of one call's GPU time,
+        shortens the spin by what the GPU spends anyway while the host enqueues."""
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+        torch.cuda.synchronize()
+        lead = 1.5 * repeats * max(0.0, self.host_s - gpu_s)
+        if self.cycles_per_s and lead > 0:
+            torch.cuda._sleep(int(min(0.02, lead) * self.cycles_per_s))
+        t0 = time.perf_counter()
+        for start, end in zip(starts, ends):
+            self.flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        self.host_s = 0.5 * self.host_s + 0.5 * (time.perf_counter() - t0) / repeats
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
+
+    def __call__(self, fn):
+        fn()  # warm-up
+        first = min(self._times(fn, 2))
+        repeats = int(min(self.max_repeats, max(self.min_repeats, self.target_s // max(first, 1e-6))))
+        return statistics.median(self._times(fn, repeats, gpu_s=first))

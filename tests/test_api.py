@@ -1,0 +1,175 @@
+"""The public API on CPU tensors: semantics (via the reference path) and input checking."""
+
+import math
+
+import pytest
+import torch
+
+from cases import Case, make_inputs, pruning_bound
+from ffa import FastForwardAttn, LaunchConfig
+
+
+def naive(K, V, q, scale):
+    """softmax(q K^T * scale) V per (batch, head), float64, K/V already expanded to q's heads."""
+    w = torch.softmax(torch.einsum("bhd,bhld->bhl", q, K) * scale, -1)
+    return torch.einsum("bhl,bhld->bhd", w, V)
+
+
+def test_seed_api_and_import_line():
+    from ff_attention import FastForwardAttn as FFA
+    assert FFA is FastForwardAttn
+    B, H, P, D, steps = 2, 4, 10, 64, 5
+    K, V = torch.rand(B, H, P, D, dtype=torch.float64), torch.rand(B, H, P, D, dtype=torch.float64)
+    ffa = FFA(K, V, P + steps, False)
+    keys, values = K, V
+    for t in range(P, P + steps):
+        q, k, v = (torch.rand(B, H, 1, D, dtype=torch.float64) for _ in range(3))
+        out = ffa.attention(q, k, v, 1 / math.sqrt(D), t, 0)
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        assert out.shape == (B, H, D)
+        torch.testing.assert_close(out, naive(keys, values, q[:, :, 0], 1 / math.sqrt(D)), rtol=1e-12, atol=1e-12)
+    k_cache, v_cache = ffa.get_cache()
+    torch.testing.assert_close(k_cache, keys)
+    torch.testing.assert_close(v_cache, values)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 8), (8, 2), (8, 1)])
+def test_grouped_query_attention_reads_its_kv_head(heads, kv_heads):
+    c = Case(batch=3, heads=heads, kv_heads=kv_heads, dtype=torch.float64)
+    K, V, q, k, v, t, start = make_inputs(c)
+    f = FastForwardAttn(K, V, c.max_len)
+    out = f.attention(q, k, v, 0.3, c.prompt_len)
+    g = heads // kv_heads
+    keys = torch.cat([K, k], 2).repeat_interleave(g, 1)
+    values = torch.cat([V, v], 2).repeat_interleave(g, 1)
+    torch.testing.assert_close(out, naive(keys, values, q[:, :, 0], 0.3))
+
+
+def test_ragged_positions_and_left_padding():
+    c = Case(batch=4, heads=4, kv_heads=2, dtype=torch.float64, ragged=True, padded=True)
+    K, V, q, k, v, t, start = make_inputs(c)
+    f = FastForwardAttn(K, V, c.max_len)
+    out = f.attention(q, k, v, 0.2, t, start=start)
+    for b in range(c.batch):  # each sequence on its own, unpadded
+        keys = torch.cat([K[b:b + 1, :, start[b]:t[b]], k[b:b + 1]], 2).repeat_interleave(2, 1)
+        values = torch.cat([V[b:b + 1, :, start[b]:t[b]], v[b:b + 1]], 2).repeat_interleave(2, 1)
+        torch.testing.assert_close(out[b:b + 1], naive(keys, values, q[b:b + 1, :, 0], 0.2))
+        assert torch.equal(f.k_cache[b, :, t[b]], k[b, :, 0])
+
+
+def test_int32_position_tensor_equals_int():
+    c = Case(dtype=torch.float64)
+    K, V, q, k, v, t, start = make_inputs(c)
+    a = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.1, c.prompt_len)
+    b = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.1, t.to(torch.int32))
+    assert torch.equal(a, b)
+
+
+def test_pruning_obeys_its_bound_and_skips_rows():
+    c = Case(batch=2, heads=4, kv_heads=4, prompt_len=200, max_len=256, dtype=torch.float64, p=0.01)
+    K, V, q, k, v, t, start = make_inputs(c)
+    q = q * 3  # a peakier distribution, so some weights are above and many below p
+    exact = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.125, c.prompt_len, 0.0)
+    f = FastForwardAttn(K, V, c.max_len)
+    pruned = f.attention(q, k, v, 0.125, c.prompt_len, c.p)
+    bound = pruning_bound(q, f.k_cache, f.v_cache, t, start, 0.125, c.p)
+    assert ((pruned - exact).abs() <= bound + 1e-12).all()
+    assert not torch.equal(pruned, exact), "p > 0 skipped nothing on a distribution with small weights"
+
+
+def test_float32_inputs_accumulate_accurately():
+    c = Case(batch=2, heads=4, kv_heads=4, prompt_len=500, max_len=512, dtype=torch.float32)
+    K, V, q, k, v, t, start = make_inputs(c)
+    out = FastForwardAttn(K.float(), V.float(), c.max_len).attention(q.float(), k.float(), v.float(), 0.125, 500)
+    ref = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.125, 500)
+    assert out.dtype == torch.float32
+    assert float((out.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_output_buffer_is_written():
+    c = Case(dtype=torch.float64)
+    K, V, q, k, v, t, start = make_inputs(c)
+    out = torch.full((c.batch, c.heads, c.head_dim), float("nan"), dtype=torch.float64)
+    got = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.1, c.prompt_len, out=out)
+    assert got is out and torch.isfinite(out).all()
+
+
+def test_launch_config_choice():
+    K = torch.zeros(1, 8, 4, 64)
+    assert FastForwardAttn(K, K, 16, True).launch_config(32, 16) == LaunchConfig(256, 1, 0)
+    fixed = LaunchConfig(64, 2, 128)
+    assert FastForwardAttn(K, K, 16, launch=fixed).launch_config(32, 16) == fixed
+    cfg = FastForwardAttn(K, K, 16).launch_config(32, 16)
+    assert cfg.heads_per_block == 4  # the whole group of 4 query heads shares one K/V read
+
+
+def test_split_count_fits_a_huge_cache():
+    from ffa.launch import MAX_SPLITS, fit_splits
+    fitted = fit_splits(LaunchConfig(128, 1, 128), 2**21)  # 16384 splits of 128: too many
+    assert fitted.split_len % 64 == 0 and -(-2**21 // fitted.split_len) <= MAX_SPLITS
+    assert fit_splits(LaunchConfig(128, 1, 128), 2**20) == LaunchConfig(128, 1, 128)
+
+
+# Input checking: every bad argument is named in a ValueError or TypeError.
+
+def make(max_len=16, dtype=torch.float32, heads=4, kv_heads=2, d=64):
+    K = torch.randn(2, kv_heads, 8, d, dtype=dtype)
+    f = FastForwardAttn(K, K.clone(), max_len)
+    q = torch.randn(2, heads, 1, d, dtype=dtype)
+    k = torch.randn(2, kv_heads, 1, d, dtype=dtype)
+    return f, q, k
+
+
+@pytest.mark.parametrize("args,kwargs,exc,word", [
+    ((torch.zeros(2, 2, 8), torch.zeros(2, 2, 8), 16), {}, ValueError, "K"),
+    ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 9, 64), 16), {}, ValueError, "same shape"),
+    ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64, dtype=torch.float64), 16), {}, TypeError, "dtype"),
+    ((torch.zeros(2, 2, 8, 72), torch.zeros(2, 2, 8, 72), 16), {}, ValueError, "head_dim"),
+    ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 4), {}, ValueError, "max_len"),
+    ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 16.0), {}, TypeError, "max_len"),
+    ((torch.zeros(2, 2, 8, 64, dtype=torch.int32), torch.zeros(2, 2, 8, 64, dtype=torch.int32), 16), {}, TypeError, "dtype"),
+    (([1.0], torch.zeros(2, 2, 8, 64), 16), {}, TypeError, "K"),
+    ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 16), {"launch": (128, 1, 0)}, TypeError, "launch"),
+])
+def test_constructor_rejects(args, kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        FastForwardAttn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("change,exc,word", [
+    (lambda f, q, k: dict(q=q[:, :3]), ValueError, "multiple"),
+    (lambda f, q, k: dict(q=q.double()), TypeError, "q has dtype"),
+    (lambda f, q, k: dict(q=q[:, :, :, :32]), ValueError, "q must have shape"),
+    (lambda f, q, k: dict(q=torch.cat([q, q], 2)), ValueError, "one position"),
+    (lambda f, q, k: dict(k=k[:1]), ValueError, "k must have shape"),
+    (lambda f, q, k: dict(v=k.half()), TypeError, "v has dtype"),
+    (lambda f, q, k: dict(t=16), ValueError, "t=16"),
+    (lambda f, q, k: dict(t=-1), ValueError, "t=-1"),
+    (lambda f, q, k: dict(t=3.0), TypeError, "t must be"),
+    (lambda f, q, k: dict(t=None), TypeError, "t"),
+    (lambda f, q, k: dict(t=torch.tensor([3.0, 4.0])), TypeError, "int32 or int64"),
+    (lambda f, q, k: dict(t=torch.tensor([3, 4, 5])), ValueError, r"shape \[2\]"),
+    (lambda f, q, k: dict(t=torch.tensor([3, 99])), ValueError, "99"),
+    (lambda f, q, k: dict(start=9, t=8), ValueError, "start"),
+    (lambda f, q, k: dict(start=torch.tensor([0, 9]), t=torch.tensor([8, 8])), ValueError, "start"),
+    (lambda f, q, k: dict(p=1.0), ValueError, "p must"),
+    (lambda f, q, k: dict(p=-0.1), ValueError, "p must"),
+    (lambda f, q, k: dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda f, q, k: dict(out=torch.empty(2, 4, 32)), ValueError, "out"),
+])
+def test_attention_rejects(change, exc, word):
+    f, q, k = make()
+    args = dict(q=q, k=k, v=k, softmax_scale=0.125, t=8, p=0.0)
+    args.update(change(f, q, k))
+    with pytest.raises(exc, match=word):
+        f.attention(**args)
+
+
+def test_empty_prompt_and_last_position():
+    K = torch.zeros(1, 2, 0, 32, dtype=torch.float64)
+    f = FastForwardAttn(K, K, 3)
+    for t in range(3):
+        q, k, v = (torch.randn(1, 2, 1, 32, dtype=torch.float64) for _ in range(3))
+        out = f.attention(q, k, v, 0.5, t)
+        assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, naive(f.k_cache, f.v_cache, q[:, :, 0], 0.5))

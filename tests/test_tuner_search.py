@@ -1,0 +1,212 @@
+"""The tuner's search on the CPU with an injected timer (FastForwardAttn on CPU tensors runs the
+reference whatever the launch), the grid and its command-line flags, and one GPU run of the
+quick sweep."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cases import exact, rel_l2
+from ffa import FastForwardAttn, LaunchConfig
+from ffa.launch import heuristic
+from ffa.tuner import cache
+from ffa.tuner import search
+from ffa.tuner.__main__ import grid_for, main, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICE = cache.DeviceInfo("Fake GPU 80GB", (9, 0), 132)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "ffa-cache"))
+    cache.reset()
+    yield tmp_path / "ffa-cache"
+    cache.reset()
+
+
+# ---- what is searched ----------------------------------------------------------------------
+
+def test_candidate_space():
+    space = search.candidates(6, 256)
+    assert len(space) == len(set(space)) == 3 * 4 * 3
+    assert {c.threads for c in space} == {64, 128, 256}
+    assert {c.heads_per_block for c in space} == {1, 2, 3, 6}
+    assert {c.split_len for c in space} == {0, 64, 128}
+    assert {c.heads_per_block for c in search.candidates(16, 8192)} == {1, 2, 4, 8}
+    assert {c.split_len for c in search.candidates(16, 8192)} == set(search.SPLIT_LENS)
+    assert {c.heads_per_block for c in search.candidates(7, 128)} == {1, 7}
+    assert set(search.coarse_candidates(8, 1024)) == {LaunchConfig(128, 8, s) for s in (0, 64, 128, 256, 512)}
+
+
+def test_default_and_quick_grids():
+    default, quick = search.DEFAULT_GRID.workloads(), search.QUICK_GRID.workloads()
+    assert 100 <= len(default) <= 300 and len(quick) <= len(default) // 8
+    assert all(w.kv_bytes <= search.DEFAULT_GRID.max_kv_bytes for w in default)
+    assert {w.dtype for w in default} == {torch.float16, torch.bfloat16}
+    assert {w.group for w in default} == {1, 2, 4, 8} and {w.head_dim for w in default} == {64, 128}
+    assert max(w.kv_bytes for w in default) == 1 << 30  # the cap is reached, not exceeded
+    assert len({(w.dtype, w.head_dim, w.group, w.batch_kv_heads, w.length) for w in default}) == len(default)
+
+
+def test_model_flags_restrict_the_grid():
+    args = parse_args(["--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--dtype", "bf16",
+                       "--context", "3000", "20000"])
+    workloads = grid_for(args).workloads()
+    assert workloads and all(w.group == 4 and w.kv_heads == 8 and w.head_dim == 128 and w.dtype == torch.bfloat16
+                             for w in workloads)
+    assert {w.length for w in workloads} == {4096, 32768}
+    quick = grid_for(parse_args(["--quick", "--batch", "2"])).workloads()
+    assert {w.batch for w in quick} == {2} and {w.head_dim for w in quick} == {128}
+
+
+@pytest.mark.parametrize("argv", [["--heads", "32"], ["--heads", "30", "--kv-heads", "8"],
+                                  ["--head-dim", "100"], ["--dtype", "fp8"], ["--batch", "0"],
+                                  ["--show", "--clear"]])
+def test_bad_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+# ---- one workload ------------------------------------------------------------------------
+
+def test_problem_reference_is_float64_attention():
+    w = search.Workload(torch.float32, 64, 3, 5, 2, 256)
+    p = search.Problem(w, "cpu", seed=1)
+    kc, vc = p.attn.get_cache()
+    K, V = kc[:, :, : w.length - 1].double(), vc[:, :, : w.length - 1].double()
+    t = torch.full((w.batch,), p.t)
+    ref, _, _ = exact(K, V, p.q.double(), p.k.double(), p.v.double(), t, torch.zeros(w.batch, dtype=torch.long),
+                      p.scale, w.length)
+    assert p.reference.dtype == torch.float64 and rel_l2(p.reference, ref) < 1e-12
+    chunked = p._reference(chunk_bytes=1)  # one sequence at a time
+    assert torch.equal(chunked, p.reference)
+    assert search.relative_error(search.run_candidate(p, LaunchConfig(64, 3, 64)), p.reference) < 1e-5
+
+
+class FakeGPU:
+    """run/timer pair for the search: `run` is the real CPU step, except that `wrong` gives a
+    corrupted output, `broken` raises ValueError and `silent` writes nothing; `timer` calls
+    fn once and reports seconds(workload, config) of the last step run."""
+
+    def __init__(self, seconds, wrong=(), broken=(), silent=()):
+        self.seconds, self.wrong, self.broken, self.silent = seconds, set(wrong), set(broken), set(silent)
+        self.last, self.timed = None, []
+
+    def run(self, problem, config):
+        self.last, self.workload = config, problem.workload
+        if config in self.broken:
+            raise ValueError(f"{config} is not supported")
+        if config in self.silent:
+            return problem.out
+        out = search.run_candidate(problem, config)
+        return out + 0.01 * out.abs().max() if config in self.wrong else out
+
+    def timer(self, fn):
+        fn()
+        self.timed.append(self.last)
+        return self.seconds(self.workload, self.last)
+
+
+def separable(config):
+    """A made-up landscape whose best split is 128, best threads 64, best heads_per_block 2."""
+    split = {0: 9.0, 64: 3.0, 128: 1.0, 256: 2.0}.get(config.split_len, 5.0)
+    return 1e-6 * (split + {64: 0.1, 128: 0.3, 256: 0.2}[config.threads] + abs(config.heads_per_block - 2) * 0.05)
+
+
+def test_search_picks_the_fastest_and_rejects_wrong_candidates():
+    w = search.Workload(torch.float32, 64, 4, 1, 2, 512)
+    too_good = LaunchConfig(256, 4, 128)  # would win on time, but its output is wrong
+    raises, silent = LaunchConfig(128, 4, 0), LaunchConfig(64, 4, 128)
+    gpu = FakeGPU(lambda w, c: 1e-9 if c == too_good else separable(c), wrong=[too_good], broken=[raises],
+                  silent=[silent])
+    result = search.tune(search.Problem(w, "cpu"), 132, gpu.timer, gpu.run, refine=2)
+
+    honest = [c for c in search.candidates(4, 512) if c not in (too_good, raises, silent)]
+    assert result.config == min(honest, key=separable) == LaunchConfig(64, 2, 128)
+    assert result.seconds == separable(result.config)
+    assert set(result.rejected) == {too_good, raises, silent}
+    assert "relative error" in result.rejected[too_good] and "not supported" in result.rejected[raises]
+    assert "nan" in result.rejected[silent]
+    assert not {too_good, raises, silent} & set(gpu.timed)
+    assert len(gpu.timed) == len(set(gpu.timed)) < len(search.candidates(4, 512))  # pruned, each once
+    assert result.heuristic == heuristic(1, 2, 4, 512, 132) and result.heuristic in result.timings
+    e = result.entry()
+    assert (e.config, e.time_us, e.heuristic) == (result.config, round(separable(result.config) * 1e6, 3),
+                                                  result.heuristic)
+
+
+def test_sweep_saves_winners_that_attention_then_uses(capsys):
+    workloads = [search.Workload(torch.float32, 64, 2, b, 2, n) for b in (1, 4) for n in (256, 1024)]
+    best = {256: LaunchConfig(64, 1, 64), 1024: LaunchConfig(256, 2, 512)}
+
+    def seconds(w, c):  # separable, fastest at best[w.length]
+        b = best[w.length]
+        return 1e-6 * (1 + (c.split_len != b.split_len) + (c.threads != b.threads) / 2
+                       + (c.heads_per_block != b.heads_per_block) / 2)
+    gpu = FakeGPU(seconds)
+    results = search.sweep(workloads, "cpu", 132, gpu.timer, run=gpu.run, progress=True,
+                           on_result=lambda r: cache.save(DEVICE, [r.entry()]))
+    assert [r.config for r in results] == [best[w.length] for w in workloads]
+    assert "4/4" in capsys.readouterr().err  # tqdm's bar or the plain counter
+
+    table = cache.load_table(DEVICE)
+    assert len(table.entries) == 4
+    K = torch.randn(3, 2, 700, 64)
+    f = FastForwardAttn(K, K.clone(), 1024)
+    f._tuned = table  # what __init__ sets from load_table for CUDA tensors
+    assert f.launch_config(4, 1000) == best[1024] and f.launch_config(4, 200) == best[256]
+    out = f.attention(torch.randn(3, 4, 1, 64), torch.randn(3, 2, 1, 64), torch.randn(3, 2, 1, 64), 0.125, 700)
+    assert torch.isfinite(out).all()
+
+
+def test_plain_counter_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now fails
+    bar = search.Progress(3)
+    for i in range(3):
+        bar.step(f"shape {i}")
+    bar.close()
+    err = capsys.readouterr().err
+    assert "[3/3] shape 2" in err and err.endswith("\n")
+
+
+# ---- the command -------------------------------------------------------------------------
+
+def _command(*argv, env_dir):
+    env = dict(os.environ, PYTHONPATH=ROOT, **{cache.ENV_DIR: str(env_dir)})
+    return subprocess.run([sys.executable, "-m", "ffa.tuner", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_command_without_gpu(cache_dir):
+    cache.save(DEVICE, [cache.Entry("float16", 128, 4, 8, 4096, LaunchConfig(128, 4, 256), 20.0,
+                                    LaunchConfig(128, 4, 0), 30.0)])
+    shown = _command("--show", env_dir=cache_dir)
+    assert shown.returncode == 0 and "Fake GPU 80GB" in shown.stdout and "1.50x" in shown.stdout
+    swept = _command("--quick", env_dir=cache_dir)
+    assert swept.returncode == 2 and "no CUDA GPU" in swept.stderr
+    cleared = _command("--clear", env_dir=cache_dir)
+    assert cleared.returncode == 2 and cache.cache_file(DEVICE).exists()
+
+
+@pytest.mark.gpu
+def test_quick_sweep_on_the_gpu(cache_dir):
+    """The real thing, restricted to two shapes: every candidate passes its check, winners
+    are saved under this GPU's key, and the runtime picks them up."""
+    done = _command("--quick", "--dtype", "fp16", "--heads", "8", "--kv-heads", "2", "--batch", "1",
+                    env_dir=cache_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    info = cache.describe_device(torch.device("cuda"))
+    doc = json.loads(cache.cache_file(info).read_text())
+    assert doc["key"] == cache.device_key(info) and len(doc["entries"]) == 2
+    assert all(0 < e["time_us"] < 1e4 and e["heuristic_us"] > 0 for e in doc["entries"])
+    table = cache.load_table(torch.device("cuda"))
+    e = doc["entries"][0]
+    assert table.lookup(torch.float16, 128, 4, 2, e["length"]) == LaunchConfig(**e["config"])
+    assert main(["--show"]) == 0
