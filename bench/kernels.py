@@ -25,9 +25,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ffa import FastForwardAttn  # noqa: E402
-from ffa.launch import heuristic, length_bucket  # noqa: E402
+from ffa import FastForwardAttn
+from ffa.launch import heuristic, length_bucket
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # (batch, context) pairs, crossed with kv heads {32, 8} and head_dim {64, 128}; 32 query heads.
@@ -102,6 +101,7 @@ class Problem:
 
     def flex(self):
         from torch.nn.attention.flex_attention import flex_attention
+        torch._dynamo.config.cache_size_limit = 1024  # one compilation per shape
         compiled = torch.compile(flex_attention, dynamic=False)
         return lambda: compiled(self.q, self.K, self.V, scale=self.scale, enable_gqa=self.kv_heads != HEADS)
 
