@@ -23,20 +23,20 @@
 //      adds the weight of the sequence's first position to its running sum, see first_logit.)
 // At the end the key groups' accumulators are summed (shuffles inside a warp, shared memory
 // across warps) and divided by the sum; a split block writes its normalized partial output
-// and log-sum-exp for the combine kernel instead.
+// and log-sum-exp instead, and the last split block of its heads to finish combines them
+// (combine.cuh), so a split launch is still one kernel.
 #pragma once
 
 #include <float.h>
 #include <math.h>
 
+#include "combine.cuh"
 #include "decode_args.h"
+#include "reduce.cuh"
 #include "vec.cuh"
 
 namespace ffa {
 
-constexpr int kMaxThreads = 256;
-constexpr int kMaxWarps = kMaxThreads / 32;
-constexpr int kLogitFloats = 2048;  // shared logits buffer: G heads x SUB positions
 constexpr int kRowsInFlight = 4;    // U: rows each key group loads before using them
 
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
@@ -51,42 +51,11 @@ struct RowShape {
   static constexpr int CPL = (CHUNKS + TPK - 1) / TPK;    // chunks per lane
 };
 
-// Sum (or max) over the TPK lanes that share a row; every lane gets the result.
-template <int TPK>
-__device__ __forceinline__ float row_sum(float x) {
-#pragma unroll
-  for (int off = TPK / 2; off > 0; off /= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
-  return x;
-}
-
-// Block-wide reduction of G values; `buf` holds kMaxWarps x G floats. Every thread gets the
-// result. Contains one barrier; callers alternate buffers between consecutive reductions.
-template <int G, bool kMax>
-__device__ __forceinline__ void block_reduce(float (&v)[G], float *buf) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-      float o = __shfl_xor_sync(0xffffffffu, v[g], off);
-      v[g] = kMax ? fmaxf(v[g], o) : v[g] + o;
-    }
-    if (lane == 0) buf[warp * G + g] = v[g];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float r = buf[g];
-    for (int w = 1; w < nwarps; ++w) r = kMax ? fmaxf(r, buf[w * G + g]) : r + buf[w * G + g];
-    v[g] = r;
-  }
-}
-
-// Registers bound occupancy, and occupancy bounds the loads in flight: every block size up
-// to 256 threads must fit two blocks per multiprocessor (<= 128 registers), except the
-// 8-head kernel whose q and accumulators alone need 128.
+// Registers bound occupancy, and occupancy bounds the loads in flight: at 256 threads a block
+// of the one-head kernel must fit three times on a multiprocessor (<= 85 registers), the
+// 2- and 4-head kernels twice (<= 128); the 8-head kernel's q and accumulators alone need 128.
 template <int G>
-constexpr int min_blocks() { return G >= 8 ? 1 : 2; }
+constexpr int min_blocks() { return G == 1 ? 3 : G >= 8 ? 1 : 2; }
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(const DecodeArgs a) {
@@ -108,8 +77,8 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
 
   int64_t start, pos;
   const bool valid = sequence_range(a, b, start, pos);
-  if (!valid) {  // NaN output marks the sequence; the combine kernel does it for splits
-    if (a.split_len == 0)
+  if (!valid) {  // NaN output marks the sequence (written once, by split 0)
+    if (split == 0)
       for (int i = tid; i < nh * D; i += nt)
         static_cast<T *>(a.out)[b * a.o_sb + (h0 + i / D) * a.o_sh + i % D] = T(NAN);
     return;
@@ -338,6 +307,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
     }
     __syncthreads();  // before the next head reuses `red`
   }
+  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, start, pos, logits, red_max, red_sum);
 }
 
 }  // namespace ffa

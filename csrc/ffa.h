@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 1
+#define FFA_ABI_VERSION 2
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -75,13 +75,16 @@ typedef struct {
   double prune_p; /* 0 <= p < 1; positions whose softmax weight is proven below p skip V */
 
   /* Launch configuration. split_len == 0: one block covers all positions of a sequence.
-   * split_len > 0: blocks of split_len positions, combined by a second kernel; the grid
-   * has ceil(max_len / split_len) splits, fixed by static sizes only. */
+   * split_len > 0: blocks of split_len positions, combined exactly by the last block of each
+   * head group to finish; the grid has ceil(max_len / split_len) splits, fixed by static
+   * sizes only. */
   int64_t threads;         /* 64, 128 or 256 */
   int64_t heads_per_block; /* query heads sharing one K/V read; divides heads/kv_heads, <= 8 */
   int64_t split_len;       /* 0 or a multiple of 16 */
 
-  void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0 */
+  void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
+                      before its first use; every launch leaves its counters zero again. One
+                      workspace serves one stream at a time. */
   int64_t workspace_bytes;
   void *stream; /* cudaStream_t */
 } ffa_decode_params;

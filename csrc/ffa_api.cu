@@ -44,7 +44,8 @@ int64_t num_splits(const ffa_decode_params *p) {
 int64_t workspace_needed(const ffa_decode_params *p) {
   if (p->split_len == 0) return 0;
   const int64_t rows = p->batch * p->heads * num_splits(p);
-  return rows * p->head_dim * 4 + rows * 4;  // partial outputs, then log-sum-exps
+  const int64_t counters = p->batch * (p->heads / p->heads_per_block);
+  return (rows * p->head_dim + rows + counters) * 4;  // partial outputs, log-sum-exps, counters
 }
 
 // Shapes, dtype and launch fields; everything ffa_workspace_bytes needs too.
@@ -189,7 +190,7 @@ int ffa_decode(const ffa_decode_params *p) {
   const int64_t need = workspace_needed(p);
   if (need > 0 && (!p->workspace || p->workspace_bytes < need || !aligned16(p->workspace)))
     return fail(FFA_ERR_INVALID_ARGUMENT,
-                "a split launch needs a 16-byte aligned workspace of %lld bytes (got %lld)",
+                "a split launch needs a 16-byte aligned, once-zeroed workspace of %lld bytes (got %lld)",
                 (long long)need, (long long)p->workspace_bytes);
 
   ffa::DecodeArgs a = {};
@@ -211,6 +212,7 @@ int ffa_decode(const ffa_decode_params *p) {
   if (need > 0) {
     a.part_out = static_cast<float *>(p->workspace);
     a.part_lse = a.part_out + p->batch * p->heads * a.num_splits * p->head_dim;
+    a.counters = reinterpret_cast<int *>(a.part_lse + p->batch * p->heads * a.num_splits);
   }
 
   int device = 0;

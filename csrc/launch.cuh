@@ -1,5 +1,5 @@
 // The thin launch layer: maps a runtime (head_dim, heads-per-block) to a compiled kernel and
-// launches the decode kernel, then the combine kernel for split launches.
+// launches it (one kernel per step, split launches included: see combine.cuh).
 //
 // Compiled shapes: head_dim in kHeadDims, heads-per-block template G in {1, 2, 4, 8} (a block
 // with fewer heads uses the next G up). Each dtype's instantiations live in their own file
@@ -8,7 +8,6 @@
 
 #include <cuda_runtime.h>
 
-#include "combine_kernel.cuh"
 #include "decode_kernel.cuh"
 
 namespace ffa {
@@ -46,10 +45,7 @@ cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_h
     case 128: err = launch_decode_d<T, 128>(a, grid, threads, stream); break;
     default: err = launch_decode_d<T, 256>(a, grid, threads, stream); break;
   }
-  if (err != cudaSuccess || a.split_len == 0) return err;
-  const size_t smem = size_t(a.num_splits) * sizeof(float);
-  combine_kernel<T><<<dim3(a.heads, batch), 128, smem, stream>>>(a, head_dim);
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace ffa

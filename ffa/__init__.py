@@ -9,3 +9,11 @@ from .attention import FastForwardAttn
 from .launch import LaunchConfig
 
 __all__ = ["FastForwardAttn", "FFAError", "LaunchConfig", "__version__"]
+
+
+def __getattr__(name):
+    """`ffa.transformers` is imported on first use: it needs the transformers package."""
+    if name == "transformers":
+        import importlib
+        return importlib.import_module(".transformers", __name__)
+    raise AttributeError(f"module 'ffa' has no attribute {name!r}")

@@ -63,20 +63,31 @@ def _positions(name, value, batch, device, low, high):
             value = value.reshape(1).expand(batch)
         if tuple(value.shape) != (batch,):
             raise ValueError(f"{name} must have shape [{batch}], got {tuple(value.shape)}")
-        if not value.is_cuda or not device.type == "cuda":
-            # Host values are checked here; device values are checked by the kernel, which
-            # gives a sequence with an out-of-range position a NaN output and no cache write.
-            bad = (value < low) | (value > high)
-            if bool(bad.any()):
-                raise ValueError(f"{name} holds {value[bad][0].item()}, outside [{low}, {high}]")
+        if value.is_cuda and device.type == "cuda":
+            # Device values are checked by the kernel, which gives a sequence with an
+            # out-of-range position a NaN output and no cache write.
+            if value.device != device:
+                raise ValueError(f"{name} is on {value.device}, the cache is on {device}")
+        else:
+            if not torch.compiler.is_compiling():  # host values are checked here
+                bad = (value < low) | (value > high)
+                if bool(bad.any()):
+                    raise ValueError(f"{name} holds {value[bad][0].item()}, outside [{low}, {high}]")
             value = value.to(device)
-        elif value.device != device:
-            raise ValueError(f"{name} is on {value.device}, the cache is on {device}")
         return value.contiguous(), 0
     value = int(value)
     if not low <= value <= high:
         raise ValueError(f"{name}={value} is outside [{low}, {high}]")
     return None, value
+
+
+def _mark_static(*tensors):
+    """Tell torch.compile these buffers keep their address: CUDA graphs replay in-place writes
+    only into inputs marked static (as transformers' StaticCache marks its buffers). Skipped
+    while tracing, where a buffer allocated mid-graph cannot be marked."""
+    if not torch.compiler.is_compiling():
+        for x in tensors:
+            torch._dynamo.mark_static_address(x, guard=False)
 
 
 class FastForwardAttn:
@@ -119,6 +130,7 @@ class FastForwardAttn:
         self.v_cache = torch.empty(shape, dtype=K.dtype, device=K.device)
         self.k_cache[:, :, :prompt_len] = K
         self.v_cache[:, :, :prompt_len] = V
+        _mark_static(self.k_cache, self.v_cache)
         # Per-process device facts and the tuner's table, read here so that attention() is
         # plain arithmetic that torch.compile can trace.
         self._configs = {}
@@ -192,5 +204,6 @@ class FastForwardAttn:
             return self._workspace[:0]
         need = ops.workspace_bytes(self.batch, heads, self.head_dim, self.max_len, config)
         if self._workspace.numel() < need:
-            self._workspace = torch.empty(need, dtype=torch.uint8, device=self.device)
+            self._workspace = torch.zeros(need, dtype=torch.uint8, device=self.device)
+            _mark_static(self._workspace)
         return self._workspace

@@ -90,9 +90,11 @@ def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, sc
 
 def workspace_bytes(batch, heads, head_dim, max_len, config):
     """Bytes of split workspace a launch needs: float32 partial outputs [batch, heads, splits,
-    head_dim], then float32 log-sum-exps [batch, heads, splits]. Mirrors ffa_workspace_bytes
-    in csrc/ffa_api.cu (a GPU test holds the two equal); plain arithmetic so it traces."""
+    head_dim], float32 log-sum-exps [batch, heads, splits], then int32 completion counters
+    [batch, heads / heads_per_block]. It must be zeroed once before first use. Mirrors
+    ffa_workspace_bytes in csrc/ffa_api.cu (a GPU test holds the two equal); plain arithmetic
+    so that it traces."""
     if config.split_len == 0:
         return 0
     rows = batch * heads * (-(-max_len // config.split_len))
-    return rows * (head_dim + 1) * 4
+    return (rows * (head_dim + 1) + batch * (heads // config.heads_per_block)) * 4

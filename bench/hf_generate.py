@@ -1,0 +1,283 @@
+"""Hugging Face `generate` with FFA against transformers' own decode paths (a GPU program).
+
+    python bench/hf_generate.py --out bench/results/hf_generate.json
+
+Model: OPT-1.3b's shape with random weights (or --model, a local checkpoint), fp16, a prompt of
+1000 random tokens, exactly 128 new tokens (greedy, EOS suppressed), batch 1 and 10. Paths:
+  hf            Hugging Face default: SDPA, dynamic cache
+  hf_static     cache_implementation="static": generate compiles the decode step (CUDA graphs)
+  ffa           ffa.transformers.enable(model): FFA decode steps, eager
+  ffa_compiled  ffa.transformers.enable(model, compile=True): generate compiles FFA's decode step
+For every path and batch: the first generate (warm-up; compilation for the compiled paths) and
+the median wall time of --repeats more. Then:
+  agreement  generated tokens of each path against hf at the largest batch, in fp16 and (model
+             cast to bf16) in bf16: first 32 identical? share of the 128 identical? hf_static's
+             agreement with hf is the yardstick: random weights give small logit margins, so
+             fp16 rounding alone flips some greedy choices.
+  profile    torch.profiler over one generate per path at the largest batch: GPU time in
+             attention kernels, in copies (cache writes and concatenations), in matrix
+             multiplies and in the rest, and the wall time the GPU stood idle (Python and launch
+             overhead: the median wall time minus the GPU busy time).
+Prints a short table last and writes everything to --out (JSON). About 5 minutes on an H100.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+PATHS = ("hf", "hf_static", "ffa", "ffa_compiled")
+OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
+                word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272)
+KERNEL_CLASSES = (  # first match wins; names as the CUDA profiler reports them
+    ("attention", ("decode_kernel", "combine_kernel", "flash", "fmha", "attention", "sdpa")),
+    ("copy", ("copy", "memcpy", "memset", "catarray", "cat_", "index_put", "index_copy", "scatter")),
+    ("matmul", ("gemm", "cutlass", "cublas", "xmma", "nvjet", "matmul", "mm_")),
+)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--model", default=None, help="local checkpoint (default: OPT-1.3b shape, random weights)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 10])
+    p.add_argument("--prompt", type=int, default=1000)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--no-profile", dest="profile", action="store_false")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 agreement check")
+    return p.parse_args()
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+class CudagraphSkips(logging.Handler):
+    """Collects inductor's "skipping cudagraphs due to ..." messages (the compiled paths are
+    only fast when CUDA graphs are used)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "skipping cudagraphs" in message:
+            self.messages.append(message[:400])
+
+
+def build_model(args):
+    import transformers
+    if args.model:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float16,
+                                                                  local_files_only=True)
+        return model.cuda().eval(), args.model
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.OPTForCausalLM(transformers.OPTConfig(**OPT_1_3B))
+    return model.half().eval(), "OPT-1.3b shape, random weights"
+
+
+def prompts(model, batch, length):
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(4, model.config.vocab_size, (batch, length), generator=g).cuda()
+    return ids, torch.ones_like(ids)
+
+
+def generate(model, ids, mask, new, **kw):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         pad_token_id=model.config.pad_token_id, **kw)
+    torch.cuda.synchronize()
+    return out[:, ids.shape[1]:]
+
+
+def wall(fn):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+def setup_path(model, path):
+    """Put the model in the state of `path`; returns extra generate kwargs."""
+    import ffa.transformers as fft
+    torch._dynamo.reset()
+    if path in ("hf", "hf_static"):
+        if fft.is_enabled(model):
+            fft.disable(model)
+        return {"cache_implementation": "static"} if path == "hf_static" else {}
+    fft.enable(model, compile=path == "ffa_compiled")
+    return {}
+
+
+def time_path(model, path, extra, args, skips):
+    """{batch: {...}} for one path; the tokens of every batch are kept for the agreement check."""
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    skips.messages.clear()
+    out = {}
+    for batch in args.batches:
+        ids, mask = prompts(model, batch, args.prompt)
+        tokens, first = wall(lambda: generate(model, ids, mask, args.new, **extra))
+        runs = [wall(lambda: generate(model, ids, mask, args.new, **extra))[1] for _ in range(args.repeats)]
+        out[batch] = {"first_call_s": first, "median_s": statistics.median(runs), "runs_s": runs, "tokens": tokens}
+        say(f"  {path:13s} batch {batch:3d}: first call {first:7.2f} s, median {out[batch]['median_s']:.3f} s")
+    info = {"graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+            "cudagraph_skip_reasons": sorted(set(skips.messages))}
+    return out, info
+
+
+def agreement(tokens, reference, head=32):
+    equal = tokens == reference
+    return {"first_32_identical": bool(equal[:, :head].all()), "identical_share": equal.double().mean().item(),
+            "first_difference": int((~equal).int().argmax(1).masked_fill(equal.all(1), equal.shape[1]).min())}
+
+
+def classify(name):
+    lower = name.lower()
+    for label, keys in KERNEL_CLASSES:
+        if any(k in lower for k in keys):
+            return label
+    return "other"
+
+
+def profile_path(model, extra, batch, args, median_s):
+    """GPU time by kernel class over one generate (the model still set up and warm from its
+    timing), and the idle time against the median wall time."""
+    from torch.profiler import ProfilerActivity, profile
+    ids, mask = prompts(model, batch, args.prompt)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(model, ids, mask, args.new, **extra)
+    totals = {"attention": 0.0, "copy": 0.0, "matmul": 0.0, "other": 0.0}
+    top = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            us = e.time_range.elapsed_us()
+            totals[classify(e.name)] += us
+            top[e.name] = top.get(e.name, 0.0) + us
+    busy = sum(totals.values()) / 1e6
+    result = {k + "_s": v / 1e6 for k, v in totals.items()}
+    result.update(gpu_busy_s=busy, wall_s=median_s, idle_s=max(median_s - busy, 0.0),
+                  top_kernels=[(n[:120], us / 1e6) for n, us in sorted(top.items(), key=lambda x: -x[1])[:8]],
+                  # Some CUDA/profiler versions do not trace the kernels inside CUDA graph replays.
+                  graph_kernels_missing=busy < 0.1 * median_s)
+    return result
+
+
+def environment():
+    import transformers
+
+    import ffa
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+            "command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "ffa": ffa.__version__,
+            "python": platform.python_version()}
+
+
+def main():
+    args = parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/hf_generate.py needs a CUDA GPU")
+    import transformers
+    transformers.logging.set_verbosity_error()
+    for name in ("cache_size_limit", "recompile_limit"):  # batch sizes and paths share one compiled call
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    skips = CudagraphSkips()
+    logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").addHandler(skips)
+
+    model, source = build_model(args)
+    record = {**environment(), "model": source, "dtype": "float16", "prompt": args.prompt, "new_tokens": args.new,
+              "batches": args.batches, "repeats": args.repeats, "timing": {}, "compile": {}, "errors": {}}
+    say(f"{record['device']} | torch {record['torch']} | transformers {record['transformers']} | {source}")
+    tokens, big = {}, max(args.batches)
+    record["profile"] = {}
+    for path in args.paths:
+        try:
+            extra = setup_path(model, path)
+            result, info = time_path(model, path, extra, args, skips)
+            if args.profile:
+                record["profile"][path] = profile_path(model, extra, big, args, result[big]["median_s"])
+        except Exception as e:  # keep the other paths' numbers
+            record["errors"][path] = f"{type(e).__name__}: {e}"
+            say(f"  {path}: FAILED {record['errors'][path]}")
+            traceback.print_exc()
+            continue
+        tokens[path] = {b: r.pop("tokens").cpu() for b, r in result.items()}
+        record["timing"][path] = {str(b): r for b, r in result.items()}
+        if path in ("hf_static", "ffa_compiled"):
+            record["compile"][path] = info
+
+    record["agreement"] = {"float16": {p: agreement(tokens[p][big], tokens["hf"][big])
+                                       for p in tokens if p != "hf" and "hf" in tokens}}
+
+    if args.bf16 and "hf" in tokens and "ffa" in tokens:
+        try:
+            model.to(torch.bfloat16)
+            ids, mask = prompts(model, big, args.prompt)
+            setup_path(model, "hf")
+            reference = generate(model, ids, mask, args.new).cpu()
+            setup_path(model, "ffa")
+            record["agreement"]["bfloat16"] = {"ffa": agreement(generate(model, ids, mask, args.new).cpu(), reference)}
+        except Exception as e:
+            record["errors"]["bf16"] = f"{type(e).__name__}: {e}"
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(record, indent=2))
+    report(record, args)
+
+
+def report(record, args):
+    say(f"\n{record['device']}, {record['model']}, fp16, prompt {args.prompt}, {args.new} new tokens: "
+        "wall time of one generate (median), first call (warm-up/compile) in brackets")
+    say(f"{'path':13s} | " + " | ".join(f"{'batch ' + str(b):>20s}" for b in args.batches))
+    timing = record["timing"]
+    for path in args.paths:
+        if path in timing:
+            cells = [f"{timing[path][str(b)]['median_s']:7.3f} s ({timing[path][str(b)]['first_call_s']:6.1f} s)"
+                     for b in args.batches]
+            say(f"{path:13s} | " + " | ".join(f"{c:>20s}" for c in cells))
+        else:
+            say(f"{path:13s} | failed: {record['errors'].get(path)}")
+    for base in ("hf", "hf_static"):
+        for path in ("ffa", "ffa_compiled"):
+            if base in timing and path in timing:
+                ratios = [timing[base][str(b)]["median_s"] / timing[path][str(b)]["median_s"] for b in args.batches]
+                say(f"speedup {path} over {base}: "
+                    + ", ".join(f"batch {b} {r:.2f}x" for b, r in zip(args.batches, ratios)))
+    for dtype, table in record["agreement"].items():
+        for path, a in table.items():
+            say(f"agreement with hf, {dtype}, {path}: first 32 identical {a['first_32_identical']}, "
+                f"{100 * a['identical_share']:.1f}% identical, first difference at {a['first_difference']}")
+    for path, info in record["compile"].items():
+        say(f"compile {path}: {info['unique_graphs']} graphs, {info['graph_breaks']} graph breaks, "
+            f"{info['cudagraph_skips']} cudagraph skips {info['cudagraph_skip_reasons'] or ''}")
+    for path, prof in record["profile"].items():
+        say(f"profile {path} (batch {max(args.batches)}): wall {prof['wall_s']:.3f} s = "
+            f"GPU busy {prof['gpu_busy_s']:.3f} s "
+            f"(attention {prof['attention_s']:.3f}, copies {prof['copy_s']:.3f}, matmul {prof['matmul_s']:.3f}, "
+            f"other {prof['other_s']:.3f}) + GPU idle {prof['idle_s']:.3f} s"
+            + (" [kernels inside CUDA graphs not traced]" if prof["graph_kernels_missing"] else ""))
+    for key, error in record["errors"].items():
+        say(f"error {key}: {error}")
+
+
+if __name__ == "__main__":
+    main()
