@@ -21,7 +21,7 @@ struct DecodeArgs {
   int split_len, num_splits;  // split_len == 0: one block per sequence, no combine
   float *part_out;            // [batch, heads, num_splits, head_dim] normalized partial outputs
   float *part_lse;            // [batch, heads, num_splits] log2-sum-exp of each split
-  int *counters;              // [batch, head groups] finished split blocks; zero between launches
+  int *counters;              // [batch, heads / heads_per_block] finished split blocks; zero between launches
 };
 
 // Position `b` of an index array, or the scalar when no array was given.

@@ -41,11 +41,15 @@ int64_t num_splits(const ffa_decode_params *p) {
   return p->split_len > 0 ? (p->max_len + p->split_len - 1) / p->split_len : 1;
 }
 
+// The split completion counters come first, one per (sequence, query head): as many as any
+// heads_per_block can use, so a workspace shared by several launch configurations keeps them
+// at one place, where every launch leaves them zero.
+int64_t counter_bytes(const ffa_decode_params *p) { return (p->batch * p->heads * 4 + 15) / 16 * 16; }
+
 int64_t workspace_needed(const ffa_decode_params *p) {
   if (p->split_len == 0) return 0;
   const int64_t rows = p->batch * p->heads * num_splits(p);
-  const int64_t counters = p->batch * (p->heads / p->heads_per_block);
-  return (rows * p->head_dim + rows + counters) * 4;  // partial outputs, log-sum-exps, counters
+  return counter_bytes(p) + (rows * p->head_dim + rows) * 4;  // partial outputs, log-sum-exps
 }
 
 // Shapes, dtype and launch fields; everything ffa_workspace_bytes needs too.
@@ -210,9 +214,9 @@ int ffa_decode(const ffa_decode_params *p) {
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
   if (need > 0) {
-    a.part_out = static_cast<float *>(p->workspace);
+    a.counters = static_cast<int *>(p->workspace);
+    a.part_out = reinterpret_cast<float *>(static_cast<char *>(p->workspace) + counter_bytes(p));
     a.part_lse = a.part_out + p->batch * p->heads * a.num_splits * p->head_dim;
-    a.counters = reinterpret_cast<int *>(a.part_lse + p->batch * p->heads * a.num_splits);
   }
 
   int device = 0;

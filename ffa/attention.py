@@ -137,6 +137,7 @@ class FastForwardAttn:
         self._sm_count = torch.cuda.get_device_properties(K.device).multi_processor_count if K.is_cuda else 1
         self._tuned = tuner.load_table(K.device) if K.is_cuda else None
         self._workspace = torch.empty(0, dtype=torch.uint8, device=K.device)
+        self._workspace_heads = 0
 
     def get_cache(self):
         """The cache tensors [batch, kv_heads, max_len, head_dim] (views, not copies)."""
@@ -203,7 +204,10 @@ class FastForwardAttn:
         if not self.device.type == "cuda" or config.split_len == 0:
             return self._workspace[:0]
         need = ops.workspace_bytes(self.batch, heads, self.head_dim, self.max_len, config)
-        if self._workspace.numel() < need:
-            self._workspace = torch.zeros(need, dtype=torch.uint8, device=self.device)
+        # The counters at its start are zero between launches only up to the largest head
+        # count it has served: more heads than that need a fresh, zeroed workspace.
+        if self._workspace.numel() < need or heads > self._workspace_heads:
+            self._workspace = torch.zeros(max(need, self._workspace.numel()), dtype=torch.uint8, device=self.device)
+            self._workspace_heads = heads
             _mark_static(self._workspace)
         return self._workspace

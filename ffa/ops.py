@@ -89,12 +89,13 @@ def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, sc
 
 
 def workspace_bytes(batch, heads, head_dim, max_len, config):
-    """Bytes of split workspace a launch needs: float32 partial outputs [batch, heads, splits,
-    head_dim], float32 log-sum-exps [batch, heads, splits], then int32 completion counters
-    [batch, heads / heads_per_block]. It must be zeroed once before first use. Mirrors
+    """Bytes of split workspace a launch needs: int32 completion counters [batch, heads] (padded
+    to 16 bytes; zeroed once before first use, left zero by every launch), then float32 partial
+    outputs [batch, heads, splits, head_dim] and log-sum-exps [batch, heads, splits]. Mirrors
     ffa_workspace_bytes in csrc/ffa_api.cu (a GPU test holds the two equal); plain arithmetic
     so that it traces."""
     if config.split_len == 0:
         return 0
     rows = batch * heads * (-(-max_len // config.split_len))
-    return (rows * (head_dim + 1) + batch * (heads // config.heads_per_block)) * 4
+    counters = (batch * heads * 4 + 15) // 16 * 16
+    return counters + rows * (head_dim + 1) * 4

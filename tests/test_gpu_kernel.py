@@ -165,3 +165,19 @@ def test_workspace_size_matches_library(split_len):
     P = _lib.DecodeParams(abi_version=_lib.ABI_VERSION, dtype=0, batch=3, heads=8, kv_heads=4, head_dim=96,
                           max_len=5000, threads=128, heads_per_block=2, split_len=split_len)
     assert ops.workspace_bytes(3, 8, 96, 5000, config) == _lib.workspace_bytes(P)
+
+
+def test_one_cache_serves_changing_launch_configs():
+    """Like the tuner: one FastForwardAttn, its workspace reused by launches of different
+    split lengths and heads-per-block (the split counters must stay valid across them)."""
+    c = Case(batch=2, heads=8, kv_heads=2, head_dim=128, prompt_len=900, max_len=1024, dtype=torch.float16)
+    K, V, q, k, v, t, start = [x.to(torch.float16).double() if x.is_floating_point() else x for x in make_inputs(c)]
+    ref, _, _ = exact(K, V, q, k, v, t, start, 0.1, c.max_len)
+    dev = lambda x: x.to("cuda", c.dtype)
+    f = FastForwardAttn(dev(K), dev(V), c.max_len)
+    for config in [LaunchConfig(128, 4, 64), LaunchConfig(256, 1, 512), LaunchConfig(64, 2, 128),
+                   LaunchConfig(128, 4, 0), LaunchConfig(128, 1, 64), LaunchConfig(128, 4, 64)]:
+        f.launch = config
+        out = torch.full((c.batch, c.heads, c.head_dim), float("nan"), dtype=c.dtype, device="cuda")
+        f.attention(dev(q), dev(k), dev(v), 0.1, c.prompt_len, out=out)
+        assert torch.isfinite(out).all() and rel_l2(out, ref) < TOL[c.dtype], config
