@@ -228,7 +228,8 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+              "commit": os.environ.get("FFA_COMMIT") or subprocess.run(
+                  ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     bw = bandwidth() if "bandwidth" in sections or "grid" in sections else None
     if bw:
         result["bandwidth"] = bw

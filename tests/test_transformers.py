@@ -303,7 +303,8 @@ def test_gpu_greedy_tokens_equal_hugging_face(compile):
     counters = torch._dynamo.utils.counters
     counters.clear()
     for _ in range(2):  # the second call reuses the cache (and the captured graphs)
-        with counting_ffa_calls() as calls:
+        # Counting calls from Python would make the compiled graph guard on the count.
+        with (contextlib.nullcontext([]) if compile else counting_ffa_calls()) as calls:
             got = greedy(model, ids, mask, new=16, compile_config=config)
         assert torch.equal(got, expected)
         if not compile:
