@@ -12,8 +12,8 @@
 #ifndef FFA_VERSION
 #error "build with -DFFA_VERSION=\"x.y.z\" (setup.py passes the package version)"
 #endif
-#define FFA_STR2(x) #x
-#define FFA_STR(x) FFA_STR2(x)
+#define FFA_STR2(...) #__VA_ARGS__
+#define FFA_STR(...) FFA_STR2(__VA_ARGS__)
 
 namespace {
 

@@ -48,4 +48,10 @@ cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_h
   return err;
 }
 
+// Each dtype is instantiated once, in its own file under instantiate/ (compiled in parallel);
+// every other file only links to those instantiations instead of compiling all kernels again.
+extern template cudaError_t launch_decode<__half>(const DecodeArgs &, int, int, int, int, cudaStream_t);
+extern template cudaError_t launch_decode<__nv_bfloat16>(const DecodeArgs &, int, int, int, int, cudaStream_t);
+extern template cudaError_t launch_decode<float>(const DecodeArgs &, int, int, int, int, cudaStream_t);
+
 }  // namespace ffa

@@ -6,9 +6,10 @@
 from ._lib import FFAError
 from ._version import __version__
 from .attention import FastForwardAttn
+from .info import info
 from .launch import LaunchConfig
 
-__all__ = ["FastForwardAttn", "FFAError", "LaunchConfig", "__version__"]
+__all__ = ["FastForwardAttn", "FFAError", "LaunchConfig", "info", "__version__"]
 
 
 def __getattr__(name):

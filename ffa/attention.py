@@ -52,7 +52,8 @@ def _as_rows(name, x, batch, heads, head_dim, dtype, device):
 
 
 def _positions(name, value, batch, device, low, high):
-    """An int in [low, high] or an integer tensor [batch]; returns (tensor or None, int)."""
+    """An int in [low, high] or an integer tensor [batch]; returns (tensor or None, int, the
+    values as the host knows them: the int, a CPU tensor, or None when they live on the GPU)."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.Tensor)):
         raise TypeError(f"{name} must be an int or an integer tensor of shape [{batch}], "
                         f"got {type(value).__name__}")
@@ -63,6 +64,7 @@ def _positions(name, value, batch, device, low, high):
             value = value.reshape(1).expand(batch)
         if tuple(value.shape) != (batch,):
             raise ValueError(f"{name} must have shape [{batch}], got {tuple(value.shape)}")
+        host = None
         if value.is_cuda and device.type == "cuda":
             # Device values are checked by the kernel, which gives a sequence with an
             # out-of-range position a NaN output and no cache write.
@@ -73,12 +75,27 @@ def _positions(name, value, batch, device, low, high):
                 bad = (value < low) | (value > high)
                 if bool(bad.any()):
                     raise ValueError(f"{name} holds {value[bad][0].item()}, outside [{low}, {high}]")
+                host = value.cpu()
             value = value.to(device)
-        return value.contiguous(), 0
+        return value.contiguous(), 0, host
     value = int(value)
     if not low <= value <= high:
         raise ValueError(f"{name}={value} is outside [{low}, {high}]")
-    return None, value
+    return None, value, value
+
+
+def _check_start_before_t(start, t):
+    """start <= t for every sequence, where the host knows both (ints or CPU tensors)."""
+    if start is None or t is None:
+        return
+    beyond = start > t
+    if isinstance(beyond, torch.Tensor):
+        if bool(beyond.any()):
+            b = int(beyond.nonzero()[0, 0])
+            s_b, t_b = (int(x[b]) if isinstance(x, torch.Tensor) else x for x in (start, t))
+            raise ValueError(f"start={s_b} is beyond t={t_b} for sequence {b}")
+    elif beyond:
+        raise ValueError(f"start={start} is beyond t={t}")
 
 
 def _mark_static(*tensors):
@@ -106,12 +123,14 @@ class FastForwardAttn:
             raise TypeError(f"K has dtype {K.dtype}; supported on {K.device.type}: "
                             f"{', '.join(str(d) for d in allowed)}")
         batch, kv_heads, prompt_len, head_dim = K.shape
+        if kv_heads == 0:
+            raise ValueError(f"K must have at least one kv head (dim 1), got shape {tuple(K.shape)}")
         if head_dim not in HEAD_DIMS:
             raise ValueError(f"K has head_dim {head_dim}; supported: {', '.join(map(str, HEAD_DIMS))}")
         if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
             raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
         if not max(prompt_len, 1) <= max_len <= 2**30:
-            raise ValueError(f"max_len={max_len} must be at least the prompt length {prompt_len} (and >= 1)")
+            raise ValueError(f"max_len={max_len} must be in [{max(prompt_len, 1)}, 2**30] (at least the prompt)")
         if K.is_cuda:
             try:
                 _lib.check_device(K.device.index)
@@ -166,8 +185,8 @@ class FastForwardAttn:
         (written into `out` when given: a contiguous tensor of that shape and q's dtype)."""
         _expect_tensor("q", q, (3, 4))
         heads = q.shape[1]
-        if heads % self.kv_heads:
-            raise ValueError(f"q has {heads} heads, not a multiple of the cache's {self.kv_heads} kv heads")
+        if heads == 0 or heads % self.kv_heads:
+            raise ValueError(f"q has {heads} heads, not a positive multiple of the cache's {self.kv_heads} kv heads")
         q = _as_rows("q", q, self.batch, heads, self.head_dim, self.dtype, self.device)
         k = _as_rows("k", k, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
         v = _as_rows("v", v, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
@@ -177,23 +196,23 @@ class FastForwardAttn:
             raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
         if t is None:
             raise TypeError("t (the position to write and attend up to) is required")
-        pos, pos_int = _positions("t", t, self.batch, self.device, 0, self.max_len - 1)
-        start_t, start_int = _positions("start", start, self.batch, self.device, 0, self.max_len - 1)
-        if pos is None and start_t is None and start_int > pos_int:
-            raise ValueError(f"start={start_int} is beyond t={pos_int}")
-        if pos is not None and start_t is not None and pos.device.type == "cpu" and bool((start_t > pos).any()):
-            raise ValueError("start is beyond t for some sequence")
+        pos, pos_int, t_host = _positions("t", t, self.batch, self.device, 0, self.max_len - 1)
+        start_t, start_int, start_host = _positions("start", start, self.batch, self.device, 0, self.max_len - 1)
+        _check_start_before_t(start_host, t_host)
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
 
-        length = self.max_len if pos is not None else pos_int + 1
-        config = self.launch_config(heads, length)
-        workspace = self._workspace_for(heads, config)
         if out is None:
             out = q.new_empty(q.shape)
         elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype \
                 or out.device != q.device or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+        if self.batch == 0:  # nothing to write or attend to
+            return out
+
+        length = self.max_len if pos is not None else pos_int + 1
+        config = self.launch_config(heads, length)
+        workspace = self._workspace_for(heads, config)
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
         op(out, q, k, v, self.k_cache, self.v_cache, pos, pos_int, start_t, start_int,
                    float(softmax_scale), float(p), config.threads, config.heads_per_block,

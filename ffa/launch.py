@@ -47,7 +47,7 @@ def heuristic(batch, kv_heads, group, length, sm_count):
     blocks = batch * kv_heads * (group // hpb)
     target = 4 * sm_count
     split_len = 0
-    if blocks < target and length > 128:
+    if 0 < blocks < target and length > 128:
         splits = -(-target // blocks)
         split_len = max(128, round_up(-(-length // splits), 64))
         if split_len >= length:

@@ -30,7 +30,7 @@ def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p):
     v_cache[rows, :, pos] = new_v
 
     acc = accumulation_dtype(q.dtype)
-    length = int(pos.max()) + 1
+    length = int(pos.max()) + 1 if batch else 0
     keys = k_cache[:, :, :length].to(acc)
     values = v_cache[:, :, :length].to(acc)
     qg = q.to(acc).view(batch, kv_heads, group, head_dim)
@@ -41,5 +41,7 @@ def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p):
     weights = torch.softmax(logits, dim=-1)
     if p > 0:
         weights = torch.where(weights < p, torch.zeros_like(weights), weights)
+    # Rows outside the range weigh 0, but 0 * NaN is NaN: what they hold must not matter.
+    values = values.masked_fill(outside[:, None, :, None], 0)
     out = torch.einsum("bkgl,bkld->bkgd", weights, values)
     return out.reshape(batch, heads, head_dim).to(q.dtype)

@@ -1,0 +1,173 @@
+"""The reduced GPU matrix that scripts/sanitize.sh runs under compute-sanitizer.
+
+Every kernel family runs at least once: default (unsplit) and split launches (whose last
+block to finish combines the splits), every dtype, every head_dim, MHA/GQA/MQA, every compiled
+heads-per-block template (1, 2, 4, 8, and a partial block), 64/128/256 threads, ragged t as
+int32 and int64 device tensors, left padding, p > 0 and p near 1, several sub-chunks per
+block, 63 splits to combine, one workspace reused by launches of every shape (its split
+counters must come back to zero), t = 0 on an empty prompt, t = max_len - 1, and device
+positions out of range (NaN rows, no cache write). Each case is checked against the float64
+reference as tests/test_gpu_kernel.py does. A plain program rather than pytest, and small,
+because the sanitizer slows every launch down; it reads back only memory that was written, so
+that initcheck flags only what the library does.
+
+    python3 scripts/sanitize_cases.py [--only SUBSTRING] [--list]
+
+Prints one line per case and, at the end, "sanitize_cases: N cases passed".
+"""
+
+import argparse
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+os.environ.setdefault("FFA_TUNER_CACHE_DIR", tempfile.mkdtemp())  # no tuned table: the launch is given
+
+from cases import Case, exact, make_inputs, pruning_bound, rel_l2  # noqa: E402
+from test_gpu_kernel import DTYPES, HEAD_DIMS, TOL  # noqa: E402
+
+from ffa import FastForwardAttn, LaunchConfig  # noqa: E402
+
+HEADS = [(4, 4), (8, 2), (4, 1)]  # MHA, GQA (group 4), MQA
+
+
+@dataclass
+class Run:
+    name: str
+    case: Case
+    launch: LaunchConfig
+    t: Optional[list] = None  # per-sequence positions (default: make_inputs' choice)
+    start: Optional[list] = None
+    index_dtype: torch.dtype = torch.int64
+    invalid: list = field(default_factory=list)  # sequences whose device position is out of range
+    then: list = field(default_factory=list)  # further launches of the same step, same workspace
+
+
+def matrix():
+    """The runs, in order; names say what each one covers."""
+    runs = []
+    for (di, dtype), (hi, head_dim) in itertools.product(enumerate(DTYPES), enumerate(HEAD_DIMS)):
+        heads, kv_heads = HEADS[(di + hi) % 3]
+        shaped = (di + hi) % 2 == 0  # ragged t and left padding
+        p = 0.01 if (di + hi // 2) % 2 else 0.0
+        c = Case(batch=2, heads=heads, kv_heads=kv_heads, head_dim=head_dim, prompt_len=150, max_len=200,
+                 dtype=dtype, ragged=shaped, padded=shaped, p=p)
+        tag = f"{str(dtype)[6:]} d{head_dim} h{heads}/{kv_heads}{' ragged+padded' if shaped else ''} p={p}"
+        runs.append(Run(f"default {tag}", c, LaunchConfig(256, 1, 0)))
+        runs.append(Run(f"split {tag}", c, LaunchConfig(128, min(heads // kv_heads, 8), 64)))
+
+    f16 = torch.float16
+    for threads in (64, 128, 256):  # 8 heads a block: 256-row sub-chunks, three of them
+        c = Case(batch=2, heads=16, kv_heads=2, head_dim=128, prompt_len=600, max_len=640, dtype=f16, ragged=True)
+        runs.append(Run(f"unsplit 8 heads/block {threads} threads, 601 rows", c, LaunchConfig(threads, 8, 0),
+                        index_dtype=torch.int32))
+    runs += [
+        Run("split 3 heads/block (partial 4-head block), split 48, 64 threads",
+            Case(batch=2, heads=12, kv_heads=2, head_dim=96, prompt_len=200, max_len=256, dtype=f16, ragged=True,
+                 padded=True), LaunchConfig(64, 3, 48)),
+        Run("unsplit 2 heads/block", Case(batch=3, heads=8, kv_heads=4, head_dim=64, prompt_len=100, max_len=128,
+                                          dtype=torch.bfloat16, p=0.01), LaunchConfig(128, 2, 0)),
+        Run("unsplit 1 head/block, 2101 rows (two sub-chunks)",
+            Case(batch=1, heads=2, kv_heads=2, head_dim=64, prompt_len=2100, max_len=2112, dtype=torch.float32),
+            LaunchConfig(256, 1, 0)),
+        Run("split 16: 63 splits to combine", Case(batch=2, heads=4, kv_heads=2, head_dim=256, prompt_len=1000,
+                                                   max_len=1008, dtype=torch.bfloat16, padded=True, ragged=True),
+            LaunchConfig(128, 2, 16)),
+        Run("one workspace, six launch shapes", Case(batch=2, heads=8, kv_heads=2, head_dim=128, prompt_len=500,
+                                                     max_len=512, dtype=f16, ragged=True), LaunchConfig(128, 4, 64),
+            then=[LaunchConfig(256, 1, 256), LaunchConfig(64, 2, 128), LaunchConfig(128, 4, 0),
+                  LaunchConfig(128, 1, 64), LaunchConfig(128, 4, 64)]),
+        *[Run(f"p near 1, {name}", Case(batch=2, heads=8, kv_heads=2, head_dim=128, prompt_len=300, max_len=320,
+                                         dtype=f16, p=math.nextafter(1.0, 0.0)), launch)
+          for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 4, 64)))],
+    ]
+    for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16))):
+        runs += [
+            Run(f"t = 0 on an empty prompt, {name}", Case(batch=2, heads=4, kv_heads=2, head_dim=64, prompt_len=0,
+                                                          max_len=8, dtype=f16), launch),
+            Run(f"t = max_len - 1, {name}", Case(batch=2, heads=4, kv_heads=2, head_dim=64, prompt_len=127,
+                                                 max_len=128, dtype=f16, ragged=True), launch),
+            Run(f"sequences at both ends, start = t, {name}",
+                Case(batch=3, heads=4, kv_heads=2, head_dim=64, prompt_len=100, max_len=101, dtype=f16), launch,
+                t=[0, 100, 50], start=[0, 100, 10]),
+            Run(f"device positions out of range, {name}",  # a full cache: every byte may be read back
+                Case(batch=3, heads=4, kv_heads=2, head_dim=64, prompt_len=64, max_len=64, dtype=f16), launch,
+                t=[5, 64, 3], start=[0, 0, 4], invalid=[1, 2]),
+        ]
+    return runs
+
+
+def check(run, seed):
+    """One decode step on the GPU (repeated with each launch of run.then, on the same
+    FastForwardAttn and workspace), held to the float64 reference."""
+    c = run.case
+    K, V, q, k, v, t, start = make_inputs(c, torch.Generator().manual_seed(seed))
+    K, V, q, k, v = (x.to(c.dtype).double() for x in (K, V, q, k, v))  # what the kernel sees
+    explicit = run.t is not None
+    if explicit:
+        t, start = torch.tensor(run.t), torch.tensor(run.start)
+    valid = [b for b in range(c.batch) if b not in run.invalid]
+    scale = 1 / math.sqrt(c.head_dim)
+    ref, kc, vc = exact(K[valid], V[valid], q[valid], k[valid], v[valid], t[valid], start[valid], scale,
+                        c.max_len)
+    if c.p > 0:  # the pruned output may differ from the exact one by this much
+        allowed = pruning_bound(q[valid], kc, vc, t[valid], start[valid], scale, c.p)
+        allowed += 4 * TOL[c.dtype] * ref.abs().max()
+
+    dev = lambda x: x.to("cuda", c.dtype)
+    f = FastForwardAttn(dev(K), dev(V), c.max_len)
+    before = [x.cpu() for x in f.get_cache()] if run.invalid else None
+    tt = t.to("cuda", run.index_dtype) if c.ragged or explicit else int(t[0])
+    st = start.to("cuda", run.index_dtype) if c.padded or explicit else 0
+    for launch in [run.launch, *run.then]:
+        f.launch = launch
+        out = dev(torch.full((c.batch, c.heads, c.head_dim), math.nan))
+        f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out)
+        torch.cuda.synchronize()
+        out = out.cpu()
+
+        assert out[run.invalid].isnan().all(), f"{launch}: a sequence with an invalid device position got a number"
+        out = out[valid]
+        assert torch.isfinite(out).all(), f"{launch}: unwritten (NaN-poisoned) or non-finite output"
+        for b in valid:  # the new row landed at t[b]
+            assert torch.equal(f.k_cache[b, :, t[b]].cpu(), dev(k)[b, :, 0].cpu())
+            assert torch.equal(f.v_cache[b, :, t[b]].cpu(), dev(v)[b, :, 0].cpu())
+        if before is not None:
+            for cache, old in zip(f.get_cache(), before):
+                changed = (cache.cpu() != old).any(-1).nonzero()[:, [0, 2]].unique(dim=0).tolist()
+                assert changed == [[b, int(t[b])] for b in valid], f"{launch}: cache rows written: {changed}"
+        if c.p == 0:
+            err = rel_l2(out, ref)
+            assert err < TOL[c.dtype], f"{launch}: relative L2 error {err:.3g}"
+        else:
+            excess = ((out.double() - ref).abs() - allowed).max()
+            assert excess <= 0, f"{launch}: pruning error exceeds its bound by {excess:.3g}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run the cases whose name contains this")
+    parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    args = parser.parse_args()
+    runs = [r for r in matrix() if args.only in r.name]
+    if args.list:
+        print("\n".join(r.name for r in runs))
+        return
+    began = time.perf_counter()
+    for i, run in enumerate(runs):
+        print(f"[{i + 1:2d}/{len(runs)}] {run.name}", flush=True)
+        check(run, seed=i)
+    print(f"sanitize_cases: {len(runs)} cases passed in {time.perf_counter() - began:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

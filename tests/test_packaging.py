@@ -1,0 +1,194 @@
+"""Packaging: how setup.py finds nvcc and picks architectures, the `python -m ffa` report, and
+(run by scripts/build_wheel.sh with FFA_EXPECT_INSTALLED=1) the installed wheel itself."""
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+import ffa
+from ffa import _lib
+from ffa.info import report
+
+SETUP_PY = Path(__file__).resolve().parent.parent / "setup.py"
+PYPI_PARTS = ("nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime")
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    """setup.py imported as a module (its setup() call only runs as __main__)."""
+    if not SETUP_PY.is_file():
+        pytest.skip("setup.py is not beside tests/ (testing an installed wheel)")
+    spec = importlib.util.spec_from_file_location("ffa_setup", SETUP_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_executable(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def fake_pypi_toolchain(site, versions, cccl=True):
+    """A site-packages holding nvidia/cu13/bin/nvcc, the CCCL headers' directory (if `cccl`) and
+    dist-info for each (name, version)."""
+    nvcc = fake_executable(site / "nvidia" / "cu13" / "bin" / "nvcc")
+    if cccl:
+        (site / "nvidia" / "cu13" / "include" / "cccl").mkdir(parents=True)
+    for name, version in versions.items():
+        info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return nvcc
+
+
+def test_cuda_home_comes_first(setup_module, tmp_path):
+    nvcc = fake_executable(tmp_path / "cuda" / "bin" / "nvcc")
+    other = fake_executable(tmp_path / "other" / "nvcc")
+    env = {"CUDA_HOME": str(tmp_path / "cuda"), "PATH": str(other.parent)}
+    assert setup_module.find_nvcc(env, dirs=[]) == nvcc
+
+
+def test_cuda_home_without_nvcc_is_an_error(setup_module, tmp_path):
+    with pytest.raises(SystemExit, match="CUDA_HOME=.* has no bin/nvcc"):
+        setup_module.find_nvcc({"CUDA_HOME": str(tmp_path)}, dirs=[])
+
+
+def test_path_comes_before_pypi(setup_module, tmp_path):
+    on_path = fake_executable(tmp_path / "bin" / "nvcc")
+    fake_pypi_toolchain(tmp_path / "site", {n: "13.5.37" for n in PYPI_PARTS})
+    assert setup_module.find_nvcc({"PATH": str(on_path.parent)}, dirs=[tmp_path / "site"]) == on_path
+
+
+def test_pypi_toolchain_is_found(setup_module, tmp_path):
+    nvcc = fake_pypi_toolchain(tmp_path, {n: "13.5.37" for n in PYPI_PARTS})
+    assert setup_module.find_nvcc({"PATH": ""}, dirs=[tmp_path]) == nvcc
+
+
+def test_mixed_pypi_toolchain_is_refused(setup_module, tmp_path):
+    fake_pypi_toolchain(tmp_path, {**{n: "13.0.88" for n in PYPI_PARTS}, "nvidia-nvvm": "13.5.37"})
+    with pytest.raises(SystemExit, match=r"mixed releases .*nvidia-nvvm==13\.5\.37"):
+        setup_module.find_nvcc({"PATH": ""}, dirs=[tmp_path])
+
+
+def test_incomplete_pypi_toolchain_is_refused(setup_module, tmp_path):
+    fake_pypi_toolchain(tmp_path, {n: "13.5.37" for n in PYPI_PARTS if n != "nvidia-cuda-runtime"}, cccl=False)
+    with pytest.raises(SystemExit) as e:
+        setup_module.find_nvcc({"PATH": ""}, dirs=[tmp_path])
+    assert "nvidia-cuda-runtime is missing" in str(e.value) and "nvidia-cuda-cccl is missing" in str(e.value)
+    assert 'pip install "cuda-toolkit[nvcc,cccl]==13.5.*"' in str(e.value)
+
+
+def test_no_nvcc_says_how_to_get_one(setup_module, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        setup_module.find_nvcc({"PATH": str(tmp_path)}, dirs=[tmp_path])
+    assert "no nvcc found" in str(e.value) and 'pip install "cuda-toolkit[nvcc,cccl]==13.5.*"' in str(e.value)
+
+
+def test_default_archs_are_the_supported_release_archs(setup_module):
+    assert setup_module.select_archs(None, {"75", "80", "86", "87", "89", "90"}) == ["75", "80", "86", "89", "90"]
+    assert setup_module.select_archs(None, {"75", "90", "100", "120"}) == ["75", "90", "100", "120"]
+
+
+def test_requested_archs_are_checked(setup_module):
+    supported = {"75", "80", "90", "100"}
+    assert setup_module.select_archs("100; 80;90a", supported) == ["80", "90a", "100"]
+    assert setup_module.select_archs("90,80", supported) == ["80", "90"]
+    with pytest.raises(SystemExit, match="expected e.g."):
+        setup_module.select_archs("sm_90", supported)
+    with pytest.raises(SystemExit, match="sm_120"):
+        setup_module.select_archs("90;120", supported)
+
+
+def test_ptx_of_the_newest_arch(setup_module):
+    flags = setup_module.gencode_flags(["80", "90", "100"])
+    assert flags[:3] == [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ("80", "90", "100")]
+    assert flags[3:] == ["-gencode=arch=compute_100,code=compute_100"]
+
+
+def test_report_names_version_torch_and_tuner_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("FFA_TUNER_CACHE_DIR", str(tmp_path))
+    (tmp_path / "NVIDIA_H100_80GB_HBM3.json").write_text("{}")
+    text = report()
+    assert text.startswith(f"ffa            {ffa.__version__} ")
+    assert f"torch          {torch.__version__}" in text
+    assert "CUDA driver    " in text
+    assert f"tuner cache    {tmp_path}\n" in text and "NVIDIA_H100_80GB_HBM3.json (2 bytes)" in text
+    if not torch.cuda.is_available():
+        assert "GPU            none (" in text
+
+
+def test_report_without_tuner_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("FFA_TUNER_CACHE_DIR", str(tmp_path / "missing"))
+    assert "does not exist" in report()
+
+
+def test_report_without_library(monkeypatch, tmp_path):
+    missing = tmp_path / "libffa.so"
+    monkeypatch.setenv("FFA_LIBRARY", str(missing))
+    monkeypatch.setattr(_lib, "_lib", None)
+    monkeypatch.setattr(_lib, "_load_error", None)
+    text = report()
+    assert f"library        {missing}\n               not usable: " in text
+    assert "architectures" not in text
+
+
+def test_python_m_ffa(tmp_path):
+    """`python -m ffa` runs from any directory and prints the report."""
+    env = {**os.environ, "PYTHONPATH": str(Path(ffa.__file__).parent.parent)}
+    out = subprocess.run([sys.executable, "-m", "ffa"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"ffa            {ffa.__version__} ")
+    assert "library        " in out.stdout
+
+
+@pytest.mark.gpu
+def test_report_says_the_gpu_is_covered():
+    assert re.search(r"^GPU 0 +.*\(sm_\d+\), covered by the library$", report(), re.M), report()
+
+
+@pytest.fixture(scope="module")
+def installed():
+    """The installed distribution, when scripts/build_wheel.sh (or cibuildwheel) tests a wheel."""
+    if os.environ.get("FFA_EXPECT_INSTALLED") != "1":
+        pytest.skip("FFA_EXPECT_INSTALLED=1 is set when testing an installed wheel")
+    return metadata.distribution("fastforward-attention")
+
+
+def test_imported_from_the_installed_wheel(installed):
+    assert Path(installed.locate_file("ffa/__init__.py")).resolve() == Path(ffa.__file__).resolve()
+    direct_url = installed.read_text("direct_url.json")
+    assert direct_url is None or not json.loads(direct_url).get("dir_info", {}).get("editable")
+
+
+def test_wheel_tag_and_metadata(installed):
+    wheel = installed.read_text("WHEEL")
+    tags = re.findall(r"^Tag: (.+)$", wheel, re.M)
+    # auditwheel may add a legacy alias (manylinux2014_x86_64) beside manylinux_2_17_x86_64.
+    assert tags and all(re.fullmatch(r"py3-none-manylinux(_\d+_\d+|2014)_(x86_64|aarch64)", t) for t in tags), tags
+    assert "Root-Is-Purelib: false" in wheel
+    assert installed.metadata["Requires-Python"] == ">=3.9"
+    runtime = [r for r in installed.requires if "extra ==" not in r]
+    names = {re.match(r"[A-Za-z0-9_.-]+", r).group().lower(): r for r in runtime}
+    assert set(names) == {"torch", "platformdirs", "filelock"}, runtime
+    assert ">=2.4" in names["torch"]
+
+
+def test_installed_library_matches_the_build(installed):
+    info = _lib.build_info()
+    assert info["version"] == ffa.__version__
+    assert Path(_lib.library_path()).resolve() == Path(installed.locate_file("ffa/lib/libffa.so")).resolve()
+    archs = os.environ.get("FFA_CUDA_ARCHS")
+    if archs:
+        expected = sorted(int(re.match(r"\d+", a).group()) * 10 for a in re.split(r"[;,\s]+", archs) if a)
+        assert sorted(info["archs"]) == expected
