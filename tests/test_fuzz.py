@@ -52,13 +52,7 @@ def fuzz_settings(device):
                     database=None, print_blob=True, suppress_health_check=list(HealthCheck))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The problems are tiny: waking a pool of CPU threads costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one CPU thread
 
 
 @pytest.fixture(scope="module", autouse=True)

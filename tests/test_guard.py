@@ -33,13 +33,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STEPS = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The problems are tiny: waking a pool of CPU threads costs more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: one CPU thread
 
 
 def sentinel(shape, dtype, device):

@@ -27,14 +27,6 @@ def entry(bkv=8, length=1024, config=LaunchConfig(64, 2, 256), dtype="float32", 
     return cache.Entry(dtype, head_dim, group, bkv, length, config, time_us, LaunchConfig(128, 2, 0), 2 * time_us)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "ffa-cache"))
-    cache.reset()
-    yield tmp_path / "ffa-cache"
-    cache.reset()
-
-
 def tuner_warnings(caught):
     return [w for w in caught if issubclass(w.category, cache.TunerCacheWarning)]
 

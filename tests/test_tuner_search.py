@@ -21,14 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE = cache.DeviceInfo("Fake GPU 80GB", (9, 0), 132)
 
 
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(cache.ENV_DIR, str(tmp_path / "ffa-cache"))
-    cache.reset()
-    yield tmp_path / "ffa-cache"
-    cache.reset()
-
-
 # ---- what is searched ----------------------------------------------------------------------
 
 def test_candidate_space():
