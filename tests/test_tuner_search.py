@@ -170,7 +170,8 @@ def test_plain_counter_without_tqdm(monkeypatch, capsys):
 # ---- the command -------------------------------------------------------------------------
 
 def _command(*argv, env_dir):
-    env = dict(os.environ, PYTHONPATH=ROOT, **{cache.ENV_DIR: str(env_dir)})
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)  # keep an installed ffa reachable
+    env = dict(os.environ, PYTHONPATH=path, **{cache.ENV_DIR: str(env_dir)})
     return subprocess.run([sys.executable, "-m", "ffa.tuner", *argv], capture_output=True, text=True, env=env,
                           timeout=300)
 
