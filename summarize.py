@@ -30,7 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# Models and articles come from local files only (the script says when they are missing):
+# without this, transformers still asks the hub about adapter files and retries for ~25 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
