@@ -101,6 +101,10 @@ FFA_API int ffa_workspace_bytes(const ffa_decode_params *p, int64_t *bytes);
 /* FFA_OK when the library holds machine code or PTX that runs on CUDA device `device`. */
 FFA_API int ffa_check_device(int device);
 FFA_API int ffa_decode(const ffa_decode_params *p);
+/* Waits for `stream` (a cudaStream_t) and reports whether work on it failed on the GPU. A
+ * kernel fault is asynchronous: FFA_DEBUG_SYNC=1 makes the Python side call this before and
+ * after each decode, so that a fault is reported as FFA's, or as earlier work's. */
+FFA_API int ffa_stream_check(void *stream);
 
 #ifdef __cplusplus
 }

@@ -167,6 +167,12 @@ int ffa_check_device(int device) {
   return FFA_OK;
 }
 
+int ffa_stream_check(void *stream) {
+  cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "%s", cudaGetErrorString(err));
+  return FFA_OK;
+}
+
 int ffa_decode(const ffa_decode_params *p) {
   if (int st = check_shapes(p)) return st;
   if (p->batch == 0) return FFA_OK;

@@ -99,6 +99,7 @@ def load():
     lib.ffa_workspace_bytes.argtypes = [ctypes.POINTER(DecodeParams), ctypes.POINTER(ctypes.c_int64)]
     lib.ffa_check_device.argtypes = [ctypes.c_int]
     lib.ffa_decode.argtypes = [ctypes.POINTER(DecodeParams)]
+    lib.ffa_stream_check.argtypes = [ctypes.c_void_p]
     abi, version = lib.ffa_abi_version(), lib.ffa_version().decode()
     if abi != ABI_VERSION or version != __version__:
         _load_error = (f"{path} is FFA {version} (ABI {abi}) but the Python package is {__version__} "
@@ -142,7 +143,19 @@ def workspace_bytes(params):
     return out.value
 
 
+# FFA_DEBUG_SYNC=1: wait for the stream before and after every decode, so that an asynchronous
+# GPU fault is reported here, as FFA's kernel's or as earlier work's, instead of at some later
+# synchronization as an anonymous CUDA error. Costs two synchronizations per call.
+DEBUG_SYNC = os.environ.get("FFA_DEBUG_SYNC", "") not in ("", "0")
+
+
 def decode(params):
-    status = load().ffa_decode(ctypes.byref(params))
+    lib = load()
+    if DEBUG_SYNC and lib.ffa_stream_check(params.stream) != OK:
+        raise FFAError(f"CUDA work queued before this FFA call failed on the GPU (not FFA's kernel): "
+                       f"{lib.ffa_last_error().decode()}")
+    status = lib.ffa_decode(ctypes.byref(params))
     if status != OK:
         _raise(status, "ffa_decode")
+    if DEBUG_SYNC and lib.ffa_stream_check(params.stream) != OK:
+        raise FFAError(f"FFA's decode kernel failed on the GPU: {lib.ffa_last_error().decode()}")
