@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 2
+#define FFA_ABI_VERSION 3
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 
-ABI_VERSION = 2  # must equal FFA_ABI_VERSION in csrc/ffa.h
+ABI_VERSION = 3  # must equal FFA_ABI_VERSION in csrc/ffa.h
 
 OK, INVALID_ARGUMENT, UNSUPPORTED, NO_KERNEL_IMAGE, CUDA_ERROR, ABI_MISMATCH = range(6)
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -91,8 +91,17 @@ def load():
         _load_error = (f"FFA's CUDA library could not be loaded from {path} ({e}); "
                        "build it with `python setup.py build_native` or reinstall the package")
         raise FFAError(_load_error) from None
-    lib.ffa_abi_version.restype = ctypes.c_int64
-    for name in ("ffa_version", "ffa_build_info", "ffa_last_error"):
+    try:
+        lib.ffa_abi_version.restype = ctypes.c_int64
+        lib.ffa_version.restype = ctypes.c_char_p
+        abi, version = lib.ffa_abi_version(), lib.ffa_version().decode()
+    except AttributeError as e:
+        abi, version = None, f"unknown ({e})"
+    if abi != ABI_VERSION or version != __version__:
+        _load_error = (f"{path} is FFA {version} (ABI {abi}) but the Python package is {__version__} "
+                       f"(ABI {ABI_VERSION}); rebuild it with `python setup.py build_native`")
+        raise FFAError(_load_error)
+    for name in ("ffa_build_info", "ffa_last_error"):
         getattr(lib, name).restype = ctypes.c_char_p
     lib.ffa_status_string.restype = ctypes.c_char_p
     lib.ffa_status_string.argtypes = [ctypes.c_int]
@@ -100,11 +109,6 @@ def load():
     lib.ffa_check_device.argtypes = [ctypes.c_int]
     lib.ffa_decode.argtypes = [ctypes.POINTER(DecodeParams)]
     lib.ffa_stream_check.argtypes = [ctypes.c_void_p]
-    abi, version = lib.ffa_abi_version(), lib.ffa_version().decode()
-    if abi != ABI_VERSION or version != __version__:
-        _load_error = (f"{path} is FFA {version} (ABI {abi}) but the Python package is {__version__} "
-                       f"(ABI {ABI_VERSION}); rebuild it with `python setup.py build_native`")
-        raise FFAError(_load_error)
     _lib = lib
     return lib
 
