@@ -67,8 +67,7 @@ def hf_example():
 
     import ffa.transformers
 
-    gpu = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.float16) if gpu else ("cpu", torch.float32)
+    device, dtype = ("cuda" if torch.cuda.is_available() else "cpu"), torch.float32  # fp32: exact greedy tokens
     config = transformers.OPTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
                                     vocab_size=1000, max_position_embeddings=512)
     torch.manual_seed(0)
