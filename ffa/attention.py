@@ -215,12 +215,11 @@ class FastForwardAttn:
         workspace = self._workspace_for(heads, config)
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
         op(out, q, k, v, self.k_cache, self.v_cache, pos, pos_int, start_t, start_int,
-                   float(softmax_scale), float(p), config.threads, config.heads_per_block,
-                   config.split_len, workspace)
+           float(softmax_scale), float(p), config.threads, config.heads_per_block, config.split_len, workspace)
         return out
 
     def _workspace_for(self, heads, config):
-        if not self.device.type == "cuda" or config.split_len == 0:
+        if self.device.type != "cuda" or config.split_len == 0:
             return self._workspace[:0]
         need = ops.workspace_bytes(self.batch, heads, self.head_dim, self.max_len, config)
         # The counters at its start are zero between launches only up to the largest head

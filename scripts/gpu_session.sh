@@ -7,9 +7,12 @@
 #
 #   scripts/gpu_session.sh check   GPU tests, example.py, python -m ffa.tuner (default sweep)
 #   scripts/gpu_session.sh bench   bench/kernels.py (uses the tuner cache in $FFA_TUNER_CACHE_DIR)
-#   scripts/gpu_session.sh hf      bench/hf_generate.py and a short summarize.py run
+#   scripts/gpu_session.sh hf        bench/hf_generate.py
+#   scripts/gpu_session.sh sanitize  scripts/sanitize.sh (compute-sanitizer's four tools)
+# The device's copy of the tree has no .git: pass the commit as FFA_COMMIT=<hash> so that the
+# results name it.
 set -euo pipefail
-stage=${1:?usage: scripts/gpu_session.sh check|bench|hf}
+stage=${1:?usage: scripts/gpu_session.sh check|bench|hf|sanitize}
 repo=$(pwd)
 OUT=${OUT:-$repo/gpu-out}
 mkdir -p "$OUT"
@@ -25,7 +28,8 @@ elif [ ! -f ffa/lib/libffa.so ]; then
   FFA_CUDA_ARCHS=90 python3 setup.py -q build_native
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt" || true
+export FFA_COMMIT=${FFA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+echo "$FFA_COMMIT" > "$OUT/commit.txt"
 (cd /tmp && python3 -m ffa) | tee "$OUT/info.txt"
 
 case $stage in
@@ -42,6 +46,10 @@ bench)
 hf)
   (cd $run_dir && python3 bench/hf_generate.py --out "$OUT/hf_generate.json" ${HF_ARGS:-}) 2>&1 |
     tee "$OUT/hf_generate.log" | tail -40
+  ;;
+sanitize)
+  lib=$(python3 -c "import ffa._lib as l; print(l.library_path())")
+  FFA_LIBRARY=$lib OUT=$OUT bash scripts/sanitize.sh
   ;;
 *) echo "unknown stage $stage"; exit 2 ;;
 esac
