@@ -180,6 +180,14 @@ class FastForwardAttn:
             self._configs[key] = config
         return config
 
+    def prepare(self, heads):
+        """Pick the launch and allocate the split workspace for `heads` query heads with
+        positions given as device tensors (the CUDA-graph path), so that a compiled or captured
+        step that follows allocates nothing. Returns the LaunchConfig."""
+        config = self.launch_config(heads, self.max_len)
+        self._workspace_for(heads, config)
+        return config
+
     def attention(self, q, k, v, softmax_scale=None, t=None, p=0.0, *, start=0, out=None):
         """Append k, v at position t and attend q over start .. t; returns [batch, heads, head_dim]
         (written into `out` when given: a contiguous tensor of that shape and q's dtype)."""

@@ -94,20 +94,10 @@ class FFALayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = key_states.shape[0]
         if self.is_compileable:
-            # Fixed addresses: CUDA graphs may then replay the in-place appends.
-            torch._dynamo.mark_static_address(self.keys, guard=False)
-            torch._dynamo.mark_static_address(self.values, guard=False)
-            self._warm_up(key_states, value_states)
+            # Launch and workspace fixed before torch.compile traces a step (FastForwardAttn
+            # has marked its buffers' addresses static for CUDA graphs).
+            self.attn.prepare(self.heads)
         self.is_initialized = True
-
-    def _warm_up(self, key_states, value_states):
-        """One eager call shaped like a decode step (positions as a device tensor), so that
-        FastForwardAttn picks its launch and allocates its workspace before torch.compile
-        traces a step. It rewrites the prompt's last key/value with themselves."""
-        batch, _, length, head_dim = key_states.shape
-        q = key_states.new_zeros(batch, self.heads, 1, head_dim)
-        t = torch.full((batch,), length - 1, dtype=torch.int64, device=key_states.device)
-        self.attn.attention(q, key_states[:, :, -1:], value_states[:, :, -1:], 1.0, t)
 
     def _fits(self, key_states):
         return (self.is_initialized and key_states.dtype == self.dtype and key_states.device == self.device

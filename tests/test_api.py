@@ -173,3 +173,11 @@ def test_empty_prompt_and_last_position():
         out = f.attention(q, k, v, 0.5, t)
         assert torch.isfinite(out).all()
     torch.testing.assert_close(out, naive(f.k_cache, f.v_cache, q[:, :, 0], 0.5))
+
+
+def test_prepare_fixes_the_launch_a_device_position_step_uses():
+    K = torch.zeros(2, 2, 4, 64)
+    f = FastForwardAttn(K, K.clone(), 64)
+    config = f.prepare(8)
+    assert f.launch_config(8, f.max_len) == config
+    assert torch.equal(f.k_cache[:, :, :4], K)  # preparing wrote nothing into the cache
