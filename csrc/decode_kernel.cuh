@@ -12,13 +12,14 @@
 // Threads. TPK consecutive lanes hold one key row (each lane one or two 16-byte chunks);
 // the block's threads / TPK "key groups" take interleaved positions. Positions are
 // processed in sub-chunks of SUB, each in three phases separated by barriers:
-//   1. logits: each key group loads U rows at once (loads in flight), dots them with q held
-//      in registers, reduces over its TPK lanes with shuffles and writes the logit to
-//      shared memory (base-2 units: q is prescaled by softmax_scale * log2 e);
+//   1. logits: each key group streams its rows to its lanes with many loads in flight
+//      (row_stream.cuh), dots them with q held in registers, reduces over its TPK lanes with
+//      shuffles (all G heads at once, RowSums in reduce.cuh) and writes the logits to shared
+//      memory (base-2 units: q is prescaled by softmax_scale * log2 e);
 //   2. softmax: block-wide max and sum of the sub-chunk update the running max/sum (online
 //      softmax), logits become unnormalized weights, the accumulators are rescaled;
-//   3. values: each key group loads the V rows of its positions and accumulates weight * v.
-//      With pruning (p > 0) a row is skipped when, for every head, weight / running sum < p:
+//   3. values: each key group streams the V rows of its positions and accumulates weight * v.
+//      With pruning (p > 0) a row is not read when, for every head, weight / running sum < p:
 //      the running sum only grows, so the exact weight is then below p too. (A split block
 //      adds the weight of the sequence's first position to its running sum, see first_logit.)
 // At the end the key groups' accumulators are summed (shuffles inside a warp, shared memory
@@ -33,11 +34,20 @@
 #include "combine.cuh"
 #include "decode_args.h"
 #include "reduce.cuh"
+#include "row_stream.cuh"
 #include "vec.cuh"
 
 namespace ffa {
 
-constexpr int kRowsInFlight = 4;    // U: rows each key group loads before using them
+// How rows reach the lanes (row_stream.cuh): the one-head kernel loads kRowsInFlight rows into
+// registers at a time; the multi-head kernels stream them through a ring of kRingChunks
+// 16-byte slots per thread in dynamic shared memory.
+constexpr int kRowsInFlight = 4;
+constexpr int kRingChunks = 8;
+template <int G>
+constexpr bool kUsesRing = G >= 2;
+template <int G>
+constexpr int ring_bytes_per_thread() { return kUsesRing<G> ? kRingChunks * 16 : 0; }
 
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 constexpr int cmin(int a, int b) { return a < b ? a : b; }
@@ -61,8 +71,16 @@ template <typename T, int D, int G>
 __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(const DecodeArgs a) {
   using S = RowShape<T, D>;
   constexpr int VEC = S::VEC, CHUNKS = S::CHUNKS, TPK = S::TPK, CPL = S::CPL;
-  constexpr int U = kRowsInFlight;
   constexpr int SUB = kLogitFloats / G;
+  using Sums = RowSums<G, TPK>;
+
+  extern __shared__ uint4 ring[];  // RingRows' slots (multi-head kernels only)
+  auto stream_rows = [&](const void *valid, int rows, auto src, auto use) {
+    if constexpr (kUsesRing<G>)
+      RingRows<CPL, kRingChunks / CPL>::stream(ring, valid, rows, src, use);
+    else
+      RegisterRows<CPL, kRowsInFlight>::stream(valid, rows, src, use);
+  };
 
   __shared__ float logits[kLogitFloats];  // [G][SUB]; reused for the final reduction
   __shared__ float red_max[kMaxWarps * G], red_sum[kMaxWarps * G];
@@ -126,6 +144,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
       }
     }
 
+  const bool prune = a.prune_p > 0.f;
   float acc[G][CPL][VEC] = {};
   float m_run[G], l_run[G];
 #pragma unroll
@@ -160,39 +179,31 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
   for (int64_t s0 = lo; s0 < hi; s0 += SUB) {
     const int n = hi - s0 < SUB ? int(hi - s0) : SUB;
 
-    // Phase 1: logits of positions s0 .. s0+n-1.
-    for (int i0 = 0; i0 < n; i0 += kpp * U) {
-      uint4 raw[U][CPL];
+    // Phase 1: logits of positions s0 .. s0+n-1; key group `key` takes positions key + j * kpp.
+    const int rows = (n + kpp - 1) / kpp;
+    auto k_src = [&](int j, int c) {
+      const int i = key + j * kpp, ch = lane_k + c * TPK;
+      const T *row = (s0 + i == pos) ? knew : kbase + (s0 + i) * a.k_ss;
+      return ChunkSrc{row + ch * VEC, i < n && ch < CHUNKS};
+    };
+    auto k_use = [&](int j, const uint4 (&chunk)[CPL]) {
+      float dot[G] = {};
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int i = i0 + key + u * kpp;
-        const T *row = (s0 + i == pos) ? knew : kbase + (s0 + i) * a.k_ss;
+      for (int c = 0; c < CPL; ++c) {
+        float kf[VEC];
+        to_float(chunk[c], kf, T());
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          const int ch = lane_k + c * TPK;
-          raw[u][c] = (i < n && ch < CHUNKS) ? load_chunk(row + ch * VEC) : make_uint4(0, 0, 0, 0);
-        }
+        for (int g = 0; g < G; ++g)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q[g][c][e], kf[e], dot[g]);
       }
+      const int i = key + j * kpp;
+      Sums::reduce(dot, lane_k);
+      if (i < n && Sums::stores(lane_k))
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float dot[G] = {};
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          float kf[VEC];
-          to_float(raw[u][c], kf, T());
-#pragma unroll
-          for (int g = 0; g < G; ++g)
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) dot[g] = fmaf(q[g][c][e], kf[e], dot[g]);
-        }
-        const int i = i0 + key + u * kpp;
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          dot[g] = row_sum<TPK>(dot[g]);
-          if (lane_k == 0 && i < n) logits[g * SUB + i] = dot[g];
-        }
-      }
-    }
+        for (int k = 0; k < Sums::kKept; ++k) logits[(Sums::first_head(lane_k) + k) * SUB + i] = dot[k];
+    };
+    stream_rows(kbase, rows, k_src, k_use);
     __syncthreads();
 
     // Phase 2: online softmax update with this sub-chunk's max and sum.
@@ -229,41 +240,35 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
         for (int e = 0; e < VEC; ++e) acc[g][c][e] *= alpha[g];
     }
 
-    // Phase 3: accumulate weight * v, skipping rows every head weighs below the threshold.
-    for (int i0 = 0; i0 < n; i0 += kpp * U) {
-      uint4 raw[U][CPL];
-      bool keep[U];
+    // Phase 3: accumulate weight * v. Rows every head weighs below the threshold are not
+    // read (their chunks are zeros and add nothing).
+    auto v_src = [&](int j, int c) {
+      const int i = key + j * kpp, ch = lane_k + c * TPK;
+      bool read = i < n && ch < CHUNKS;
+      if (prune && read) {
+        read = false;
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int i = i0 + key + u * kpp;
-        keep[u] = false;
-        if (i < n)
+        for (int g = 0; g < G; ++g) read |= g < nh && logits[g * SUB + i] >= threshold[g];
+      }
+      const T *row = (s0 + i == pos) ? vnew : vbase + (s0 + i) * a.v_ss;
+      return ChunkSrc{row + ch * VEC, read};
+    };
+    auto v_use = [&](int j, const uint4 (&chunk)[CPL]) {
+      const int i = key + j * kpp;
+      if (i >= n) return;
 #pragma unroll
-          for (int g = 0; g < G; ++g) keep[u] |= g < nh && logits[g * SUB + i] >= threshold[g];
-        const T *row = (s0 + i == pos) ? vnew : vbase + (s0 + i) * a.v_ss;
+      for (int c = 0; c < CPL; ++c) {
+        float vf[VEC];
+        to_float(chunk[c], vf, T());
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          const int ch = lane_k + c * TPK;
-          raw[u][c] = (keep[u] && ch < CHUNKS) ? load_chunk(row + ch * VEC) : make_uint4(0, 0, 0, 0);
+        for (int g = 0; g < G; ++g) {
+          const float w = logits[g * SUB + i];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[g][c][e] = fmaf(w, vf[e], acc[g][c][e]);
         }
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (!keep[u]) continue;
-        const int i = i0 + key + u * kpp;
-#pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          float vf[VEC];
-          to_float(raw[u][c], vf, T());
-#pragma unroll
-          for (int g = 0; g < G; ++g) {
-            const float w = logits[g * SUB + i];
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[g][c][e] = fmaf(w, vf[e], acc[g][c][e]);
-          }
-        }
-      }
-    }
+    };
+    stream_rows(vbase, rows, v_src, v_use);
     __syncthreads();  // the next sub-chunk overwrites the weights
   }
 

@@ -22,10 +22,10 @@ inline int template_group(int heads_per_block) {
 template <typename T, int D>
 cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int threads, cudaStream_t stream) {
   switch (template_group(a.heads_per_block)) {
-    case 1: decode_kernel<T, D, 1><<<grid, threads, 0, stream>>>(a); break;
-    case 2: decode_kernel<T, D, 2><<<grid, threads, 0, stream>>>(a); break;
-    case 4: decode_kernel<T, D, 4><<<grid, threads, 0, stream>>>(a); break;
-    default: decode_kernel<T, D, 8><<<grid, threads, 0, stream>>>(a); break;
+    case 1: decode_kernel<T, D, 1><<<grid, threads, threads * ring_bytes_per_thread<1>(), stream>>>(a); break;
+    case 2: decode_kernel<T, D, 2><<<grid, threads, threads * ring_bytes_per_thread<2>(), stream>>>(a); break;
+    case 4: decode_kernel<T, D, 4><<<grid, threads, threads * ring_bytes_per_thread<4>(), stream>>>(a); break;
+    default: decode_kernel<T, D, 8><<<grid, threads, threads * ring_bytes_per_thread<8>(), stream>>>(a); break;
   }
   return cudaGetLastError();
 }

@@ -1,0 +1,88 @@
+"""Builds of libffa.so compared on the same shapes, in one process: for kernel changes.
+
+    python bench/compare_builds.py BASE/libffa.so NEW/libffa.so [MORE ...] [--dtype float16] [--out f.json]
+
+For every shape of the kernel grid (bench/kernels.py) and each build, the tuner's search
+(ffa.tuner.search.tune: every candidate checked against the reference, then timed with CUDA
+events, L2 flushed, median) gives the best launch and the heuristic's time. Builds alternate
+shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
+have the Python package's ABI and version (the loader checks).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import HEADS, PAIRS  # noqa: E402
+
+from ffa import _lib  # noqa: E402
+from ffa.tuner.search import CudaTimer, Problem, Workload, tune  # noqa: E402
+
+COPY_GBPS = 3000.0  # the floor's bandwidth; the exact card figure is bench/kernels.py's job
+
+
+def load_build(path):
+    """Load one library file through ffa's own loader (which checks its ABI) and return the
+    handle; ffa calls whichever handle is in `_lib._lib`."""
+    os.environ["FFA_LIBRARY"] = os.path.abspath(path)
+    _lib._lib = _lib._load_error = None
+    return _lib.load()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("builds", nargs="+", help="libffa.so files: the baseline first, then candidates")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--kv-heads", default="32,8")
+    ap.add_argument("--head-dims", default="64,128")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    handles = [load_build(p) for p in args.builds]
+    device = torch.device("cuda")
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    timer = CudaTimer(device)
+    names = [chr(ord("A") + i) for i in range(len(handles))]
+    rows = []
+    print("| shape | floor µs | " + " | ".join(f"{n} best µs (threads/heads/split) | {n} heuristic" for n in names)
+          + " | " + " | ".join(f"{n}/A best" for n in names[1:]) + " |")
+    print("|---" * (2 + 2 * len(names) + len(names) - 1) + "|")
+    for head_dim in map(int, args.head_dims.split(",")):
+        for kv_heads in map(int, args.kv_heads.split(",")):
+            for batch, length in PAIRS:
+                w = Workload(dtype, head_dim, HEADS // kv_heads, batch, kv_heads, length)
+                problem = Problem(w, device)
+                floor_us = w.kv_bytes / (COPY_GBPS * 1e3)
+                found = []
+                for handle in handles:
+                    _lib._lib = handle
+                    r = tune(problem, sm_count, timer)
+                    heur = r.timings.get(r.heuristic)
+                    found.append({"best_us": r.seconds * 1e6, "config": r.config.as_dict(),
+                                  "heuristic_us": None if heur is None else heur * 1e6,
+                                  "rejected": {str(c): why for c, why in r.rejected.items()}})
+                cells = []
+                for f in found:
+                    c = f["config"]
+                    heur = "-" if f["heuristic_us"] is None else f"{f['heuristic_us']:.1f}"
+                    cells += [f"{f['best_us']:.1f} ({c['threads']}/{c['heads_per_block']}/{c['split_len']})", heur]
+                cells += [f"{f['best_us'] / found[0]['best_us']:.2f}" for f in found[1:]]
+                print(f"| {w} | {floor_us:.1f} | " + " | ".join(cells) + " |", flush=True)
+                rows.append({"shape": str(w), "floor_us": floor_us, "builds": found})
+                del problem
+                torch.cuda.empty_cache()
+    for i, name in enumerate(names):
+        g = math.exp(sum(math.log(r["builds"][i]["best_us"] / r["floor_us"]) for r in rows) / len(rows))
+        print(f"build {name} ({args.builds[i]}): geomean best / floor {g:.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"builds": args.builds, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
