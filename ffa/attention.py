@@ -35,34 +35,49 @@ def _expect_tensor(name, x, ndim_options):
                          f"got shape {tuple(x.shape)}")
 
 
-def _as_rows(name, x, batch, heads, head_dim, dtype, device):
-    """Accept [batch, heads, 1, head_dim] or [batch, heads, head_dim]; return the 3-D view."""
-    _expect_tensor(name, x, (3, 4))
-    if x.dim() == 4:
-        if x.shape[2] != 1:
-            raise ValueError(f"{name} must hold one position (dim 2 of size 1), got shape {tuple(x.shape)}")
-        x = x[:, :, 0]
-    if tuple(x.shape) != (batch, heads, head_dim):
-        raise ValueError(f"{name} must have shape [{batch}, {heads}, 1, {head_dim}], got {tuple(x.shape)}")
+def _is_int(x):
+    """An integer other than a bool (plain ints skip the slower abstract-class check)."""
+    return type(x) is int or (not isinstance(x, bool) and isinstance(x, numbers.Integral))
+
+
+def _is_real(x):
+    """A real number other than a bool (plain floats skip the slower abstract-class check)."""
+    return type(x) is float or (not isinstance(x, bool) and isinstance(x, numbers.Real))
+
+
+def _check_rows(name, x, batch, heads, head_dim, dtype, device):
+    """Check that x is [batch, heads, 1, head_dim] or [batch, heads, head_dim] of the cache's
+    dtype and on its device. Makes no view (see _row_view): every step of every layer passes
+    here, so an accepted x costs one comparison per property, and only a rejected shape is
+    looked at closely for the message."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    shape = x.shape
+    if shape != (batch, heads, 1, head_dim) and shape != (batch, heads, head_dim):
+        _expect_tensor(name, x, (3, 4))
+        if x.dim() == 4 and shape[2] != 1:
+            raise ValueError(f"{name} must hold one position (dim 2 of size 1), got shape {tuple(shape)}")
+        raise ValueError(f"{name} must have shape [{batch}, {heads}, 1, {head_dim}], got {tuple(shape)}")
     if x.dtype != dtype:
         raise TypeError(f"{name} has dtype {x.dtype}, the cache holds {dtype}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device}, the cache is on {device}")
-    return x
+
+
+def _row_view(x):
+    """The [batch, heads, head_dim] view of rows that _check_rows accepted."""
+    return x[:, :, 0] if x.dim() == 4 else x
 
 
 def _positions(name, value, batch, device, low, high):
     """An int in [low, high] or an integer tensor [batch]; returns (tensor or None, int, the
     values as the host knows them: the int, a CPU tensor, or None when they live on the GPU)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.Tensor)):
-        raise TypeError(f"{name} must be an int or an integer tensor of shape [{batch}], "
-                        f"got {type(value).__name__}")
     if isinstance(value, torch.Tensor):
         if value.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"{name} must have dtype int32 or int64, got {value.dtype}")
         if value.dim() == 0:
             value = value.reshape(1).expand(batch)
-        if tuple(value.shape) != (batch,):
+        if value.shape != (batch,):
             raise ValueError(f"{name} must have shape [{batch}], got {tuple(value.shape)}")
         host = None
         if value.is_cuda and device.type == "cuda":
@@ -78,6 +93,9 @@ def _positions(name, value, batch, device, low, high):
                 host = value.cpu()
             value = value.to(device)
         return value.contiguous(), 0, host
+    if not _is_int(value):
+        raise TypeError(f"{name} must be an int or an integer tensor of shape [{batch}], "
+                        f"got {type(value).__name__}")
     value = int(value)
     if not low <= value <= high:
         raise ValueError(f"{name}={value} is outside [{low}, {high}]")
@@ -140,6 +158,7 @@ class FastForwardAttn:
         self.batch, self.kv_heads, self.head_dim, self.max_len = batch, kv_heads, head_dim, int(max_len)
         self.prompt_len = prompt_len
         self.dtype, self.device = K.dtype, K.device
+        self._cuda = K.is_cuda
         self.use_default_kernel_launch = bool(use_default_kernel_launch)
         if launch is not None and not isinstance(launch, LaunchConfig):
             raise TypeError(f"launch must be a LaunchConfig, got {type(launch).__name__}")
@@ -155,8 +174,9 @@ class FastForwardAttn:
         self._configs = {}
         self._sm_count = torch.cuda.get_device_properties(K.device).multi_processor_count if K.is_cuda else 1
         self._tuned = tuner.load_table(K.device) if K.is_cuda else None
-        self._workspace = torch.empty(0, dtype=torch.uint8, device=K.device)
-        self._workspace_heads = 0
+        self._workspaces = {}  # query heads -> split workspace (see _workspace_for)
+        self._no_workspace = torch.empty(0, dtype=torch.uint8, device=K.device)
+        self._params = {}  # (heads, LaunchConfig) -> ops.launch_params, for eager CUDA steps
 
     def get_cache(self):
         """The cache tensors [batch, kv_heads, max_len, head_dim] (views, not copies)."""
@@ -195,45 +215,66 @@ class FastForwardAttn:
         heads = q.shape[1]
         if heads == 0 or heads % self.kv_heads:
             raise ValueError(f"q has {heads} heads, not a positive multiple of the cache's {self.kv_heads} kv heads")
-        q = _as_rows("q", q, self.batch, heads, self.head_dim, self.dtype, self.device)
-        k = _as_rows("k", k, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
-        v = _as_rows("v", v, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
+        _check_rows("q", q, self.batch, heads, self.head_dim, self.dtype, self.device)
+        _check_rows("k", k, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
+        _check_rows("v", v, self.batch, self.kv_heads, self.head_dim, self.dtype, self.device)
         if softmax_scale is None:
             softmax_scale = 1.0 / math.sqrt(self.head_dim)
-        if not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale):
+        if not _is_real(softmax_scale) or not math.isfinite(softmax_scale):
             raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")
         if t is None:
             raise TypeError("t (the position to write and attend up to) is required")
         pos, pos_int, t_host = _positions("t", t, self.batch, self.device, 0, self.max_len - 1)
         start_t, start_int, start_host = _positions("start", start, self.batch, self.device, 0, self.max_len - 1)
         _check_start_before_t(start_host, t_host)
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
+        if not _is_real(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
 
+        shape = (self.batch, heads, self.head_dim)
         if out is None:
-            out = q.new_empty(q.shape)
-        elif not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype \
-                or out.device != q.device or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}")
+            out = q.new_empty(*shape)
+        elif not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != self.dtype \
+                or out.device != self.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {shape} on {self.device}")
         if self.batch == 0:  # nothing to write or attend to
             return out
 
         length = self.max_len if pos is not None else pos_int + 1
         config = self.launch_config(heads, length)
-        workspace = self._workspace_for(heads, config)
+        scale, p = float(softmax_scale), float(p)
+        if self._cuda and not torch.compiler.is_compiling():  # the eager fast path: no op, no views
+            ops.cuda_decode(self._launch_params(heads, config), out, q, k, v, pos, pos_int, start_t, start_int,
+                            scale, p)
+            return out
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
-        op(out, q, k, v, self.k_cache, self.v_cache, pos, pos_int, start_t, start_int,
-           float(softmax_scale), float(p), config.threads, config.heads_per_block, config.split_len, workspace)
+        op(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos, pos_int, start_t,
+           start_int, scale, p, config.threads, config.heads_per_block, config.split_len,
+           self._workspace_for(heads, config))
         return out
 
+    def _launch_params(self, heads, config):
+        """The fixed fields of an eager CUDA launch (ops.launch_params), built once per head
+        count and launch: filling in a copy costs a fraction of building the struct anew."""
+        params = self._params.get((heads, config))
+        if params is None:
+            workspace = self._workspace_for(heads, config)
+            params = ops.launch_params(self.k_cache, self.v_cache, heads, config.threads, config.heads_per_block,
+                                       config.split_len, workspace)
+            self._params[heads, config] = params
+        return params
+
     def _workspace_for(self, heads, config):
-        if self.device.type != "cuda" or config.split_len == 0:
-            return self._workspace[:0]
+        """The split workspace for `heads` query heads: one per head count, because its layout
+        depends on it. The completion counters at its start (zero between launches) take
+        batch x heads ints, and the partial outputs follow right after them: a launch for
+        fewer heads would write partials over the counters of a launch for more heads."""
+        if not self._cuda or config.split_len == 0:
+            return self._no_workspace
         need = ops.workspace_bytes(self.batch, heads, self.head_dim, self.max_len, config)
-        # The counters at its start are zero between launches only up to the largest head
-        # count it has served: more heads than that need a fresh, zeroed workspace.
-        if self._workspace.numel() < need or heads > self._workspace_heads:
-            self._workspace = torch.zeros(max(need, self._workspace.numel()), dtype=torch.uint8, device=self.device)
-            self._workspace_heads = heads
-            _mark_static(self._workspace)
-        return self._workspace
+        workspace = self._workspaces.get(heads)
+        if workspace is None or workspace.numel() < need:
+            workspace = torch.zeros(need, dtype=torch.uint8, device=self.device)
+            self._workspaces[heads] = workspace
+            self._params = {key: p for key, p in self._params.items() if key[0] != heads}  # they point into the old one
+            _mark_static(workspace)
+        return workspace

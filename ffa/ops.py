@@ -2,6 +2,10 @@
 reference. Registered through torch.library so that it runs on the current stream, can be
 captured in CUDA graphs and traced by torch.compile (the fake implementation gives shapes).
 
+FastForwardAttn's eager CUDA calls skip the op and its 3-D views: they call `cuda_decode`
+with a `launch_params` struct they keep per head count and launch, which is the cheapest way
+from Python to the kernel (an eager decode step is short enough for host time to dominate).
+
 Arguments are assumed valid (attention.py checks them); the library re-checks everything
 that protects memory.
 """
@@ -22,41 +26,62 @@ def _positions(tensor, scalar, batch, device):
     return tensor.to(device=device, dtype=torch.int64)
 
 
-def _vector_rows(x):
-    """x itself if its rows are aligned 16-byte vectors as the kernel reads them, else a copy."""
-    vec = 16 // x.element_size()
-    if x.stride(-1) != 1 or x.data_ptr() % 16 or x.stride(0) % vec or x.stride(1) % vec:
-        return x.clone(memory_format=torch.contiguous_format)
-    return x
+def _rows(x, vec):
+    """The rows of x ([batch, heads, head_dim] or [batch, heads, 1, head_dim]) as the kernel
+    reads them: (tensor, pointer, batch stride, head stride). x's own when its rows are aligned
+    vectors of `vec` elements (16 bytes), else those of a contiguous copy, which the caller
+    holds until the launch is queued (a copy freed before could be handed out again at once)."""
+    stride, ptr = x.stride(), x.data_ptr()
+    if stride[-1] != 1 or ptr % 16 or stride[0] % vec or stride[1] % vec:
+        x = x.clone(memory_format=torch.contiguous_format)
+        stride, ptr = x.stride(), x.data_ptr()
+    return x, ptr, stride[0], stride[1]
 
 
-def _cuda_decode(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p,
-                 threads, heads_per_block, split_len, workspace):
-    batch, heads, head_dim = q.shape
-    q, new_k, new_v = _vector_rows(q), _vector_rows(new_k), _vector_rows(new_v)
-    P = _lib.DecodeParams(
-        abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES[_DTYPE_NAMES[q.dtype]],
-        batch=batch, heads=heads, kv_heads=k_cache.shape[1], head_dim=head_dim, max_len=k_cache.shape[2],
-        q=q.data_ptr(), q_stride_b=q.stride(0), q_stride_h=q.stride(1),
-        new_k=new_k.data_ptr(), new_k_stride_b=new_k.stride(0), new_k_stride_h=new_k.stride(1),
-        new_v=new_v.data_ptr(), new_v_stride_b=new_v.stride(0), new_v_stride_h=new_v.stride(1),
+def launch_params(k_cache, v_cache, heads, threads, heads_per_block, split_len, workspace):
+    """The DecodeParams fields that stay fixed from step to step for one cache, query head
+    count, launch and workspace; `cuda_decode` fills in the rest. It holds the tensors it
+    points into, so that they live as long as it does."""
+    batch, kv_heads, max_len, head_dim = k_cache.shape
+    params = _lib.DecodeParams(
+        abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES[_DTYPE_NAMES[k_cache.dtype]],
+        batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
         k_cache=k_cache.data_ptr(), k_stride_b=k_cache.stride(0), k_stride_h=k_cache.stride(1),
         k_stride_s=k_cache.stride(2),
         v_cache=v_cache.data_ptr(), v_stride_b=v_cache.stride(0), v_stride_h=v_cache.stride(1),
         v_stride_s=v_cache.stride(2),
-        out=out.data_ptr(), out_stride_b=out.stride(0), out_stride_h=out.stride(1),
-        pos_ptr=pos.data_ptr() if pos is not None else None,
-        pos_bits=pos.element_size() * 8 if pos is not None else 0, pos_scalar=pos_int,
-        start_ptr=start.data_ptr() if start is not None else None,
-        start_bits=start.element_size() * 8 if start is not None else 0, start_scalar=start_int,
-        softmax_scale=scale, prune_p=p,
         threads=threads, heads_per_block=heads_per_block, split_len=split_len,
         workspace=workspace.data_ptr() if workspace.numel() else None,
         workspace_bytes=workspace.numel() * workspace.element_size(),
-        stream=torch.cuda.current_stream(q.device).cuda_stream,
     )
-    if q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):
+    params.tensors = (k_cache, v_cache, workspace)
+    return params
+
+
+def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p):
+    """Queue one decode step on the current stream of q's device: a copy of `fixed` (from
+    launch_params) completed with this step's tensors and numbers. A copy, not `fixed` itself:
+    the library call releases the GIL, and another thread's step must not rewrite the struct
+    under it. q, new_k and new_v may keep their position dimension ([batch, heads, 1,
+    head_dim]): the kernel reads rows through their batch and head strides, so no view is made."""
+    P = _lib.DecodeParams.from_buffer_copy(fixed)
+    vec = 16 // q.element_size()
+    q, P.q, P.q_stride_b, P.q_stride_h = _rows(q, vec)
+    new_k, P.new_k, P.new_k_stride_b, P.new_k_stride_h = _rows(new_k, vec)
+    new_v, P.new_v, P.new_v_stride_b, P.new_v_stride_h = _rows(new_v, vec)
+    out_stride = out.stride()
+    P.out, P.out_stride_b, P.out_stride_h = out.data_ptr(), out_stride[0], out_stride[1]
+    if pos is not None:
+        P.pos_ptr, P.pos_bits = pos.data_ptr(), pos.element_size() * 8
+    if start is not None:
+        P.start_ptr, P.start_bits = start.data_ptr(), start.element_size() * 8
+    P.pos_scalar, P.start_scalar, P.softmax_scale, P.prune_p = pos_int, start_int, scale, p
+    # torch's raw bindings, as Inductor's generated code uses them: torch.cuda.current_stream
+    # builds a Stream object, which costs microseconds per call.
+    device = q.get_device()
+    P.stream = torch._C._cuda_getCurrentRawStream(device)
+    if device != torch._C._cuda_getDevice():
+        with torch.cuda.device(device):
             _lib.decode(P)
     else:
         _lib.decode(P)
@@ -68,8 +93,8 @@ def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: 
                 threads: int, heads_per_block: int, split_len: int, workspace: torch.Tensor) -> None:
     """One decode step (see reference.py for the semantics), written into `out` [batch, heads, head_dim]."""
     if q.is_cuda:
-        _cuda_decode(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int,
-                     scale, p, threads, heads_per_block, split_len, workspace)
+        fixed = launch_params(k_cache, v_cache, q.shape[1], threads, heads_per_block, split_len, workspace)
+        cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p)
         return
     batch = q.shape[0]
     out.copy_(decode_reference(q, new_k, new_v, k_cache, v_cache,

@@ -1,12 +1,13 @@
 """The public API on CPU tensors: semantics (via the reference path) and input checking."""
 
+import ctypes
 import math
 
 import pytest
 import torch
 
 from cases import Case, make_inputs, pruning_bound
-from ffa import FastForwardAttn, LaunchConfig
+from ffa import FastForwardAttn, LaunchConfig, _lib, ops
 
 
 def naive(K, V, q, scale):
@@ -115,6 +116,8 @@ def test_split_count_fits_a_huge_cache():
 def make(max_len=16, dtype=torch.float32, heads=4, kv_heads=2, d=64):
     K = torch.randn(2, kv_heads, 8, d, dtype=dtype)
     f = FastForwardAttn(K, K.clone(), max_len)
+    for cache in f.get_cache():  # positions past the prompt are uninitialized: NaN would never compare equal
+        cache[:, :, 8:] = 0
     q = torch.randn(2, heads, 1, d, dtype=dtype)
     k = torch.randn(2, kv_heads, 1, d, dtype=dtype)
     return f, q, k
@@ -136,16 +139,22 @@ def test_constructor_rejects(args, kwargs, exc, word):
         FastForwardAttn(*args, **kwargs)
 
 
-@pytest.mark.parametrize("change,exc,word", [
+BAD_CALLS = [
     (lambda f, q, k: dict(q=q[:, :3]), ValueError, "multiple"),
     (lambda f, q, k: dict(q=q.double()), TypeError, "q has dtype"),
     (lambda f, q, k: dict(q=q[:, :, :, :32]), ValueError, "q must have shape"),
     (lambda f, q, k: dict(q=torch.cat([q, q], 2)), ValueError, "one position"),
     (lambda f, q, k: dict(k=k[:1]), ValueError, "k must have shape"),
+    (lambda f, q, k: dict(k=k[:, :, 0, :32]), ValueError, "k must have shape"),
+    (lambda f, q, k: dict(k=k[None]), ValueError, "k must have 3 or 4 dimensions"),
+    (lambda f, q, k: dict(k=[0.0]), TypeError, "k must be a torch.Tensor"),
     (lambda f, q, k: dict(v=k.half()), TypeError, "v has dtype"),
+    (lambda f, q, k: dict(v=k.transpose(2, 3)), ValueError, "one position"),
+    (lambda f, q, k: dict(v=k.to("meta")), ValueError, "v is on meta"),
     (lambda f, q, k: dict(t=16), ValueError, "t=16"),
     (lambda f, q, k: dict(t=-1), ValueError, "t=-1"),
     (lambda f, q, k: dict(t=3.0), TypeError, "t must be"),
+    (lambda f, q, k: dict(t=True), TypeError, "t must be"),
     (lambda f, q, k: dict(t=None), TypeError, "t"),
     (lambda f, q, k: dict(t=torch.tensor([3.0, 4.0])), TypeError, "int32 or int64"),
     (lambda f, q, k: dict(t=torch.tensor([3, 4, 5])), ValueError, r"shape \[2\]"),
@@ -154,15 +163,39 @@ def test_constructor_rejects(args, kwargs, exc, word):
     (lambda f, q, k: dict(start=torch.tensor([0, 9]), t=torch.tensor([8, 8])), ValueError, "start"),
     (lambda f, q, k: dict(p=1.0), ValueError, "p must"),
     (lambda f, q, k: dict(p=-0.1), ValueError, "p must"),
+    (lambda f, q, k: dict(p=True), ValueError, "p must"),
     (lambda f, q, k: dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+    (lambda f, q, k: dict(softmax_scale="0.1"), ValueError, "softmax_scale"),
     (lambda f, q, k: dict(out=torch.empty(2, 4, 32)), ValueError, "out"),
-])
+    (lambda f, q, k: dict(out=torch.empty(2, 64, 4).transpose(1, 2)), ValueError, "out"),
+]
+
+
+@pytest.mark.parametrize("change,exc,word", BAD_CALLS)
 def test_attention_rejects(change, exc, word):
     f, q, k = make()
     args = dict(q=q, k=k, v=k, softmax_scale=0.125, t=8, p=0.0)
     args.update(change(f, q, k))
     with pytest.raises(exc, match=word):
         f.attention(**args)
+
+
+@pytest.mark.parametrize("change,exc,word", BAD_CALLS)
+def test_accepted_calls_let_no_bad_one_through(change, exc, word):
+    """Good calls in every accepted form (4-D and 3-D rows, positions as ints and tensors),
+    then the bad one: it still raises and changes nothing, and the next good call works."""
+    f, q, k = make()
+    good = [dict(q=q, k=k, v=k, t=8), dict(q=q[:, :, 0], k=k[:, :, 0], v=k[:, :, 0], t=torch.tensor([9, 9])),
+            dict(q=q, k=k[:, :, 0], v=k, t=torch.tensor(10, dtype=torch.int32), start=torch.tensor([0, 2]))]
+    for args in good:
+        f.attention(softmax_scale=0.125, **args)
+    cache = [c.clone() for c in f.get_cache()]
+    args = dict(q=q, k=k, v=k, softmax_scale=0.125, t=8, p=0.0)
+    args.update(change(f, q, k))
+    with pytest.raises(exc, match=word):
+        f.attention(**args)
+    assert all(torch.equal(c, before) for c, before in zip(f.get_cache(), cache))
+    f.attention(softmax_scale=0.125, **good[0])
 
 
 def test_empty_prompt_and_last_position():
@@ -181,3 +214,71 @@ def test_prepare_fixes_the_launch_a_device_position_step_uses():
     config = f.prepare(8)
     assert f.launch_config(8, f.max_len) == config
     assert torch.equal(f.k_cache[:, :, :4], K)  # preparing wrote nothing into the cache
+
+
+def laid_out(x, layout):
+    """x [batch, heads, 1, head_dim] in a layout callers pass; the last two need a copy."""
+    if layout == "4-D":
+        return x.clone()
+    if layout == "3-D":
+        return x[:, :, 0].clone()
+    if layout == "transposed":  # Hugging Face's: a [batch, 1, heads, head_dim] projection, transposed
+        b, h, _, d = x.shape
+        return torch.empty(b, 1, h, d, dtype=x.dtype, device=x.device).copy_(x.transpose(1, 2)).transpose(1, 2)
+    if layout == "misaligned":  # one element past an aligned address
+        return torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape).copy_(x)
+    assert layout == "strided"  # every other element of wider rows
+    return torch.empty(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype, device=x.device)[..., ::2].copy_(x)
+
+
+LAYOUTS = ["4-D", "3-D", "transposed", "misaligned", "strided"]
+
+
+def read_rows(ptr, stride_b, stride_h, shape, dtype):
+    """The rows [batch, heads, head_dim] the kernel reads at ptr with these element strides."""
+    batch, heads, head_dim = shape
+    size = dtype.itemsize
+    rows = [torch.frombuffer(bytearray(ctypes.string_at(ptr + (b * stride_b + h * stride_h) * size, head_dim * size)),
+                             dtype=dtype) for b in range(batch) for h in range(heads)]
+    return torch.stack(rows).view(shape)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
+    """ops.cuda_decode (the eager CUDA path) on CPU tensors, with torch's CUDA bindings and the
+    library call stubbed: the struct it passes describes q, k and v's rows in every layout (read
+    back through its pointers and strides while the call runs, so a copy made for rows the
+    kernel cannot read is alive and aligned), and every other field as launch_params and the
+    step give it."""
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 4096, raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: -1, raising=False)  # a CPU tensor's device
+    batch, heads, kv_heads, d = 2, 8, 2, 64
+    k_cache, v_cache = (torch.randn(batch, kv_heads, 32, d, dtype=torch.float16) for _ in range(2))
+    q, k, v = (laid_out(torch.randn(batch, n, 1, d, dtype=torch.float16), layout) for n in (heads, kv_heads, kv_heads))
+    out = torch.empty(batch, heads, d, dtype=torch.float16)
+    t = torch.tensor([20, 7], dtype=torch.int32)
+    fixed = ops.launch_params(k_cache, v_cache, heads, 128, 4, 0, torch.empty(0, dtype=torch.uint8))
+    seen = {}
+
+    def decode(P):
+        for name, x in (("q", q), ("new_k", k), ("new_v", v)):
+            ptr, sb, sh = (getattr(P, name + f) for f in ("", "_stride_b", "_stride_h"))
+            assert ptr % 16 == 0 and sb % 8 == 0 and sh % 8 == 0, name
+            rows = x[:, :, 0] if x.dim() == 4 else x
+            assert torch.equal(read_rows(ptr, sb, sh, rows.shape, x.dtype), rows), name
+            seen[name] = ptr == x.data_ptr()
+        seen["fields"] = {name: getattr(P, name) for name, _ in P._fields_}
+
+    monkeypatch.setattr(_lib, "decode", decode)
+    ops.cuda_decode(fixed, out, q, k, v, t, 0, None, 3, 0.125, 0.01)
+    assert seen["q"] == seen["new_k"] == seen["new_v"] == (layout not in ("misaligned", "strided"))
+    fields = seen["fields"]
+    assert fields == {**fields, "abi_version": _lib.ABI_VERSION, "dtype": _lib.DTYPE_CODES["float16"], "batch": batch,
+                      "heads": heads, "kv_heads": kv_heads, "head_dim": d, "max_len": 32,
+                      "k_cache": k_cache.data_ptr(), "k_stride_b": 2 * 32 * d, "k_stride_h": 32 * d, "k_stride_s": d,
+                      "v_cache": v_cache.data_ptr(), "v_stride_b": 2 * 32 * d, "v_stride_h": 32 * d, "v_stride_s": d,
+                      "out": out.data_ptr(), "out_stride_b": heads * d, "out_stride_h": d,
+                      "pos_ptr": t.data_ptr(), "pos_bits": 32, "pos_scalar": 0,
+                      "start_ptr": None, "start_bits": 0, "start_scalar": 3, "softmax_scale": 0.125, "prune_p": 0.01,
+                      "threads": 128, "heads_per_block": 4, "split_len": 0, "workspace": None, "workspace_bytes": 0,
+                      "stream": 4096}
