@@ -23,6 +23,9 @@ How it fits into transformers 5.x without touching any modeling file:
   * `enable(model, compile=True)` marks the cache compileable (static shapes, buffers at
     static addresses, positions in device memory): `generate` then compiles the decode step
     with torch.compile and CUDA graphs on the GPU, as it does for its own static cache.
+  * Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): each rank's
+    attention sees only its shard of the heads, so every cache layer takes its head counts and
+    device from the K/V it is given, never from the config; nothing else changes.
 
 Architectures: OPT, GPT-2, Llama, Mistral, Qwen2 (through AttentionInterface) and GPT-J, whose
 attention module does not use AttentionInterface: its `_attn` method is wrapped per instance
@@ -76,15 +79,18 @@ class _Fill:
 class FFALayer(CacheLayerMixin):
     """One attention layer's cache: a FastForwardAttn preallocated for `max_len` positions.
 
-    `keys`/`values` are FFA's own cache tensors [batch, kv_heads, max_len, head_dim]."""
+    `keys`/`values` are FFA's own cache tensors [batch, kv_heads, max_len, head_dim] and `heads`
+    the query heads this layer serves: this rank's share under tensor parallelism, which is why
+    both come from the first K/V (times the model's query heads per kv head, `group`)."""
 
     is_sliding = False
 
-    def __init__(self, max_len, fill, heads, compileable):
+    def __init__(self, max_len, fill, group, compileable):
         super().__init__()
         self.max_len = max_len
         self.fill = fill
-        self.heads = heads
+        self.group = group
+        self.heads = None
         self.is_compileable = compileable
         self.attn = None
 
@@ -93,6 +99,7 @@ class FFALayer(CacheLayerMixin):
         self.keys, self.values = self.attn.get_cache()
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size = key_states.shape[0]
+        self.heads = key_states.shape[1] * self.group
         if self.is_compileable:
             # Launch and workspace fixed before torch.compile traces a step (FastForwardAttn
             # has marked its buffers' addresses static for CUDA graphs).
@@ -163,7 +170,7 @@ class FFACache(Cache):
         self.compileable = binding.compile
         self._binding = binding
         self._fill = _Fill()
-        layers = [FFALayer(max_len, self._fill, binding.heads, binding.compile) for _ in range(binding.num_layers)]
+        layers = [FFALayer(max_len, self._fill, binding.group, binding.compile) for _ in range(binding.num_layers)]
         super().__init__(layers=layers)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
@@ -306,12 +313,13 @@ def _register():
 # ---------------------------------------------------------------------------------------
 
 class _Binding:
-    """What `enable` attached to a model: its attention modules, the previous attention
-    implementation, the compile flag and the cache in use (set by FFACache.update)."""
+    """What `enable` attached to a model: its attention modules, query heads per kv head, the
+    previous attention implementation, the compile flag and the cache in use (set by
+    FFACache.update)."""
 
-    def __init__(self, modules, heads, previous, compile):
+    def __init__(self, modules, group, previous, compile):
         self.modules = modules
-        self.heads = heads
+        self.group = group
         self.num_layers = len(modules)
         self.previous = previous
         self.compile = compile
@@ -344,13 +352,19 @@ def _attention_modules(model):
     return [found[i] for i in range(len(found))]
 
 
-def _check_head_dim(config, dtype):
-    """Fail at enable() rather than at the first generate when FFA cannot hold this model's
-    K/V: probe FastForwardAttn with an empty prompt on the CPU."""
+def _head_counts(config):
+    """(query heads, kv heads, head_dim) of the whole model, as its config gives them."""
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    empty = torch.empty(1, kv_heads, 0, head_dim, dtype=dtype)
+    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
+def _check_head_dim(config, dtype):
+    """Fail at enable() rather than at the first generate when FFA cannot hold this model's
+    K/V: probe FastForwardAttn with an empty prompt of one kv head on the CPU (only head_dim
+    and dtype matter; a tensor-parallel rank holds fewer kv heads than the config says)."""
+    _, _, head_dim = _head_counts(config)
+    empty = torch.empty(1, 1, 0, head_dim, dtype=dtype)
     try:
         FastForwardAttn(empty, empty, 1)
     except (TypeError, ValueError) as e:
@@ -379,7 +393,8 @@ def enable(model, *, compile=False):
     _check_head_dim(config, model.dtype)
     _register()
     modules = _attention_modules(model)
-    binding = _Binding(modules, config.num_attention_heads, config._attn_implementation, compile)
+    heads, kv_heads, _ = _head_counts(config)
+    binding = _Binding(modules, heads // kv_heads, config._attn_implementation, compile)
     for module in modules:
         module._ffa_binding = binding
     if config.model_type in OWN_ATTENTION_MODEL_TYPES:
