@@ -31,13 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path, where bench/kernels.py would stand in
-# for the `kernels` package that transformers probes for at import.
-if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
 SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,

@@ -192,3 +192,19 @@ def test_installed_library_matches_the_build(installed):
     if archs:
         expected = sorted(int(re.match(r"\d+", a).group()) * 10 for a in re.split(r"[;,\s]+", archs) if a)
         assert sorted(info["archs"]) == expected
+
+
+def test_every_python_file_compiles_on_this_python():
+    """Programs outside the package (bench/, scripts/, examples) run on every Python the package
+    supports, not only the GPU machine's: syntax newer than this interpreter's fails here."""
+    root = SETUP_PY.parent
+    if not (root / "bench").is_dir():
+        pytest.skip("the repository is not beside tests/ (testing an installed wheel)")
+    files = [p for d in ("bench", "scripts", "ffa", "tests") for p in (root / d).rglob("*.py")] + list(root.glob("*.py"))
+    failures = []
+    for path in files:
+        try:
+            compile(path.read_text(), str(path), "exec")
+        except SyntaxError as e:
+            failures.append(f"{path.relative_to(root)}:{e.lineno}: {e.msg}")
+    assert len(files) > 20 and not failures, failures

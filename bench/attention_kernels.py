@@ -1,7 +1,7 @@
 """Kernel benchmark: FFA against the bandwidth floor and PyTorch's attention backends.
 
-    python bench/kernels.py --out bench/results/kernels.json      # the full program
-    python bench/kernels.py --sections grid --dtypes float16      # one part
+    python bench/attention_kernels.py --out bench/results/kernels.json      # the full program
+    python bench/attention_kernels.py --sections grid --dtypes float16      # one part
 
 Sections (each a function below):
   bandwidth  read-only and copy bandwidth of this GPU (the floor's denominator)
@@ -152,9 +152,10 @@ def make_method(P, m, sm_count):
 def format_row(row, methods):
     cells = [f"{row['dtype'][:4]} b{row['batch']:<3} kv{row['kv_heads']:<2} L{row['context']:<5} d{row['head_dim']:<3}"
              f" floor {row['floor_us']:8.1f}"]
+    floor = row["floor_us"]
     for m in methods:
         v = row.get(m)
-        cells.append(f"{m} {'-' if v is None else f'{v:8.1f} ({v / row['floor_us']:.2f}x)'}")
+        cells.append(f"{m} " + ("-" if v is None else f"{v:8.1f} ({v / floor:.2f}x)"))
     return " | ".join(cells)
 
 
