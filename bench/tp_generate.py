@@ -184,6 +184,19 @@ def agreement(tokens, reference):
             "first_difference": int(first)}
 
 
+def yardstick(model, ids, mask, args, hf_tokens):
+    """How far Hugging Face's own eager attention strays from its default (SDPA) path on this
+    model, dtype and plan: the agreement that rounding alone allows, against which FFA's is read
+    (with random weights the top logits are nearly tied and low precision flips them)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        tokens = generate(model, ids, mask, args.new_tokens)
+    finally:
+        model.set_attn_implementation(previous)
+    return {"path": "hf eager attention vs hf " + previous, **agreement(tokens.cpu(), hf_tokens.cpu())}
+
+
 def ffa_cache_shape(model):
     """(kv heads, query heads) that this rank's FFA cache holds in layer 0."""
     layer = model._ffa_binding.generate_cache.layers[0]
@@ -234,6 +247,7 @@ def run(args):
     say(f"{record['device']} x{world()} | torch {record['torch']} | transformers {record['transformers']} | {source}")
     ids, mask = prompts(model, args, device)
     hf_tokens, record["timing"]["hf"] = measure(model, ids, mask, args, device)
+    record["yardstick"] = yardstick(model, ids, mask, args, hf_tokens)
     fft.enable(model, compile=args.compile)
     ffa_tokens, record["timing"]["ffa"] = measure(model, ids, mask, args, device)
     record["agreement"] = agreement(ffa_tokens.cpu(), hf_tokens.cpu())
@@ -261,7 +275,10 @@ def report(record):
     cache = record["ffa_cache_per_rank"][0]
     print(f"\ngreedy tokens, ffa vs hf: {100 * a['identical_share']:.1f}% identical, first difference at "
           f"{a['first_difference']} of {record['new_tokens']}; FFA cache per rank: {cache['kv_heads']} of "
-          f"{record['kv_heads']} kv heads, {cache['heads']} of {record['heads']} query heads", flush=True)
+          f"{record['kv_heads']} kv heads, {cache['heads']} of {record['heads']} query heads")
+    y = record["yardstick"]
+    print(f"yardstick, {y['path']}: {100 * y['identical_share']:.1f}% identical, first difference at "
+          f"{y['first_difference']} of {record['new_tokens']}", flush=True)
 
 
 if __name__ == "__main__":

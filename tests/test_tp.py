@@ -61,6 +61,7 @@ def check(record, processes, backend):
     assert (record["processes"], record["backend"]) == (processes, backend)
     assert (record["heads"], record["kv_heads"]) == (HEADS, KV_HEADS)
     assert record["agreement"]["all_identical"], record["agreement"]
+    assert 0.0 <= record["yardstick"]["identical_share"] <= 1.0  # HF eager vs SDPA ran, and SDPA came back
     local = {"kv_heads": KV_HEADS // processes, "heads": HEADS // processes}
     assert record["ffa_cache_per_rank"] == [local] * processes
 
