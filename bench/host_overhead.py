@@ -16,7 +16,8 @@ position 1000. Positions as Hugging Face passes them (t and start: int64 CUDA te
 are also broken down into: the output allocation, ops.cuda_decode (filling a copy of the
 launch's fixed params, then the library call) and _lib.decode alone (ctypes, the C checks,
 the kernel launch); "checks" is the rest of attention(): argument checks and the launch
-choice. The script uses only the public API otherwise, so it also times older versions.
+choice. Beyond that breakdown it uses only the public API and the tuner's GPU busy-wait rate
+(ffa.tuner.search.sleep_rate), so it also times other versions of the package that have those.
 """
 
 import argparse
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 import ffa
 from ffa import FastForwardAttn, _lib, ops
+from ffa.tuner.search import sleep_rate
 
 BATCH, HEADS, MAX_LEN, POSITION = 1, 32, 2048, 1000
 SHAPES = [(32, 64), (32, 128), (8, 64), (8, 128)]  # (kv heads, head_dim)
@@ -43,21 +45,10 @@ def parse_args():
     return p.parse_args()
 
 
-def sleep_cycles_per_second():
-    """GPU clock cycles per second of torch.cuda._sleep, measured."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(1000)  # warm up the kernel
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    return 10_000_000 / (start.elapsed_time(end) / 1e3)
-
-
 class Timer:
     def __init__(self, calls, repeats):
         self.calls, self.repeats = calls, repeats
-        self.cycles_per_s = sleep_cycles_per_second()
+        self.cycles_per_s = sleep_rate()
 
     def loop(self, step):
         start = time.perf_counter()

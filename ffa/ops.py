@@ -102,8 +102,9 @@ def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: 
                                _positions(start, start_int, batch, q.device), scale, p))
 
 
-# The registered op, for torch.compile and export. Eager callers use decode_into directly:
-# the dispatcher adds tens of microseconds per call, more than a small decode step takes.
+# The registered op, for torch.compile and export. Eager calls bypass it (FastForwardAttn calls
+# cuda_decode, or decode_into on CPU): the dispatcher adds tens of microseconds per call, more
+# than a small decode step takes.
 decode = torch.library.custom_op("ffa::decode", decode_into, mutates_args=("out", "k_cache", "v_cache", "workspace"))
 
 

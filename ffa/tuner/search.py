@@ -268,6 +268,20 @@ def sweep(workloads, device, sm_count, timer, *, run=run_candidate, refine=2, on
     return results
 
 
+def sleep_rate():
+    """Cycles per second of torch.cuda._sleep, the GPU busy-wait that lets the host queue work
+    ahead of the GPU (None where torch lacks it)."""
+    if not hasattr(torch.cuda, "_sleep"):
+        return None
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(2):  # the first run pays for loading the kernel
+        start.record()
+        torch.cuda._sleep(1_000_000)
+        end.record()
+        end.synchronize()
+    return 1_000_000 / (start.elapsed_time(end) * 1e-3)
+
+
 class CudaTimer:
     """Median seconds of fn() over repeats, each measured with CUDA events after flushing L2
     (by writing a buffer twice its size). Repeats are sized so that one timing takes about
@@ -280,19 +294,7 @@ class CudaTimer:
         self.flush = torch.empty(2 * l2, dtype=torch.uint8, device=device)
         self.target_s, self.min_repeats, self.max_repeats = target_s, min_repeats, max_repeats
         self.host_s = 1e-4  # host time to enqueue one repeat, updated as we go
-        self.cycles_per_s = self._sleep_rate()
-
-    @staticmethod
-    def _sleep_rate():
-        if not hasattr(torch.cuda, "_sleep"):
-            return None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        for _ in range(2):  # the first run pays for loading the kernel
-            start.record()
-            torch.cuda._sleep(1_000_000)
-            end.record()
-            end.synchronize()
-        return 1_000_000 / (start.elapsed_time(end) * 1e-3)
+        self.cycles_per_s = sleep_rate()
 
     def _times(self, fn, repeats, gpu_s=0.0):
         """Seconds of each of `repeats` flushed calls; gpu_s, a guess of one call's GPU time,
