@@ -73,6 +73,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
   constexpr int VEC = S::VEC, CHUNKS = S::CHUNKS, TPK = S::TPK, CPL = S::CPL;
   constexpr int SUB = kLogitFloats / G;
   using Sums = RowSums<G, TPK>;
+  static_assert(kRingChunks % CPL == 0, "a lane's chunks fill the ring's slots exactly");
 
   extern __shared__ uint4 ring[];  // RingRows' slots (multi-head kernels only)
   auto stream_rows = [&](const void *valid, int rows, auto src, auto use) {

@@ -47,9 +47,8 @@ struct RegisterRows {
 template <int CPL, int R>
 struct RingRows {
   static_assert(R >= 2 && (R & (R - 1)) == 0, "the ring holds a power of two rows, at least 2");
-  static constexpr int kBytesPerThread = R * CPL * 16;
 
-  // `ring`: dynamic shared memory of kBytesPerThread per thread, laid out [slot][chunk][thread]
+  // `ring`: dynamic shared memory of R x CPL x 16 bytes per thread, laid out [slot][chunk][thread]
   // so that a warp's 16-byte accesses are consecutive. `valid`: any readable global address,
   // given to the copies of chunks not read (a zero-filling copy still takes an address).
   template <typename Src, typename Use>
