@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from bench.shared import source_commit, token_agreement  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -207,25 +207,13 @@ def run_path(model, ids, mask, args, label, progress):
     return results
 
 
-def agreement(a, b):
-    """Fraction of equal tokens and the first position (per row, minimum) where they differ."""
-    equal = a == b
-    mismatch = (~equal).int().argmax(1).masked_fill(equal.all(1), a.shape[1])
-    return equal.double().mean().item(), int(mismatch.min())
-
-
 def environment(args):
     import transformers
 
     import ffa
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"cpu ({platform.processor() or platform.machine()})"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "device": device,
             "torch": torch.__version__, "transformers": transformers.__version__, "ffa": ffa.__version__}
 
@@ -277,12 +265,12 @@ def main(argv=None):
     results = []
     for bs in args.batch_sizes:
         (hf_warm, hf_total, hf_tokens), (ffa_warm, ffa_total, ffa_tokens) = hf[bs], fast[bs]
-        agree, first_mismatch = agreement(hf_tokens, ffa_tokens)
+        agree = token_agreement(ffa_tokens, hf_tokens)
         results.append({"batch_size": bs, "batches": math.ceil(args.max_ite / bs),
                         "new_tokens_per_sample": args.output_len,
                         "hf_seconds": hf_total, "ffa_seconds": ffa_total, "speedup": hf_total / ffa_total,
                         "hf_warmup_seconds": hf_warm, "ffa_warmup_seconds": ffa_warm,
-                        "token_agreement": agree, "first_mismatch": first_mismatch})
+                        "token_agreement": agree["identical_share"], "first_mismatch": agree["first_difference"]})
 
     name = args.hf_model_name.rstrip("/").split("/")[-1]
     out = Path(args.out or f"bench/results/summarize_{name}_{args.data_type}_{args.output_len}")

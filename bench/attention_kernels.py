@@ -20,13 +20,13 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 
 import torch
 
 from ffa import FastForwardAttn
 from ffa.launch import heuristic, length_bucket
+from shared import source_commit
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # (batch, context) pairs, crossed with kv heads {32, 8} and head_dim {64, 128}; 32 query heads.
@@ -229,8 +229,7 @@ def main(argv=None):
     props = torch.cuda.get_device_properties(0)
     result = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "commit": os.environ.get("FFA_COMMIT") or subprocess.run(
-                  ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+              "commit": source_commit()}
     bw = bandwidth() if "bandwidth" in sections or "grid" in sections else None
     if bw:
         result["bandwidth"] = bw

@@ -27,13 +27,13 @@ import json
 import logging
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from shared import source_commit, token_agreement
 
 PATHS = ("hf", "hf_static", "ffa", "ffa_compiled")
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
@@ -139,12 +139,6 @@ def time_path(model, path, extra, args, skips):
     return out, info
 
 
-def agreement(tokens, reference, head=32):
-    equal = tokens == reference
-    return {"first_32_identical": bool(equal[:, :head].all()), "identical_share": equal.double().mean().item(),
-            "first_difference": int((~equal).int().argmax(1).masked_fill(equal.all(1), equal.shape[1]).min())}
-
-
 def classify(name):
     lower = name.lower()
     for label, keys in KERNEL_CLASSES:
@@ -180,12 +174,7 @@ def environment():
     import transformers
 
     import ffa
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
             "command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(),
             "torch": torch.__version__, "transformers": transformers.__version__, "ffa": ffa.__version__,
             "python": platform.python_version()}
@@ -225,7 +214,7 @@ def main():
         if path in ("hf_static", "ffa_compiled"):
             record["compile"][path] = info
 
-    record["agreement"] = {"float16": {p: agreement(tokens[p][big], tokens["hf"][big])
+    record["agreement"] = {"float16": {p: token_agreement(tokens[p][big], tokens["hf"][big])
                                        for p in tokens if p != "hf" and "hf" in tokens}}
 
     if args.bf16 and "hf" in tokens and "ffa" in tokens:
@@ -235,7 +224,7 @@ def main():
             setup_path(model, "hf")
             reference = generate(model, ids, mask, args.new).cpu()
             setup_path(model, "ffa")
-            record["agreement"]["bfloat16"] = {"ffa": agreement(generate(model, ids, mask, args.new).cpu(), reference)}
+            record["agreement"]["bfloat16"] = {"ffa": token_agreement(generate(model, ids, mask, args.new).cpu(), reference)}
         except Exception as e:
             record["errors"]["bf16"] = f"{type(e).__name__}: {e}"
 

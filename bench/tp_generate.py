@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from shared import source_commit, token_agreement
 
 SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
@@ -177,13 +177,6 @@ def measure(model, ids, mask, args, device):
                     "decode_tokens_per_s": args.batch * (args.new_tokens - 1) / max(median - prefill, 1e-9)}
 
 
-def agreement(tokens, reference):
-    equal = tokens == reference
-    first = (~equal).int().argmax(1).masked_fill(equal.all(1), equal.shape[1]).min()
-    return {"all_identical": bool(equal.all()), "identical_share": equal.double().mean().item(),
-            "first_difference": int(first)}
-
-
 def yardstick(model, ids, mask, args, hf_tokens):
     """How far Hugging Face's own eager attention strays from its default (SDPA) path on this
     model, dtype and plan: the agreement that rounding alone allows, against which FFA's is read
@@ -194,7 +187,7 @@ def yardstick(model, ids, mask, args, hf_tokens):
         tokens = generate(model, ids, mask, args.new_tokens)
     finally:
         model.set_attn_implementation(previous)
-    return {"path": "hf eager attention vs hf " + previous, **agreement(tokens.cpu(), hf_tokens.cpu())}
+    return {"path": "hf eager attention vs hf " + previous, **token_agreement(tokens.cpu(), hf_tokens.cpu())}
 
 
 def ffa_cache_shape(model):
@@ -216,13 +209,8 @@ def environment(device):
     import transformers
 
     import ffa
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
             "command": " ".join([f"torchrun --nproc_per_node {world()}" if dist.is_initialized() else "python"]
                                 + sys.argv),
             "device": name, "processes": world(), "backend": dist.get_backend() if dist.is_initialized() else None,
@@ -250,7 +238,7 @@ def run(args):
     record["yardstick"] = yardstick(model, ids, mask, args, hf_tokens)
     fft.enable(model, compile=args.compile)
     ffa_tokens, record["timing"]["ffa"] = measure(model, ids, mask, args, device)
-    record["agreement"] = agreement(ffa_tokens.cpu(), hf_tokens.cpu())
+    record["agreement"] = token_agreement(ffa_tokens.cpu(), hf_tokens.cpu())
     record["ffa_cache_per_rank"] = [{"kv_heads": kv, "heads": h} for kv, h in gathered(ffa_cache_shape(model))]
     if rank() == 0:
         report(record)

@@ -277,7 +277,8 @@ def test_bad_use_is_refused_with_clear_errors():
 
 
 @pytest.mark.skipif(not (ROOT / "summarize.py").exists(), reason="summarize.py is not beside tests/ (installed-wheel run)")
-def test_summarize_smoke(tmp_path, capsys):
+def test_summarize_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # as when run as a script: bench/ beside it is importable
     spec = importlib.util.spec_from_file_location("summarize", ROOT / "summarize.py")
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
