@@ -84,7 +84,9 @@ typedef struct {
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One
-                      workspace serves one stream at a time. */
+                      workspace serves one stream at a time and one (batch, heads): its layout
+                      (batch x heads counters, then partial outputs) depends on them, and a
+                      launch with fewer heads writes partials over another's counters. */
   int64_t workspace_bytes;
   void *stream; /* cudaStream_t */
 } ffa_decode_params;
