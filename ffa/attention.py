@@ -194,8 +194,8 @@ class FastForwardAttn:
             group = heads // self.kv_heads
             if self._tuned is not None:
                 config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, key[1])
-            if config is None:
-                config = heuristic(self.batch, self.kv_heads, group, key[1], self._sm_count)
+            if config is None:  # the bucket's longest sequence, which never exceeds the cache
+                config = heuristic(self.batch, self.kv_heads, group, min(key[1], self.max_len), self._sm_count)
             config = fit_splits(config, self.max_len)
             self._configs[key] = config
         return config

@@ -38,21 +38,37 @@ def round_up(x, m):
     return (x + m - 1) // m * m
 
 
+# Blocks of 128 threads an H100 SM keeps resident in practice (registers and shared memory):
+# one wave of the grid is RESIDENT_* x SM count blocks. Measured, with the rest of the
+# heuristic, against every tuned candidate in bench/results/heuristic-h100.md.
+RESIDENT_ONE_HEAD = 5
+RESIDENT_MULTI_HEAD = 4
+HEURISTIC_MAX_HEADS_PER_BLOCK = 4  # 8-head blocks measured slower than 4-head ones (GQA 8)
+MIN_SPLIT = 64
+
+
 def heuristic(batch, kv_heads, group, length, sm_count):
-    """Share K/V reads across the whole group, then split the sequence until the grid has
-    about four blocks per multiprocessor, keeping splits at least 128 positions long. Unsplit
-    one-head blocks stream long rows and take 256 threads (measured faster on an H100); the
-    rest take 128, which keeps more blocks resident."""
-    hpb = largest_heads_per_block(group)
+    """Fill one wave of the GPU and no more.
+    1. Heads per block: the largest divisor of the group (at most 4) whose grid, split into
+       MIN_SPLIT-position pieces, still fills a wave; small caches thus trade shared K/V reads
+       (they come from L2 anyway) for more, shorter blocks.
+    2. Splits: floor(wave / blocks) pieces of at least MIN_SPLIT positions; rounding down
+       matters: a second, partial wave of blocks costs more than the parallelism it adds.
+    3. Threads: 256 for unsplit one-head blocks over rows of 2048+ positions, else 128."""
+    divisors = [h for h in range(1, min(group, HEURISTIC_MAX_HEADS_PER_BLOCK) + 1) if group % h == 0]
+    pieces = max(1, length // MIN_SPLIT)
+    for hpb in sorted(divisors, reverse=True):  # ends at 1 when no divisor fills a wave
+        wave = (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
+        if batch * kv_heads * (group // hpb) * pieces >= wave:
+            break
     blocks = batch * kv_heads * (group // hpb)
-    target = 4 * sm_count
+    splits = wave // blocks
     split_len = 0
-    if 0 < blocks < target and length > 128:
-        splits = -(-target // blocks)
-        split_len = max(128, round_up(-(-length // splits), 64))
+    if splits > 1:
+        split_len = max(MIN_SPLIT, round_up(-(-length // splits), 64))
         if split_len >= length:
             split_len = 0
-    threads = 256 if split_len == 0 and hpb == 1 else 128
+    threads = 256 if split_len == 0 and hpb == 1 and length >= 2048 else 128
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len)
 
 

@@ -1,0 +1,107 @@
+"""The launch heuristic against every candidate the tuner's search times: for heuristic changes.
+
+    python bench/launch_candidates.py --out cands.json        # GPU: search every shape, save all timings
+    python bench/launch_candidates.py --evaluate cands.json   # anywhere: score ffa.launch.heuristic on them
+
+The GPU run times, for each shape (the kernel grid of bench/attention_kernels.py in float16, plus
+the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
+candidate of ffa.tuner.search.tune with refine=3 (every split length at 128 threads and the
+largest heads per block, then every threads x heads per block at the 3 best split lengths), each
+checked against the reference first. --evaluate scores the heuristic of the checkout it runs in:
+its time over the best time, per shape and as a geometric mean. A choice that was not timed is
+scored by the timed candidate of the same threads and heads per block with the nearest split
+length (marked ~), so the score of a new heuristic on old data is an estimate.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_kernels import HEADS, PAIRS  # noqa: E402
+
+from ffa.launch import LaunchConfig, heuristic  # noqa: E402
+from shared import source_commit  # noqa: E402
+
+# (head_dim, kv_heads, batch, length): the grid, then OPT-1.3b decode at prompt 1,000 + 128 new
+# (batch 1, 2, 5, 10), Llama-3-8B under TP 1 and 2, and a few shapes between the grid's.
+SHAPES = ([(d, kv, b, n) for d in (64, 128) for kv in (32, 8) for b, n in PAIRS]
+          + [(64, 32, b, 1152) for b in (1, 2, 5, 10)] + [(128, kv, 8, 1152) for kv in (8, 4)]
+          + [(128, 8, 1, 4096), (128, 8, 4, 4096), (128, 8, 2, 16384), (64, 32, 2, 4096), (64, 32, 4, 4096),
+             (128, 32, 4, 2048), (128, 8, 16, 16384)])
+
+
+def key(c):
+    return f"{c.threads}/{c.heads_per_block}/{c.split_len}"
+
+
+def parse(k):
+    return LaunchConfig(*map(int, k.split("/")))
+
+
+def measure(out):
+    import torch
+    from ffa.tuner.search import CudaTimer, Problem, Workload, tune
+    device = torch.device("cuda")
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    timer = CudaTimer(device)
+    rows = []
+    for head_dim, kv_heads, batch, length in SHAPES:
+        w = Workload(torch.float16, head_dim, HEADS // kv_heads, batch, kv_heads, length)
+        problem = Problem(w, device)
+        r = tune(problem, sm_count, timer, refine=3)
+        rows.append(dict(head_dim=head_dim, kv_heads=kv_heads, batch=batch, length=length, group=w.group,
+                         timings_us={key(c): round(s * 1e6, 2) for c, s in r.timings.items()}))
+        print(w, "best", key(r.config), f"{r.seconds * 1e6:.1f} us", flush=True)
+        del problem
+        torch.cuda.empty_cache()
+    doc = dict(device=torch.cuda.get_device_name(device), sm_count=sm_count, commit=source_commit(),
+               torch=torch.__version__, command=" ".join(sys.argv), rows=rows)
+    with open(out, "w") as fh:
+        json.dump(doc, fh, indent=1)
+
+
+def timed_as(timings, config):
+    """The time of `config`, or of the nearest timed split length at its threads and heads."""
+    if key(config) in timings:
+        return timings[key(config)], key(config)
+    same = [c for c in map(parse, timings) if (c.threads, c.heads_per_block) == (config.threads, config.heads_per_block)
+            and (c.split_len == 0) == (config.split_len == 0)]
+    if not same:
+        return None, key(config) + " (not timed)"
+    near = min(same, key=lambda c: abs(math.log(max(c.split_len, 1) / max(config.split_len, 1))))
+    return timings[key(near)], key(near) + "~"
+
+
+def evaluate(path):
+    doc = json.load(open(path))
+    logs = []
+    print(f"ffa.launch.heuristic against {path} ({doc['device']}, commit {doc['commit']})")
+    print(f"{'shape':<28} {'heuristic':<16} {'best':<14} ratio")
+    for r in doc["rows"]:
+        t = r["timings_us"]
+        best = min(t, key=t.get)
+        config = heuristic(r["batch"], r["kv_heads"], r["group"], r["length"], doc["sm_count"])
+        us, label = timed_as(t, config)
+        ratio = us / t[best] if us else None
+        if ratio:
+            logs.append(math.log(ratio))
+        shape = f"d{r['head_dim']} g{r['group']} b{r['batch']}x{r['kv_heads']} L{r['length']}"
+        print(f"{shape:<28} {label:<16} {best:<14} {ratio:.3f}" if ratio else f"{shape:<28} {label}")
+    print(f"geometric mean heuristic / best over {len(logs)} shapes: {math.exp(sum(logs) / len(logs)):.3f}, "
+          f"max {math.exp(max(logs)):.3f}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", help="GPU run: where to write every candidate's time")
+    ap.add_argument("--evaluate", help="a JSON written by --out: score ffa.launch.heuristic on it")
+    args = ap.parse_args()
+    if args.evaluate:
+        evaluate(args.evaluate)
+    elif args.out:
+        measure(args.out)
+    else:
+        ap.error("give --out or --evaluate")
