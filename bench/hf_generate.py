@@ -38,6 +38,10 @@ from shared import source_commit, token_agreement
 PATHS = ("hf", "hf_static", "ffa", "ffa_compiled")
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                 word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272)
+# CUDA runtime calls that block the host until the GPU has caught up (a device-to-host copy, as
+# .item() makes, waits for the work queued before it).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cudaMemcpyAsync")
 KERNEL_CLASSES = (  # first match wins; names as the CUDA profiler reports them
     ("attention", ("decode_kernel", "combine_kernel", "flash", "fmha", "attention", "sdpa")),
     ("copy", ("copy", "memcpy", "memset", "catarray", "cat_", "index_put", "index_copy", "scatter")),
@@ -155,16 +159,21 @@ def profile_path(model, extra, batch, args, median_s):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(model, ids, mask, args.new, **extra)
     totals = {"attention": 0.0, "copy": 0.0, "matmul": 0.0, "other": 0.0}
-    top = {}
+    top, syncs = {}, {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             us = e.time_range.elapsed_us()
             totals[classify(e.name)] += us
             top[e.name] = top.get(e.name, 0.0) + us
+        elif e.name in SYNC_CALLS:
+            syncs[e.name] = syncs.get(e.name, 0) + 1
+    host = sorted(prof.key_averages(), key=lambda a: -a.self_cpu_time_total)[:10]
     busy = sum(totals.values()) / 1e6
     result = {k + "_s": v / 1e6 for k, v in totals.items()}
     result.update(gpu_busy_s=busy, wall_s=median_s, idle_s=max(median_s - busy, 0.0),
                   top_kernels=[(n[:120], us / 1e6) for n, us in sorted(top.items(), key=lambda x: -x[1])[:8]],
+                  # Host side: calls that make the host wait for the GPU, and where host time goes.
+                  syncs=syncs, top_host_ops=[(a.key[:80], a.count, a.self_cpu_time_total / 1e6) for a in host],
                   # Some CUDA/profiler versions do not trace the kernels inside CUDA graph replays.
                   graph_kernels_missing=busy < 0.1 * median_s)
     return result
@@ -264,6 +273,8 @@ def report(record, args):
             f"(attention {prof['attention_s']:.3f}, copies {prof['copy_s']:.3f}, matmul {prof['matmul_s']:.3f}, "
             f"other {prof['other_s']:.3f}) + GPU idle {prof['idle_s']:.3f} s"
             + (" [kernels inside CUDA graphs not traced]" if prof["graph_kernels_missing"] else ""))
+        say(f"  host waits on the GPU: {prof['syncs'] or 'none'}; most host time: "
+            + ", ".join(f"{name} {count}x {s:.3f} s" for name, count, s in prof["top_host_ops"][:6]))
     for key, error in record["errors"].items():
         say(f"error {key}: {error}")
 
