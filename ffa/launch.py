@@ -40,7 +40,7 @@ def round_up(x, m):
 
 # Blocks of 128 threads an H100 SM keeps resident in practice (registers and shared memory):
 # one wave of the grid is RESIDENT_* x SM count blocks. Measured, with the rest of the
-# heuristic, against every tuned candidate in bench/results/heuristic-h100.md.
+# heuristic, against every tuned candidate (bench/results/kernel-targets-h100.md).
 RESIDENT_ONE_HEAD = 5
 RESIDENT_MULTI_HEAD = 4
 HEURISTIC_MAX_HEADS_PER_BLOCK = 4  # 8-head blocks measured slower than 4-head ones (GQA 8)
