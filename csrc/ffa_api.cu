@@ -79,6 +79,9 @@ int check_shapes(const ffa_decode_params *p) {
     return fail(FFA_ERR_INVALID_ARGUMENT,
                 "heads_per_block %lld must divide the group size %lld and be at most %d",
                 (long long)p->heads_per_block, (long long)group, ffa::kMaxHeadsPerBlock);
+  if (p->heads / p->heads_per_block > 65535)  // the grid's y dimension: one block per head group
+    return fail(FFA_ERR_INVALID_ARGUMENT, "heads / heads_per_block = %lld is more than 65535 head groups",
+                (long long)(p->heads / p->heads_per_block));
   if (p->split_len < 0 || (p->split_len > 0 && num_splits(p) > 8192))
     return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld gives more than 8192 splits of max_len %lld",
                 (long long)p->split_len, (long long)p->max_len);

@@ -282,3 +282,19 @@ def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
                       "start_ptr": None, "start_bits": 0, "start_scalar": 3, "softmax_scale": 0.125, "prune_p": 0.01,
                       "threads": 128, "heads_per_block": 4, "split_len": 0, "workspace": None, "workspace_bytes": 0,
                       "stream": 4096}
+
+
+def test_library_refuses_more_head_groups_than_a_grid_holds():
+    """The library checks a launch's shape before anything touches a GPU: more than 65535 head
+    groups (blocks along the grid's y dimension) is a ValueError that names the limit."""
+    if not _lib.available():
+        pytest.skip("the compiled FFA library is not built here")
+
+    def params(heads, heads_per_block):
+        return _lib.DecodeParams(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES["float16"], batch=1,
+                                 heads=heads, kv_heads=heads // 8, head_dim=64, max_len=16, threads=128,
+                                 heads_per_block=heads_per_block, split_len=0)
+
+    with pytest.raises(ValueError, match="131070 is more than 65535 head groups"):
+        _lib.workspace_bytes(params(8 * 65535, 4))
+    assert _lib.workspace_bytes(params(8 * 65535, 8)) == 0  # 65535 groups: the most a launch holds
