@@ -26,11 +26,13 @@ from ffa.launch import LaunchConfig, heuristic  # noqa: E402
 from shared import source_commit  # noqa: E402
 
 # (head_dim, kv_heads, batch, length): the grid, then OPT-1.3b decode at prompt 1,000 + 128 new
-# (batch 1, 2, 5, 10), Llama-3-8B under TP 1 and 2, and a few shapes between the grid's.
+# (batch 1, 2, 5, 10), Llama-3-8B under TP 1 and 2, a few shapes between the grid's, and short
+# caches (the seed's protocol starts at 256 positions).
 SHAPES = ([(d, kv, b, n) for d in (64, 128) for kv in (32, 8) for b, n in PAIRS]
           + [(64, 32, b, 1152) for b in (1, 2, 5, 10)] + [(128, kv, 8, 1152) for kv in (8, 4)]
           + [(128, 8, 1, 4096), (128, 8, 4, 4096), (128, 8, 2, 16384), (64, 32, 2, 4096), (64, 32, 4, 4096),
-             (128, 32, 4, 2048), (128, 8, 16, 16384)])
+             (128, 32, 4, 2048), (128, 8, 16, 16384)]
+          + [(64, 32, b, n) for b in (1, 4, 16) for n in (256, 512)] + [(128, 8, 1, 256), (128, 8, 4, 512)])
 
 
 def key(c):
