@@ -1,5 +1,5 @@
 """The launch heuristic (ffa.launch.heuristic): its invariants over a grid of shapes, the
-choices the H100 measurements behind it picked (bench/results/heuristic-h100.md), and the
+choices the H100 measurements behind it picked (bench/results/kernel-targets-h100.md), and the
 length FastForwardAttn hands it."""
 
 import itertools
