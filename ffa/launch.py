@@ -24,9 +24,14 @@ class LaunchConfig:
         return asdict(self)
 
 
+def heads_per_block_options(group, most=MAX_HEADS_PER_BLOCK):
+    """The divisors of the group size up to `most` (a block's heads share one kv head)."""
+    return [d for d in range(1, min(group, most) + 1) if group % d == 0]
+
+
 def largest_heads_per_block(group):
     """The largest divisor of the group size that one block can hold."""
-    return max(d for d in range(1, min(group, MAX_HEADS_PER_BLOCK) + 1) if group % d == 0)
+    return heads_per_block_options(group)[-1]
 
 
 def default_launch():
@@ -55,9 +60,9 @@ def heuristic(batch, kv_heads, group, length, sm_count):
     2. Splits: floor(wave / blocks) pieces of at least MIN_SPLIT positions; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. Threads: 256 for unsplit one-head blocks over rows of 2048+ positions, else 128."""
-    divisors = [h for h in range(1, min(group, HEURISTIC_MAX_HEADS_PER_BLOCK) + 1) if group % h == 0]
     pieces = max(1, length // MIN_SPLIT)
-    for hpb in sorted(divisors, reverse=True):  # ends at 1 when no divisor fills a wave
+    # from the most heads per block down; ends at 1 when none fills a wave
+    for hpb in reversed(heads_per_block_options(group, HEURISTIC_MAX_HEADS_PER_BLOCK)):
         wave = (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
         if batch * kv_heads * (group // hpb) * pieces >= wave:
             break
@@ -74,10 +79,7 @@ def heuristic(batch, kv_heads, group, length, sm_count):
 
 def length_bucket(length):
     """Lengths share a configuration within powers of two (1..128 is one bucket)."""
-    bucket = 128
-    while bucket < length:
-        bucket *= 2
-    return bucket
+    return max(128, 1 << (length - 1).bit_length())
 
 
 def fit_splits(config, max_len):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import FastForwardAttn
-from ..launch import MAX_HEADS_PER_BLOCK, THREADS, LaunchConfig, heuristic, largest_heads_per_block
+from ..launch import THREADS, LaunchConfig, heads_per_block_options, heuristic, largest_heads_per_block
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
 
@@ -35,10 +35,6 @@ TOLERANCE = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-4}
 
 
 # ---- what is searched ----------------------------------------------------------------------
-
-def heads_per_block_options(group):
-    return [d for d in range(1, min(group, MAX_HEADS_PER_BLOCK) + 1) if group % d == 0]
-
 
 def split_options(length):
     return [s for s in SPLIT_LENS if s < length]
