@@ -280,14 +280,17 @@ def sleep_rate():
 
 class CudaTimer:
     """Median seconds of fn() over repeats, each measured with CUDA events after flushing L2
-    (by writing a buffer twice its size). Repeats are sized so that one timing takes about
-    target_s; a spin kernel queued first lets the host enqueue every repeat before the GPU
-    starts, so the events time the GPU and not Python's launch overhead."""
+    (by default by writing a buffer twice its size; `flush`, a callable, replaces that).
+    Repeats are sized so that one timing takes about target_s; a spin kernel queued first lets
+    the host enqueue every repeat before the GPU starts, so the events time the GPU and not
+    Python's launch overhead."""
 
-    def __init__(self, device, target_s=2e-3, min_repeats=5, max_repeats=30):
-        props = torch.cuda.get_device_properties(device)
-        l2 = getattr(props, "L2_cache_size", 0) or (64 << 20)
-        self.flush = torch.empty(2 * l2, dtype=torch.uint8, device=device)
+    def __init__(self, device, target_s=2e-3, min_repeats=5, max_repeats=30, flush=None):
+        if flush is None:
+            props = torch.cuda.get_device_properties(device)
+            l2 = getattr(props, "L2_cache_size", 0) or (64 << 20)
+            flush = torch.empty(2 * l2, dtype=torch.uint8, device=device).zero_
+        self.flush = flush
         self.target_s, self.min_repeats, self.max_repeats = target_s, min_repeats, max_repeats
         self.host_s = 1e-4  # host time to enqueue one repeat, updated as we go
         self.cycles_per_s = sleep_rate()
@@ -303,7 +306,7 @@ class CudaTimer:
             torch.cuda._sleep(int(min(0.02, lead) * self.cycles_per_s))
         t0 = time.perf_counter()
         for start, end in zip(starts, ends):
-            self.flush.zero_()
+            self.flush()
             start.record()
             fn()
             end.record()
