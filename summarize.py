@@ -20,7 +20,6 @@ Writes a table to stdout, <out>.json, and <out>.png when matplotlib is installed
 """
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench.shared import source_commit, token_agreement  # noqa: E402
+from bench.shared import environment, token_agreement  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -207,15 +206,9 @@ def run_path(model, ids, mask, args, label, progress):
     return results
 
 
-def environment(args):
-    import transformers
-
-    import ffa
-    device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
+def device_name(args):
+    return torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
         f"cpu ({platform.processor() or platform.machine()})"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
-            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "device": device,
-            "torch": torch.__version__, "transformers": transformers.__version__, "ffa": ffa.__version__}
 
 
 def plot(results, path, title, baseline):
@@ -276,7 +269,7 @@ def main(argv=None):
     out = Path(args.out or f"bench/results/summarize_{name}_{args.data_type}_{args.output_len}")
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{name} {args.data_type}, prompt {args.prompt_len}, {args.output_len} new tokens"
-    record = {**environment(args), "model": model_source, "data": data_source, "args": vars(args),
+    record = {**environment(" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), device_name(args)), "model": model_source, "data": data_source, "args": vars(args),
               "ffa_compiled": args.compile and args.device.startswith("cuda"), "results": results}
     record["png"] = plot(results, out.with_suffix(".png"), f"{title}, {record['device']}", args.attn_baseline)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))

@@ -22,10 +22,8 @@ Prints a short table last and writes everything to --out (JSON). About 5 minutes
 """
 
 import argparse
-import datetime
 import json
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +31,7 @@ import traceback
 from pathlib import Path
 
 import torch
-from shared import source_commit, token_agreement
+from shared import environment, token_agreement
 
 PATHS = ("hf", "hf_static", "ffa", "ffa_compiled")
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
@@ -179,16 +177,6 @@ def profile_path(model, extra, batch, args, median_s):
     return result
 
 
-def environment():
-    import transformers
-
-    import ffa
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
-            "command": " ".join(["python"] + sys.argv), "device": torch.cuda.get_device_name(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "ffa": ffa.__version__,
-            "python": platform.python_version()}
-
-
 def main():
     args = parse_args()
     if not torch.cuda.is_available():
@@ -202,7 +190,7 @@ def main():
     logging.getLogger("torch._inductor.cudagraph_utils.__cudagraphs").addHandler(skips)
 
     model, source = build_model(args)
-    record = {**environment(), "model": source, "dtype": "float16", "prompt": args.prompt, "new_tokens": args.new,
+    record = {**environment(" ".join(["python"] + sys.argv), torch.cuda.get_device_name()), "model": source, "dtype": "float16", "prompt": args.prompt, "new_tokens": args.new,
               "batches": args.batches, "repeats": args.repeats, "timing": {}, "compile": {}, "errors": {}}
     say(f"{record['device']} | torch {record['torch']} | transformers {record['transformers']} | {source}")
     tokens, big = {}, max(args.batches)

@@ -1,6 +1,8 @@
 """What the benchmark programs (bench/*.py, summarize.py) record beside their figures."""
 
+import datetime
 import os
+import platform
 import subprocess
 from pathlib import Path
 
@@ -25,3 +27,15 @@ def token_agreement(tokens, reference, head=32):
     first = (~equal).int().argmax(1).masked_fill(equal.all(1), equal.shape[1]).min()
     return {"all_identical": bool(equal.all()), f"first_{head}_identical": bool(equal[:, :head].all()),
             "identical_share": equal.double().mean().item(), "first_difference": int(first)}
+
+
+def environment(command, device):
+    """What every record of a Hugging Face benchmark starts with: date, commit, command line,
+    device and the versions of Python, torch, transformers and ffa."""
+    import torch
+    import transformers
+
+    import ffa
+    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
+            "command": command, "device": device, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "ffa": ffa.__version__}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from shared import source_commit, token_agreement
+from shared import environment, token_agreement
 
 SHAPES = {
     "llama-3-8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
@@ -205,17 +205,12 @@ def gathered(value):
     return out
 
 
-def environment(device):
-    import transformers
-
-    import ffa
+def environment_of(device):
+    """shared.environment with this run's launcher, device and process group."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": source_commit(),
-            "command": " ".join([f"torchrun --nproc_per_node {world()}" if dist.is_initialized() else "python"]
-                                + sys.argv),
-            "device": name, "processes": world(), "backend": dist.get_backend() if dist.is_initialized() else None,
-            "torch": torch.__version__, "transformers": transformers.__version__, "ffa": ffa.__version__,
-            "python": platform.python_version()}
+    launcher = f"torchrun --nproc_per_node {world()}" if dist.is_initialized() else "python"
+    return {**environment(" ".join([launcher] + sys.argv), name), "processes": world(),
+            "backend": dist.get_backend() if dist.is_initialized() else None}
 
 
 def run(args):
@@ -228,7 +223,7 @@ def run(args):
     dtype = DTYPES[args.dtype]
     model, source = load_model(args, dtype, device)
     config = model.config
-    record = {**environment(device), "model": source, "dtype": args.dtype, "batch": args.batch,
+    record = {**environment_of(device), "model": source, "dtype": args.dtype, "batch": args.batch,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
               "compile": args.compile, "heads": config.num_attention_heads,
               "kv_heads": getattr(config, "num_key_value_heads", config.num_attention_heads), "timing": {}}
