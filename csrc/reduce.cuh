@@ -19,7 +19,7 @@ __device__ __forceinline__ float row_sum(float x) {
 // shuffles instead of G log2(TPK): at each of the first log2(G) levels a lane keeps half of its
 // values, sends the other half to its partner and adds the partner's half of the ones it kept
 // (a transpose-and-add). Afterwards v[0 .. kept-1] hold the full sums of heads
-// first .. first+kept-1 (see row_sums_first_head); lanes that differ only in their low bits
+// first .. first+kept-1 (see first_head); lanes that differ only in their low bits
 // hold the same sums.
 template <int G, int TPK>
 struct RowSums {
