@@ -7,7 +7,11 @@ Model: OPT-1.3b's shape with random weights (or --model, a local checkpoint), fp
   hf            Hugging Face default: SDPA, dynamic cache
   hf_static     cache_implementation="static": generate compiles the decode step (CUDA graphs)
   ffa           ffa.transformers.enable(model): FFA decode steps, eager
-  ffa_compiled  ffa.transformers.enable(model, compile=True): generate compiles FFA's decode step
+  ffa_compiled  ffa.transformers.enable(model, compile=True): FFA's greedy loop replays the
+                compiled decode step from a CUDA graph (ffa/greedy_loop.py)
+  ffa_compiled_hf_loop
+                enable(model, compile=True, greedy_loop=False): transformers' loop compiles FFA's
+                decode step, as it does for its static cache
 For every path and batch: the first generate (warm-up; compilation for the compiled paths) and
 the median wall time of --repeats more. Then:
   agreement  generated tokens of each path against hf at the largest batch, in fp16 and (model
@@ -33,7 +37,7 @@ from pathlib import Path
 import torch
 from shared import environment, token_agreement
 
-PATHS = ("hf", "hf_static", "ffa", "ffa_compiled")
+PATHS = ("hf", "hf_static", "ffa", "ffa_compiled", "ffa_compiled_hf_loop")
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                 word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272)
 # CUDA runtime calls that block the host until the GPU has caught up (a device-to-host copy, as
@@ -119,7 +123,7 @@ def setup_path(model, path):
         if fft.is_enabled(model):
             fft.disable(model)
         return {"cache_implementation": "static"} if path == "hf_static" else {}
-    fft.enable(model, compile=path == "ffa_compiled")
+    fft.enable(model, compile=path != "ffa", greedy_loop=path == "ffa_compiled")
     return {}
 
 
@@ -134,7 +138,7 @@ def time_path(model, path, extra, args, skips):
         tokens, first = wall(lambda: generate(model, ids, mask, args.new, **extra))
         runs = [wall(lambda: generate(model, ids, mask, args.new, **extra))[1] for _ in range(args.repeats)]
         out[batch] = {"first_call_s": first, "median_s": statistics.median(runs), "runs_s": runs, "tokens": tokens}
-        say(f"  {path:13s} batch {batch:3d}: first call {first:7.2f} s, median {out[batch]['median_s']:.3f} s")
+        say(f"  {path:20s} batch {batch:3d}: first call {first:7.2f} s, median {out[batch]['median_s']:.3f} s")
     info = {"graph_breaks": sum(counters["graph_break"].values()), "unique_graphs": counters["stats"]["unique_graphs"],
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
             "cudagraph_skip_reasons": sorted(set(skips.messages))}
@@ -208,7 +212,7 @@ def main():
             continue
         tokens[path] = {b: r.pop("tokens").cpu() for b, r in result.items()}
         record["timing"][path] = {str(b): r for b, r in result.items()}
-        if path in ("hf_static", "ffa_compiled"):
+        if path in ("hf_static", "ffa_compiled", "ffa_compiled_hf_loop"):
             record["compile"][path] = info
 
     record["agreement"] = {"float16": {p: token_agreement(tokens[p][big], tokens["hf"][big])
@@ -233,17 +237,17 @@ def main():
 def report(record, args):
     say(f"\n{record['device']}, {record['model']}, fp16, prompt {args.prompt}, {args.new} new tokens: "
         "wall time of one generate (median), first call (warm-up/compile) in brackets")
-    say(f"{'path':13s} | " + " | ".join(f"{'batch ' + str(b):>20s}" for b in args.batches))
+    say(f"{'path':20s} | " + " | ".join(f"{'batch ' + str(b):>20s}" for b in args.batches))
     timing = record["timing"]
     for path in args.paths:
         if path in timing:
             cells = [f"{timing[path][str(b)]['median_s']:7.3f} s ({timing[path][str(b)]['first_call_s']:6.1f} s)"
                      for b in args.batches]
-            say(f"{path:13s} | " + " | ".join(f"{c:>20s}" for c in cells))
+            say(f"{path:20s} | " + " | ".join(f"{c:>20s}" for c in cells))
         else:
-            say(f"{path:13s} | failed: {record['errors'].get(path)}")
+            say(f"{path:20s} | failed: {record['errors'].get(path)}")
     for base in ("hf", "hf_static"):
-        for path in ("ffa", "ffa_compiled"):
+        for path in ("ffa", "ffa_compiled", "ffa_compiled_hf_loop"):
             if base in timing and path in timing:
                 ratios = [timing[base][str(b)]["median_s"] / timing[path][str(b)]["median_s"] for b in args.batches]
                 say(f"speedup {path} over {base}: "

@@ -44,6 +44,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from . import greedy_loop
 from .attention import FastForwardAttn
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -319,14 +320,21 @@ class _Binding:
     previous attention implementation, the compile flag and the cache in use (set by
     FFACache.update)."""
 
-    def __init__(self, modules, group, previous, compile):
+    def __init__(self, modules, group, previous):
         self.modules = modules
         self.group = group
         self.num_layers = len(modules)
         self.previous = previous
-        self.compile = compile
         self.cache = None
-        self.generate_cache = None  # the cache generate made, reused by the next call
+        self.configure(False, False)
+
+    def configure(self, compile, greedy_loop):
+        """The options of enable(); forgets what the previous options built."""
+        self.compile = compile
+        self.greedy_loop = greedy_loop
+        self.generate_cache = None    # the cache generate made, reused by the next call
+        self.decode_step = None       # greedy_loop.DecodeStep (and its CUDA graph) over that cache
+        self.compiled_forward = None  # the model under torch.compile, for the greedy loop
 
 
 def _binding_of(model):
@@ -373,30 +381,33 @@ def _check_head_dim(config, dtype):
         raise ValueError(f"FFA cannot run this model ({config.model_type}): {e}") from None
 
 
-def enable(model, *, compile=False):
+def enable(model, *, compile=False, greedy_loop=True):
     """Make `model.generate` (and forward calls with an FFACache) use FFA for decode steps.
 
-    compile=True makes the cache compileable, so that `generate` compiles the decode step
-    (torch.compile, CUDA graphs) on the GPU as it does with cache_implementation="static";
-    the first call then pays the compilation. Returns the model. Calling it again updates
-    the compile flag."""
+    compile=True makes the cache compileable and compiles the decode step (torch.compile, CUDA
+    graphs on the GPU); the first call of a shape pays the compilation. Greedy searches then run
+    in FFA's own decode loop (ffa/greedy_loop.py: same tokens, no host wait between steps);
+    greedy_loop=False, or any other decoding mode, leaves the loop to `generate`, which compiles
+    the step as it does with cache_implementation="static". Returns the model. Calling it again
+    updates the options."""
     if not isinstance(model, GenerationMixin) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers generative model, got {type(model).__name__}")
-    if not isinstance(compile, bool):
-        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+    for name, value in (("compile", compile), ("greedy_loop", greedy_loop)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     config = model.config
     if getattr(config, "is_encoder_decoder", False) or config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model type {config.model_type!r} is not supported; FFA supports "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if is_enabled(model):
-        model._ffa_binding.compile = compile
-        model._ffa_binding.generate_cache = None
+        model._ffa_binding.configure(compile, greedy_loop)
         return model
     _check_head_dim(config, model.dtype)
     _register()
     modules = _attention_modules(model)
     heads, kv_heads, _ = _head_counts(config)
-    binding = _Binding(modules, heads // kv_heads, config._attn_implementation, compile)
+    binding = _Binding(modules, heads // kv_heads, config._attn_implementation)
+    binding.configure(compile, greedy_loop)
     for module in modules:
         module._ffa_binding = binding
     if config.model_type in OWN_ATTENTION_MODEL_TYPES:
@@ -473,7 +484,8 @@ def _generate(model, generate, *args, **kwargs):
     if cache is not None and not isinstance(cache, FFACache):
         raise ValueError(f"past_key_values is a {type(cache).__name__}; an FFA-enabled model generates with an "
                          "FFACache (or none); call ffa.transformers.disable(model) first")
-    _check_left_padding(kwargs.get("attention_mask"))
+    plan = greedy_loop.plan(model, args, kwargs) if binding.compile and binding.greedy_loop else None
+    _check_left_padding(plan.attention_mask if plan is not None else kwargs.get("attention_mask"))
     if cache is None and setting("use_cache") is not False:
         new = setting("max_new_tokens")
         need = _prompt_length(args, kwargs) + (new if new is not None else setting("max_length"))
@@ -483,6 +495,9 @@ def _generate(model, generate, *args, **kwargs):
         cache.reset()
         kwargs["past_key_values"] = cache
     try:
+        if plan is not None:
+            with torch.no_grad():
+                return greedy_loop.generate(binding, model, cache, plan)
         return generate(model, *args, **kwargs)
     finally:
         binding.cache = None

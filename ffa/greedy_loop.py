@@ -1,0 +1,257 @@
+"""FFA's own loop for greedy `generate` on a model enabled with compile=True.
+
+Why: in transformers' loop the GPU idles between decode steps. Per token, `generate` runs its
+logits processors and stopping criteria in Python and then waits for the GPU (it reads
+`unfinished_sequences.max() == 0` on the host) before it queues the next step: 0.28 s of a
+0.66 s `generate` at batch 10 on OPT-1.3b (H100, bench/results/hf-generate-h100.md).
+
+Here one decode step is: the model's forward (torch.compile, fullgraph), the greedy pick and the
+end-of-sequence bookkeeping, all on the device and, on CUDA, captured once in a CUDA graph. The
+host replays the graph and reads the "every row finished" flag a few steps late through pinned
+memory, so the GPU always has the next steps queued and never waits for Python.
+
+The loop computes exactly what transformers' greedy search computes: the same model inputs
+(prompt mask, position ids from it, logits of the last position only), float32 logits, EOS
+suppressed while fewer than min_new_tokens (or min_length) tokens exist, finished rows padded
+with pad_token_id, generation ended when every row has produced an EOS or max_new_tokens
+tokens exist, and the same returned ids. `plan` admits only that case: sampling, beams, any
+other logits processor or stopping criterion, streamers and dictionary outputs go through
+transformers' loop. On the CPU the same step runs eagerly (no compile, no graph).
+"""
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+# Generation settings this loop reproduces, or that greedy search ignores (the sampling ones).
+HANDLED = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "eos_token_id", "pad_token_id",
+           "bos_token_id", "decoder_start_token_id", "do_sample", "num_beams", "temperature", "top_k", "top_p",
+           "_from_model_config", "transformers_version"}
+# Settings that may appear in a config's differences from the defaults only with these values.
+MUST_BE = {"use_cache": True, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
+           "output_logits": False, "return_dict_in_generate": False, "num_return_sequences": 1}
+# generate() parameters that change the decoding; any of them set sends generate to transformers.
+OWN_PARAMETERS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                  "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
+                  "custom_generate")
+# The host reads the "finished" flag this many steps late; the GPU keeps that many steps queued.
+STOP_CHECK_LAG = 4
+
+
+@dataclass
+class Plan:
+    """What one greedy `generate` call asks for, in the loop's terms."""
+    input_ids: torch.Tensor       # [batch, prompt]
+    attention_mask: torch.Tensor  # [batch, prompt], 1 = token, 0 = left padding
+    new_tokens: int               # at most this many generated tokens
+    min_new_tokens: int           # EOS is suppressed until this many exist
+    eos: tuple                    # end-of-sequence ids (empty: generation runs to new_tokens)
+    pad: int                      # written for rows that have finished
+
+
+def plan(model, args, kwargs):
+    """A Plan when `model.generate(*args, **kwargs)` is a greedy search this loop reproduces
+    exactly, else None (transformers' loop then runs it)."""
+    if len(args) > 1 or any(kwargs.get(name) is not None for name in OWN_PARAMETERS):
+        return None
+    kwargs = dict(kwargs)
+    inputs = args[0] if args else kwargs.pop("inputs", None)
+    if inputs is None:
+        inputs = kwargs.pop("input_ids", None)
+    config = kwargs.pop("generation_config", None)
+    config = copy.deepcopy(model.generation_config if config is None else config)
+    mask = kwargs.pop("attention_mask", None)
+    if config.update(**kwargs) or not _is_plain_greedy(config):
+        return None  # leftover keywords are model inputs this loop does not pass on
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype != torch.long:
+        return None
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return None  # the loop feeds positions; a model that derives them itself is left to transformers
+    prompt = inputs.shape[1]
+    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt
+    if prompt < 1 or new < 1:
+        return None
+    eos = config.eos_token_id
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if eos else 0
+    if mask is None:
+        mask = _default_mask(inputs, config.pad_token_id, eos)
+    minimum = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt)
+    return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad)
+
+
+def _is_plain_greedy(config):
+    if config.do_sample or (config.num_beams or 1) != 1 or config.max_new_tokens is None and config.max_length is None:
+        return False
+    for key, value in config.to_diff_dict().items():
+        if key not in HANDLED and not (key in MUST_BE and value == MUST_BE[key]):
+            return False
+    return True
+
+
+def _default_mask(inputs, pad, eos):
+    """transformers' mask for a call without one: padding is inferred from pad_token_id when
+    the prompt holds it and it is not also an EOS id."""
+    if pad is None or pad in eos or not bool((inputs == pad).any()):
+        return torch.ones_like(inputs)
+    return (inputs != pad).long()
+
+
+class DecodeStep:
+    """One greedy decode step over static buffers (its CUDA graph on the GPU).
+
+    The buffers hold the state between steps: the token to feed and its position, the prompt's
+    mask padded with ones to the cache length (the "ffa" mask function reads only each row's
+    first valid position from it), which rows are unfinished, how many tokens exist, and the
+    generated tokens. `pick` turns the logits of the last position into the next token; the
+    prefill's logits go through it too, so the first token follows the same rules."""
+
+    def __init__(self, model, forward, cache, batch, eos, pad):
+        device = model.device
+        long = dict(dtype=torch.long, device=device)
+        self.model, self.forward, self.cache = model, forward, cache
+        self.key = self.key_of(cache, batch, eos, pad)
+        self.token = torch.zeros(batch, 1, **long)
+        self.position = torch.zeros(batch, 1, **long)
+        self.mask = torch.ones(batch, cache.max_len, **long)
+        self.unfinished = torch.ones(batch, **long)
+        self.count = torch.zeros((), **long)        # tokens generated so far
+        self.minimum = torch.zeros((), **long)      # min_new_tokens
+        self.live_steps = torch.zeros((), **long)   # picks after which some row was unfinished
+        self.finished = torch.zeros((), dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(batch, cache.max_len, **long)
+        self.eos = torch.tensor(eos, **long) if eos else None
+        self.eos_columns = None
+        self.pad = pad
+        self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.graph = None
+
+    @staticmethod
+    def key_of(cache, batch, eos, pad):
+        """What the captured graph depends on: the cache's buffers, batch size, EOS and pad ids."""
+        layer = cache.layers[0]
+        return (id(cache), layer.keys.data_ptr() if layer.is_initialized else None, batch, eos, pad)
+
+    def start(self, plan):
+        """Prefill (eager, the model's own attention) and pick the first token. Returns the
+        prompt's logits, kept for the caller's inspection in tests."""
+        prompt = plan.input_ids.shape[1]
+        position = plan.attention_mask.cumsum(-1) - 1
+        position = position.masked_fill(plan.attention_mask == 0, 0)
+        extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        out = self.model(input_ids=plan.input_ids, attention_mask=plan.attention_mask, position_ids=position,
+                         past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
+        self.mask[:, :prompt].copy_(plan.attention_mask)
+        self.mask[:, prompt:].fill_(1)
+        self.position.copy_(position[:, -1:])
+        self.unfinished.fill_(1)
+        self.count.zero_()
+        self.live_steps.zero_()
+        self.minimum.fill_(plan.min_new_tokens)
+        self.pick(out.logits[:, -1])
+
+    def pick(self, logits):
+        """Greedy choice and bookkeeping, as transformers' greedy search does it."""
+        scores = logits.to(torch.float32)
+        if self.eos is not None:
+            if self.eos_columns is None:
+                self.eos_columns = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self.eos)
+            scores = scores.masked_fill(self.eos_columns & (self.count < self.minimum), -float("inf"))
+        token = scores.argmax(-1)
+        if self.eos is not None:
+            token = token * self.unfinished + self.pad * (1 - self.unfinished)
+            self.unfinished.mul_(~torch.isin(token, self.eos))
+        self.tokens.index_copy_(1, self.count.view(1), token[:, None])
+        self.count.add_(1)
+        self.finished.copy_(self.unfinished.max() == 0)
+        self.live_steps.add_((~self.finished).long())
+        self.token.copy_(token[:, None])
+        self.position.add_(1)
+
+    def step(self):
+        extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
+        out = self.forward(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
+                           past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
+        self.pick(out.logits[:, -1])
+
+    def capture(self):
+        """Compile (first call) and capture one step in a CUDA graph. The warm-up steps change
+        the state and write K/V past the prompt; the state is restored, and those positions
+        are written again by the real steps before anything reads them."""
+        state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished,
+                 self.tokens, self.cache._fill.length]
+        saved = [x.clone() for x in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        for x, value in zip(state, saved):
+            x.copy_(value)
+
+    def run(self, plan):
+        """Decode plan.new_tokens - 1 steps after start(), stopping early (a few steps late on
+        the GPU, harmlessly) once every row has finished. Returns transformers' output."""
+        steps = plan.new_tokens - 1
+        if self.eos is None:
+            for _ in range(steps):
+                self.advance()
+        else:
+            self.run_until_finished(steps)
+        length = min(plan.new_tokens, int(self.live_steps) + 1)
+        self.cache._fill.host_length = plan.input_ids.shape[1] + length - 1
+        return torch.cat([plan.input_ids, self.tokens[:, :length]], dim=-1)
+
+    def advance(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.step()
+
+    def run_until_finished(self, steps):
+        if self.graph is None:  # CPU: the flag is at hand
+            for _ in range(steps):
+                if bool(self.finished):
+                    return
+                self.step()
+            return
+        flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(STOP_CHECK_LAG)]
+        events = [torch.cuda.Event() for _ in range(STOP_CHECK_LAG)]
+        for i in range(steps + 1):
+            slot = i % STOP_CHECK_LAG
+            if i >= STOP_CHECK_LAG:  # the flag copied STOP_CHECK_LAG steps ago
+                events[slot].synchronize()
+                if bool(flags[slot]):
+                    return
+            flags[slot].copy_(self.finished, non_blocking=True)
+            events[slot].record()
+            if i < steps:
+                self.graph.replay()
+
+
+def generate(binding, model, cache, plan):
+    """Greedy generation through a DecodeStep kept on the binding while its key holds."""
+    batch = plan.input_ids.shape[0]
+    step = binding.decode_step
+    if step is None or step.key != DecodeStep.key_of(cache, batch, plan.eos, plan.pad):
+        step = None
+    if step is None:
+        on_gpu = model.device.type == "cuda"
+        if on_gpu and binding.compiled_forward is None:
+            binding.compiled_forward = torch.compile(model, fullgraph=True, dynamic=False)
+        step = DecodeStep(model, binding.compiled_forward if on_gpu else model, cache, batch, plan.eos, plan.pad)
+    step.start(plan)
+    if plan.new_tokens > 1 and step.graph is None and model.device.type == "cuda":
+        step.capture()
+    step.key = DecodeStep.key_of(cache, batch, plan.eos, plan.pad)  # buffers exist after the prefill
+    binding.decode_step = step
+    return step.run(plan)

@@ -1,0 +1,150 @@
+"""FFA's greedy decode loop (ffa/greedy_loop.py) against transformers' own greedy search: the
+same returned ids for every architecture, with left padding, EOS and early stops, minimum
+lengths and inferred masks; other decoding modes keep transformers' loop. CPU: the loop's steps
+run eagerly; GPU (marked): compiled and replayed from a CUDA graph."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+import ffa.transformers as fft  # noqa: E402
+from ffa import greedy_loop  # noqa: E402
+from test_transformers import ARCHS, PROMPT, counting_ffa_calls, prompts, tiny  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+
+def both(model, ids, **kw):
+    """(transformers' ids, FFA loop's ids, whether the loop ran) for one generate call."""
+    expected = model.generate(ids, do_sample=False, **kw)
+    fft.enable(model, compile=True)
+    try:
+        got = model.generate(ids, do_sample=False, **kw)
+        ran = model._ffa_binding.decode_step is not None
+    finally:
+        fft.disable(model)
+    return expected, got, ran
+
+
+def plain_tokens(model, ids, mask, new):
+    """The greedy tokens of `new` steps with no EOS: [batch, new]."""
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, eos_token_id=None,
+                         pad_token_id=model.config.pad_token_id)
+    return out[:, ids.shape[1]:]
+
+
+def eos_ending_all(model, ids, mask, step):
+    """EOS ids that end every row at or before `step`: the tokens the rows generate there."""
+    return sorted(set(plain_tokens(model, ids, mask, step + 1)[:, step].tolist()))
+
+
+def eos_ending_row_0(model, ids, mask, new):
+    """An EOS id that row 0 generates within `new` steps and no other row does."""
+    tokens = plain_tokens(model, ids, mask, new)
+    others = set(tokens[1:].flatten().tolist())
+    return next(t for t in tokens[0].tolist() if t not in others)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_ids_as_transformers(arch, dtype):
+    model = tiny(arch).to(dtype)
+    ids, mask = prompts(model)
+    pad = model.config.pad_token_id
+    for kw in (dict(max_new_tokens=9, min_new_tokens=9), dict(max_new_tokens=20), dict(max_new_tokens=6, min_length=16),
+               dict(max_length=PROMPT + 5)):
+        expected, got, ran = both(model, ids, attention_mask=mask, pad_token_id=pad, **kw)
+        assert ran, kw
+        assert torch.equal(got, expected), kw
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_rows_that_finish_are_padded_and_the_call_ends_when_all_have(arch):
+    model = tiny(arch).double()
+    ids, mask = prompts(model)
+    pad = model.config.pad_token_id
+    row_0_stops = eos_ending_row_0(model, ids, mask, 12)
+    all_stop = eos_ending_all(model, ids, mask, 3)
+    for eos, kw in ((row_0_stops, {}), (all_stop, {}), (all_stop, dict(min_new_tokens=6)), (all_stop[:1], {})):
+        expected, got, ran = both(model, ids, attention_mask=mask, pad_token_id=pad, eos_token_id=eos,
+                                  max_new_tokens=12, **kw)
+        assert ran and torch.equal(got, expected), (eos, kw)
+        if eos is row_0_stops:  # row 0 ended early and was padded while the others ran on
+            assert expected.shape[1] == PROMPT + 12 and expected[0, -1] == pad
+        if eos is all_stop and not kw:  # the call ended early
+            assert expected.shape[1] <= PROMPT + 4
+
+
+def test_mask_inferred_from_padding_and_pad_defaulting_to_eos():
+    model = tiny("llama").double()
+    ids, mask = prompts(model)
+    # No attention_mask: transformers infers it from pad_token_id (0 in the padded rows).
+    expected, got, ran = both(model, ids, max_new_tokens=7, pad_token_id=model.config.pad_token_id)
+    assert ran and torch.equal(got, expected)
+    # No pad_token_id: transformers pads finished rows with the first EOS id.
+    eos = eos_ending_all(model, ids[:1], None, 1)
+    expected, got, ran = both(model, ids[:1], max_new_tokens=7, pad_token_id=None, eos_token_id=eos)
+    assert ran and torch.equal(got, expected)
+
+
+def test_other_decoding_modes_keep_transformers_loop():
+    model = tiny("opt").double()
+    ids, mask = prompts(model)
+    common = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=model.config.pad_token_id)
+    for kw in (dict(num_beams=2), dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
+               dict(return_dict_in_generate=True), dict(stop_strings=None, max_time=10.0)):
+        expected = model.generate(ids, **common, **kw)
+        fft.enable(model, compile=True)
+        with counting_ffa_calls() as calls:
+            got = model.generate(ids, **common, **kw)
+        assert model._ffa_binding.decode_step is None, kw
+        assert calls, kw  # transformers' loop, still with FFA's attention
+        fft.disable(model)
+        if isinstance(expected, torch.Tensor):
+            assert torch.equal(got, expected), kw
+        else:
+            assert torch.equal(got.sequences, expected.sequences), kw
+    assert greedy_loop.plan(model, (ids,), dict(common, do_sample=True)) is None
+    assert greedy_loop.plan(model, (ids,), dict(common)) is not None
+    # greedy_loop=False hands greedy search back to transformers' loop.
+    fft.enable(model, compile=True, greedy_loop=False)
+    model.generate(ids, **common)
+    assert model._ffa_binding.decode_step is None
+    with pytest.raises(TypeError, match="greedy_loop"):
+        fft.enable(model, greedy_loop=1)
+
+
+def test_the_step_is_reused_while_its_cache_and_batch_hold():
+    model = fft.enable(tiny("qwen2").double(), compile=True)
+    ids, mask = prompts(model)
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id)
+    first = model.generate(ids, attention_mask=mask, **kw)
+    step = model._ffa_binding.decode_step
+    assert torch.equal(model.generate(ids, attention_mask=mask, **kw), first)
+    assert model._ffa_binding.decode_step is step
+    single = model.generate(ids[:1], attention_mask=mask[:1], **kw)
+    assert model._ffa_binding.decode_step is not step  # another batch size: another step
+    assert torch.equal(single, first[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_gpu_graph_loop_equals_transformers(arch):
+    """Compiled step, CUDA graph, lagged stop check: float32 ids equal transformers' eager ones,
+    also when rows finish early, on a reused graph and after a batch change."""
+    model = tiny(arch).cuda()
+    ids, mask = (x.cuda() for x in prompts(model))
+    pad = model.config.pad_token_id
+    all_stop = eos_ending_all(model, ids, mask, 3)
+    cases = [dict(max_new_tokens=16, min_new_tokens=16), dict(max_new_tokens=16, eos_token_id=all_stop),
+             dict(max_new_tokens=16, eos_token_id=all_stop, min_new_tokens=9)]
+    expected = [model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **kw) for kw in cases]
+    fft.enable(model, compile=True)
+    torch._dynamo.reset()
+    for kw, want in zip(cases + cases, expected + expected):
+        got = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **kw)
+        assert model._ffa_binding.decode_step.graph is not None
+        assert torch.equal(got, want), kw
+    assert expected[1].shape[1] <= PROMPT + 4  # the early stop happened
+    single = model.generate(ids[:1], attention_mask=mask[:1], do_sample=False, pad_token_id=pad, **cases[0])
+    assert torch.equal(single, expected[0][:1])
