@@ -15,8 +15,9 @@ The loop computes exactly what transformers' greedy search computes: the same mo
 suppressed while fewer than min_new_tokens (or min_length) tokens exist, finished rows padded
 with pad_token_id, generation ended when every row has produced an EOS or max_new_tokens
 tokens exist, and the same returned ids. `plan` admits only that case: sampling, beams, any
-other logits processor or stopping criterion, streamers and dictionary outputs go through
-transformers' loop. On the CPU the same step runs eagerly (no compile, no graph).
+other logits processor or stopping criterion, streamers, dictionary outputs, tensor-parallel
+and multi-device models go through transformers' loop. On the CPU the same step runs eagerly
+(no compile, no graph).
 """
 
 import copy
@@ -57,6 +58,8 @@ def plan(model, args, kwargs):
     exactly, else None (transformers' loop then runs it)."""
     if len(args) > 1 or any(kwargs.get(name) is not None for name in OWN_PARAMETERS):
         return None
+    if _is_distributed(model):
+        return None  # collectives inside the captured step are not validated: transformers' loop
     kwargs = dict(kwargs)
     inputs = args[0] if args else kwargs.pop("inputs", None)
     if inputs is None:
@@ -83,6 +86,13 @@ def plan(model, args, kwargs):
         mask = _default_mask(inputs, config.pad_token_id, eos)
     minimum = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt)
     return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad)
+
+
+def _is_distributed(model):
+    """Tensor-parallel ranks and models spread over several devices."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return len(set(getattr(model, "hf_device_map", {}).values())) > 1
 
 
 def _is_plain_greedy(config):

@@ -106,6 +106,9 @@ def test_other_decoding_modes_keep_transformers_loop():
             assert torch.equal(got.sequences, expected.sequences), kw
     assert greedy_loop.plan(model, (ids,), dict(common, do_sample=True)) is None
     assert greedy_loop.plan(model, (ids,), dict(common)) is not None
+    model.hf_device_map = {"model.decoder": 0, "lm_head": 1}  # spread over two devices
+    assert greedy_loop.plan(model, (ids,), dict(common)) is None
+    del model.hf_device_map
     # greedy_loop=False hands greedy search back to transformers' loop.
     fft.enable(model, compile=True, greedy_loop=False)
     model.generate(ids, **common)
