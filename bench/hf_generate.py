@@ -6,9 +6,10 @@ Model: OPT-1.3b's shape with random weights (or --model, a local checkpoint), fp
 1000 random tokens, exactly 128 new tokens (greedy, EOS suppressed), batch 1 and 10. Paths:
   hf            Hugging Face default: SDPA, dynamic cache
   hf_static     cache_implementation="static": generate compiles the decode step (CUDA graphs)
-  ffa           ffa.transformers.enable(model): FFA decode steps, eager
-  ffa_compiled  ffa.transformers.enable(model, compile=True): FFA's greedy loop replays the
-                compiled decode step from a CUDA graph (ffa/greedy_loop.py)
+  ffa           ffa.transformers.enable(model): FFA's greedy loop replays the eager decode step
+                from a CUDA graph (ffa/greedy_loop.py)
+  ffa_compiled  ffa.transformers.enable(model, compile=True): the same loop, the step compiled
+  ffa_hf_loop   enable(model, greedy_loop=False): transformers' loop, FFA's eager decode steps
   ffa_compiled_hf_loop
                 enable(model, compile=True, greedy_loop=False): transformers' loop compiles FFA's
                 decode step, as it does for its static cache
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 from shared import environment, token_agreement
 
-PATHS = ("hf", "hf_static", "ffa", "ffa_compiled", "ffa_compiled_hf_loop")
+PATHS = ("hf", "hf_static", "ffa", "ffa_compiled", "ffa_hf_loop", "ffa_compiled_hf_loop")
 OPT_1_3B = dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                 word_embed_proj_dim=2048, max_position_embeddings=2048, vocab_size=50272)
 # CUDA runtime calls that block the host until the GPU has caught up (a device-to-host copy, as
@@ -123,7 +124,7 @@ def setup_path(model, path):
         if fft.is_enabled(model):
             fft.disable(model)
         return {"cache_implementation": "static"} if path == "hf_static" else {}
-    fft.enable(model, compile=path != "ffa", greedy_loop=path == "ffa_compiled")
+    fft.enable(model, compile="compiled" in path, greedy_loop=not path.endswith("hf_loop"))
     return {}
 
 
@@ -247,7 +248,7 @@ def report(record, args):
         else:
             say(f"{path:20s} | failed: {record['errors'].get(path)}")
     for base in ("hf", "hf_static"):
-        for path in ("ffa", "ffa_compiled", "ffa_compiled_hf_loop"):
+        for path in PATHS[2:]:
             if base in timing and path in timing:
                 ratios = [timing[base][str(b)]["median_s"] / timing[path][str(b)]["median_s"] for b in args.batches]
                 say(f"speedup {path} over {base}: "

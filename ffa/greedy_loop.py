@@ -1,14 +1,16 @@
-"""FFA's own loop for greedy `generate` on a model enabled with compile=True.
+"""FFA's own loop for greedy `generate` on an FFA-enabled model.
 
 Why: in transformers' loop the GPU idles between decode steps. Per token, `generate` runs its
 logits processors and stopping criteria in Python and then waits for the GPU (it reads
 `unfinished_sequences.max() == 0` on the host) before it queues the next step: 0.28 s of a
-0.66 s `generate` at batch 10 on OPT-1.3b (H100, bench/results/hf-generate-h100.md).
+0.66 s `generate` at batch 10 on OPT-1.3b even with the step compiled (H100,
+bench/results/hf-generate-h100.md); eager steps are worse, bound by Python launching each op.
 
-Here one decode step is: the model's forward (torch.compile, fullgraph), the greedy pick and the
-end-of-sequence bookkeeping, all on the device and, on CUDA, captured once in a CUDA graph. The
-host replays the graph and reads the "every row finished" flag a few steps late through pinned
-memory, so the GPU always has the next steps queued and never waits for Python.
+Here one decode step is: the model's forward (as it is, or under torch.compile with
+enable(..., compile=True)), the greedy pick and the end-of-sequence bookkeeping, all on the
+device and, on CUDA, captured once in a CUDA graph. The host replays the graph and reads the
+"every row finished" flag a few steps late through pinned memory, so the GPU always has the
+next steps queued and never waits for Python.
 
 The loop computes exactly what transformers' greedy search computes: the same model inputs
 (prompt mask, position ids from it, logits of the last position only), float32 logits, EOS
@@ -190,21 +192,25 @@ class DecodeStep:
         self.pick(out.logits[:, -1])
 
     def capture(self):
-        """Compile (first call) and capture one step in a CUDA graph. The warm-up steps change
-        the state and write K/V past the prompt; the state is restored, and those positions
-        are written again by the real steps before anything reads them."""
+        """Capture one step in a CUDA graph, after two warm-up steps (which compile a compiled
+        forward and allocate FFA's split workspaces). The warm-up steps change the state and
+        write K/V past the prompt; the state is restored, and those positions are written
+        again by the real steps before anything reads them."""
+        fill = self.cache._fill
         state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished,
-                 self.tokens, self.cache._fill.length]
-        saved = [x.clone() for x in state]
+                 self.tokens, fill.length]
+        saved, host_length = [x.clone() for x in state], fill.host_length
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
+                fill.host_length = host_length  # eager steps count on the host: keep it below max_len
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.step()
+        fill.host_length = host_length
         for x, value in zip(state, saved):
             x.copy_(value)
 
@@ -254,13 +260,16 @@ def generate(binding, model, cache, plan):
     step = binding.decode_step
     if step is None or step.key != DecodeStep.key_of(cache, batch, plan.eos, plan.pad):
         step = None
+    on_gpu = model.device.type == "cuda"
     if step is None:
-        on_gpu = model.device.type == "cuda"
-        if on_gpu and binding.compiled_forward is None:
-            binding.compiled_forward = torch.compile(model, fullgraph=True, dynamic=False)
-        step = DecodeStep(model, binding.compiled_forward if on_gpu else model, cache, batch, plan.eos, plan.pad)
+        forward = model
+        if binding.compile and on_gpu:
+            if binding.compiled_forward is None:
+                binding.compiled_forward = torch.compile(model, fullgraph=True, dynamic=False)
+            forward = binding.compiled_forward
+        step = DecodeStep(model, forward, cache, batch, plan.eos, plan.pad)
     step.start(plan)
-    if plan.new_tokens > 1 and step.graph is None and model.device.type == "cuda":
+    if plan.new_tokens > 1 and step.graph is None and on_gpu:
         step.capture()
     step.key = DecodeStep.key_of(cache, batch, plan.eos, plan.pad)  # buffers exist after the prefill
     binding.decode_step = step

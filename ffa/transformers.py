@@ -20,9 +20,11 @@ How it fits into transformers 5.x without touching any modeling file:
   * `model.generate` is wrapped (on this instance only) so that it sizes an `FFACache` for the
     call (prompt + new tokens) and reuses it across calls while it is large enough, which
     keeps buffer addresses fixed for CUDA graphs.
-  * `enable(model, compile=True)` marks the cache compileable (static shapes, buffers at
-    static addresses, positions in device memory): `generate` then compiles the decode step
-    with torch.compile and CUDA graphs on the GPU, as it does for its own static cache.
+  * Greedy search runs in FFA's own loop (ffa/greedy_loop.py): on the GPU each decode step
+    (model forward, greedy pick, end-of-sequence bookkeeping) is replayed from a CUDA graph.
+  * `enable(model, compile=True)` also compiles that step, and marks the cache compileable
+    (static shapes, buffers at static addresses, positions in device memory) so that other
+    decoding modes get the step compiled by `generate`, as for its own static cache.
   * Tensor parallelism (`from_pretrained(..., tp_plan="auto")` under torchrun): each rank's
     attention sees only its shard of the heads, so every cache layer takes its head counts and
     device from the K/V it is given, never from the config; nothing else changes.
@@ -384,12 +386,13 @@ def _check_head_dim(config, dtype):
 def enable(model, *, compile=False, greedy_loop=True):
     """Make `model.generate` (and forward calls with an FFACache) use FFA for decode steps.
 
-    compile=True makes the cache compileable and compiles the decode step (torch.compile, CUDA
-    graphs on the GPU); the first call of a shape pays the compilation. Greedy searches then run
-    in FFA's own decode loop (ffa/greedy_loop.py: same tokens, no host wait between steps);
-    greedy_loop=False, or any other decoding mode, leaves the loop to `generate`, which compiles
-    the step as it does with cache_implementation="static". Returns the model. Calling it again
-    updates the options."""
+    Greedy searches run in FFA's own decode loop (ffa/greedy_loop.py: the same ids as
+    transformers' greedy search; on the GPU each decode step is replayed from a CUDA graph, with
+    no host wait between steps). compile=True also compiles that step (torch.compile; the first
+    call of each batch size pays the compilation) and makes the cache compileable, so that
+    other decoding modes, or greedy_loop=False, get the step compiled by `generate` as it does
+    with cache_implementation="static". Returns the model. Calling it again updates the
+    options."""
     if not isinstance(model, GenerationMixin) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers generative model, got {type(model).__name__}")
     for name, value in (("compile", compile), ("greedy_loop", greedy_loop)):
@@ -484,7 +487,7 @@ def _generate(model, generate, *args, **kwargs):
     if cache is not None and not isinstance(cache, FFACache):
         raise ValueError(f"past_key_values is a {type(cache).__name__}; an FFA-enabled model generates with an "
                          "FFACache (or none); call ffa.transformers.disable(model) first")
-    plan = greedy_loop.plan(model, args, kwargs) if binding.compile and binding.greedy_loop else None
+    plan = greedy_loop.plan(model, args, kwargs) if binding.greedy_loop else None
     _check_left_padding(plan.attention_mask if plan is not None else kwargs.get("attention_mask"))
     if cache is None and setting("use_cache") is not False:
         new = setting("max_new_tokens")
