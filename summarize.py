@@ -66,7 +66,7 @@ def parse_args(argv=None):
                    help="attention of the Hugging Face baseline (FFA's prefill uses SDPA)")
     p.add_argument("--prompt_len", type=int, default=1000, help="prompt tokens per article (default 1000)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="compile FFA's decode step (CUDA graphs) on the GPU (default on)")
+                   help="compile FFA's decode step on the GPU (default on; off: the eager step, still in a CUDA graph)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="path prefix of the .json/.png results "
