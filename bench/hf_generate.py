@@ -17,8 +17,8 @@ For every path and batch: the first generate (warm-up; compilation for the compi
 the median wall time of --repeats more. Then:
   agreement  generated tokens of each path against hf at the largest batch, in fp16 and (model
              cast to bf16) in bf16: first 32 identical? share of the 128 identical? hf_static's
-             agreement with hf is the yardstick: random weights give small logit margins, so
-             fp16 rounding alone flips some greedy choices.
+             agreement with hf is the fp16 yardstick, hf with eager attention the bf16 one:
+             random weights give small logit margins, so rounding alone flips greedy choices.
   profile    torch.profiler over one generate per path at the largest batch: GPU time in
              attention kernels, in copies (cache writes and concatenations), in matrix
              multiplies and in the rest, and the wall time the GPU stood idle (Python and launch
@@ -227,6 +227,14 @@ def main():
             reference = generate(model, ids, mask, args.new).cpu()
             setup_path(model, "ffa")
             record["agreement"]["bfloat16"] = {"ffa": token_agreement(generate(model, ids, mask, args.new).cpu(), reference)}
+            # The yardstick: Hugging Face's own eager attention against its SDPA, both in bf16.
+            setup_path(model, "hf")
+            model.set_attn_implementation("eager")
+            try:
+                yardstick = token_agreement(generate(model, ids, mask, args.new).cpu(), reference)
+            finally:
+                model.set_attn_implementation("sdpa")
+            record["agreement"]["bfloat16"]["hf_eager_attention"] = yardstick
         except Exception as e:
             record["errors"]["bf16"] = f"{type(e).__name__}: {e}"
 
