@@ -27,7 +27,6 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig
 
 # Generation settings this loop reproduces, or that greedy search ignores (the sampling ones).
 HANDLED = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "eos_token_id", "pad_token_id",
@@ -127,7 +126,7 @@ class DecodeStep:
         device = model.device
         long = dict(dtype=torch.long, device=device)
         self.model, self.forward, self.cache = model, forward, cache
-        self.key = self.key_of(cache, batch, eos, pad)
+        self.key = None  # key_of() once the prefill has allocated the cache's buffers
         self.token = torch.zeros(batch, 1, **long)
         self.position = torch.zeros(batch, 1, **long)
         self.mask = torch.ones(batch, cache.max_len, **long)
@@ -150,8 +149,7 @@ class DecodeStep:
         return (id(cache), layer.keys.data_ptr() if layer.is_initialized else None, batch, eos, pad)
 
     def start(self, plan):
-        """Prefill (eager, the model's own attention) and pick the first token. Returns the
-        prompt's logits, kept for the caller's inspection in tests."""
+        """Prefill (eager, the model's own attention), reset the state and pick the first token."""
         prompt = plan.input_ids.shape[1]
         position = plan.attention_mask.cumsum(-1) - 1
         position = position.masked_fill(plan.attention_mask == 0, 0)
@@ -269,8 +267,12 @@ def generate(binding, model, cache, plan):
             forward = binding.compiled_forward
         step = DecodeStep(model, forward, cache, batch, plan.eos, plan.pad)
     step.start(plan)
+    # The prefill may have reallocated the cache (the model changed dtype since the capture):
+    # a graph over the old buffers must not be replayed.
+    key = DecodeStep.key_of(cache, batch, plan.eos, plan.pad)
+    if key != step.key:
+        step.graph, step.key = None, key
     if plan.new_tokens > 1 and step.graph is None and on_gpu:
         step.capture()
-    step.key = DecodeStep.key_of(cache, batch, plan.eos, plan.pad)  # buffers exist after the prefill
     binding.decode_step = step
     return step.run(plan)

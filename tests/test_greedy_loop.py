@@ -155,3 +155,13 @@ def test_gpu_graph_loop_equals_transformers(arch, compile):
     assert expected[1].shape[1] <= PROMPT + 4  # the early stop happened
     single = model.generate(ids[:1], attention_mask=mask[:1], do_sample=False, pad_token_id=pad, **cases[0])
     assert torch.equal(single, expected[0][:1])
+    # A dtype change reallocates the cache at the next prefill: the graph is captured again.
+    model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0])
+    graph = model._ffa_binding.decode_step.graph
+    model.half()
+    halves = [model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]) for _ in range(2)]
+    assert model._ffa_binding.decode_step.graph is not graph
+    fft.enable(model, compile=compile)  # forgets every step and cache: a fresh capture
+    assert torch.equal(halves[0], halves[1])
+    assert torch.equal(model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]),
+                       halves[0])
