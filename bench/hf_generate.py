@@ -3,15 +3,16 @@
     python bench/hf_generate.py --out bench/results/hf_generate.json
 
 Model: OPT-1.3b's shape with random weights (or --model, a local checkpoint), fp16, a prompt of
-1000 random tokens, exactly 128 new tokens (greedy, EOS suppressed), batch 1 and 10. Paths:
+1000 random tokens, exactly 128 new tokens (greedy, EOS suppressed; --sample: sampling with
+transformers' defaults), batch 1 and 10. Paths:
   hf            Hugging Face default: SDPA, dynamic cache
   hf_static     cache_implementation="static": generate compiles the decode step (CUDA graphs)
-  ffa           ffa.transformers.enable(model): FFA's greedy loop replays the eager decode step
-                from a CUDA graph (ffa/greedy_loop.py)
+  ffa           ffa.transformers.enable(model): FFA's decode loop replays the eager decode step
+                from a CUDA graph (ffa/decode_loop.py)
   ffa_compiled  ffa.transformers.enable(model, compile=True): the same loop, the step compiled
-  ffa_hf_loop   enable(model, greedy_loop=False): transformers' loop, FFA's eager decode steps
+  ffa_hf_loop   enable(model, decode_loop=False): transformers' loop, FFA's eager decode steps
   ffa_compiled_hf_loop
-                enable(model, compile=True, greedy_loop=False): transformers' loop compiles FFA's
+                enable(model, compile=True, decode_loop=False): transformers' loop compiles FFA's
                 decode step, as it does for its static cache
 For every path and batch: the first generate (warm-up; compilation for the compiled paths) and
 the median wall time of --repeats more. Then:
@@ -63,6 +64,9 @@ def parse_args():
     p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 agreement check")
+    p.add_argument("--sample", action="store_true",
+                   help="sample (do_sample=True, transformers' default top_k=50) instead of greedy search; "
+                        "no token agreement is checked")
     return p.parse_args()
 
 
@@ -102,8 +106,8 @@ def prompts(model, batch, length):
     return ids, torch.ones_like(ids)
 
 
-def generate(model, ids, mask, new, **kw):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+def generate(model, ids, mask, new, sample=False, **kw):
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=sample,
                          pad_token_id=model.config.pad_token_id, **kw)
     torch.cuda.synchronize()
     return out[:, ids.shape[1]:]
@@ -124,7 +128,7 @@ def setup_path(model, path):
         if fft.is_enabled(model):
             fft.disable(model)
         return {"cache_implementation": "static"} if path == "hf_static" else {}
-    fft.enable(model, compile="compiled" in path, greedy_loop=not path.endswith("hf_loop"))
+    fft.enable(model, compile="compiled" in path, decode_loop=not path.endswith("hf_loop"))
     return {}
 
 
@@ -196,13 +200,13 @@ def main():
 
     model, source = build_model(args)
     record = {**environment(" ".join(["python"] + sys.argv), torch.cuda.get_device_name()), "model": source, "dtype": "float16", "prompt": args.prompt, "new_tokens": args.new,
-              "batches": args.batches, "repeats": args.repeats, "timing": {}, "compile": {}, "errors": {}}
+              "batches": args.batches, "repeats": args.repeats, "sample": args.sample, "timing": {}, "compile": {}, "errors": {}}
     say(f"{record['device']} | torch {record['torch']} | transformers {record['transformers']} | {source}")
     tokens, big = {}, max(args.batches)
     record["profile"] = {}
     for path in args.paths:
         try:
-            extra = setup_path(model, path)
+            extra = dict(setup_path(model, path), sample=args.sample)
             result, info = time_path(model, path, extra, args, skips)
             if args.profile:
                 record["profile"][path] = profile_path(model, extra, big, args, result[big]["median_s"])
@@ -216,10 +220,10 @@ def main():
         if path in ("hf_static", "ffa_compiled", "ffa_compiled_hf_loop"):
             record["compile"][path] = info
 
-    record["agreement"] = {"float16": {p: token_agreement(tokens[p][big], tokens["hf"][big])
-                                       for p in tokens if p != "hf" and "hf" in tokens}}
+    record["agreement"] = {} if args.sample else {
+        "float16": {p: token_agreement(tokens[p][big], tokens["hf"][big]) for p in tokens if p != "hf" and "hf" in tokens}}
 
-    if args.bf16 and "hf" in tokens and "ffa" in tokens:
+    if args.bf16 and not args.sample and "hf" in tokens and "ffa" in tokens:
         try:
             model.to(torch.bfloat16)
             ids, mask = prompts(model, big, args.prompt)
@@ -244,7 +248,8 @@ def main():
 
 
 def report(record, args):
-    say(f"\n{record['device']}, {record['model']}, fp16, prompt {args.prompt}, {args.new} new tokens: "
+    say(f"\n{record['device']}, {record['model']}, fp16, prompt {args.prompt}, {args.new} new tokens"
+        f"{' (sampling)' if args.sample else ''}: "
         "wall time of one generate (median), first call (warm-up/compile) in brackets")
     say(f"{'path':20s} | " + " | ".join(f"{'batch ' + str(b):>20s}" for b in args.batches))
     timing = record["timing"]

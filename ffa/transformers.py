@@ -20,8 +20,9 @@ How it fits into transformers 5.x without touching any modeling file:
   * `model.generate` is wrapped (on this instance only) so that it sizes an `FFACache` for the
     call (prompt + new tokens) and reuses it across calls while it is large enough, which
     keeps buffer addresses fixed for CUDA graphs.
-  * Greedy search runs in FFA's own loop (ffa/greedy_loop.py): on the GPU each decode step
-    (model forward, greedy pick, end-of-sequence bookkeeping) is replayed from a CUDA graph.
+  * Greedy search and sampling run in FFA's own loop (ffa/decode_loop.py): on the GPU each
+    decode step (model forward, token choice, end-of-sequence bookkeeping) is replayed from a
+    CUDA graph.
   * `enable(model, compile=True)` also compiles that step, and marks the cache compileable
     (static shapes, buffers at static addresses, positions in device memory) so that other
     decoding modes get the step compiled by `generate`, as for its own static cache.
@@ -46,7 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from . import greedy_loop
+from . import decode_loop
 from .attention import FastForwardAttn
 
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -330,13 +331,13 @@ class _Binding:
         self.cache = None
         self.configure(False, False)
 
-    def configure(self, compile, greedy_loop):
+    def configure(self, compile, decode_loop):
         """The options of enable(); forgets what the previous options built."""
         self.compile = compile
-        self.greedy_loop = greedy_loop
+        self.decode_loop = decode_loop
         self.generate_cache = None    # the cache generate made, reused by the next call
-        self.decode_step = None       # greedy_loop.DecodeStep (and its CUDA graph) over that cache
-        self.compiled_forward = None  # the model under torch.compile, for the greedy loop
+        self.decode_step = None       # decode_loop.DecodeStep (and its CUDA graph) over that cache
+        self.compiled_forward = None  # the model under torch.compile, for the decode loop
 
 
 def _binding_of(model):
@@ -383,19 +384,19 @@ def _check_head_dim(config, dtype):
         raise ValueError(f"FFA cannot run this model ({config.model_type}): {e}") from None
 
 
-def enable(model, *, compile=False, greedy_loop=True):
+def enable(model, *, compile=False, decode_loop=True):
     """Make `model.generate` (and forward calls with an FFACache) use FFA for decode steps.
 
-    Greedy searches run in FFA's own decode loop (ffa/greedy_loop.py: the same ids as
-    transformers' greedy search; on the GPU each decode step is replayed from a CUDA graph, with
-    no host wait between steps). compile=True also compiles that step (torch.compile; the first
-    call of each batch size pays the compilation) and makes the cache compileable, so that
-    other decoding modes, or greedy_loop=False, get the step compiled by `generate` as it does
-    with cache_implementation="static". Returns the model. Calling it again updates the
-    options."""
+    Greedy search and sampling (temperature, top-k, top-p) run in FFA's own decode loop
+    (ffa/decode_loop.py: the same ids as transformers' loop; on the GPU each decode step is
+    replayed from a CUDA graph, with no host wait between steps). compile=True also compiles
+    that step (torch.compile; the first call of each batch size pays the compilation) and makes
+    the cache compileable, so that other decoding modes, or decode_loop=False, get the step
+    compiled by `generate` as it does with cache_implementation="static". Returns the model.
+    Calling it again updates the options."""
     if not isinstance(model, GenerationMixin) or not hasattr(model, "config"):
         raise TypeError(f"model must be a transformers generative model, got {type(model).__name__}")
-    for name, value in (("compile", compile), ("greedy_loop", greedy_loop)):
+    for name, value in (("compile", compile), ("decode_loop", decode_loop)):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     config = model.config
@@ -403,14 +404,14 @@ def enable(model, *, compile=False, greedy_loop=True):
         raise ValueError(f"model type {config.model_type!r} is not supported; FFA supports "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if is_enabled(model):
-        model._ffa_binding.configure(compile, greedy_loop)
+        model._ffa_binding.configure(compile, decode_loop)
         return model
     _check_head_dim(config, model.dtype)
     _register()
     modules = _attention_modules(model)
     heads, kv_heads, _ = _head_counts(config)
     binding = _Binding(modules, heads // kv_heads, config._attn_implementation)
-    binding.configure(compile, greedy_loop)
+    binding.configure(compile, decode_loop)
     for module in modules:
         module._ffa_binding = binding
     if config.model_type in OWN_ATTENTION_MODEL_TYPES:
@@ -487,7 +488,7 @@ def _generate(model, generate, *args, **kwargs):
     if cache is not None and not isinstance(cache, FFACache):
         raise ValueError(f"past_key_values is a {type(cache).__name__}; an FFA-enabled model generates with an "
                          "FFACache (or none); call ffa.transformers.disable(model) first")
-    plan = greedy_loop.plan(model, args, kwargs) if binding.greedy_loop else None
+    plan = decode_loop.plan(model, args, kwargs) if binding.decode_loop else None
     _check_left_padding(plan.attention_mask if plan is not None else kwargs.get("attention_mask"))
     if cache is None and setting("use_cache") is not False:
         new = setting("max_new_tokens")
@@ -500,7 +501,7 @@ def _generate(model, generate, *args, **kwargs):
     try:
         if plan is not None:
             with torch.no_grad():
-                return greedy_loop.generate(binding, model, cache, plan)
+                return decode_loop.generate(binding, model, cache, plan)
         return generate(model, *args, **kwargs)
     finally:
         binding.cache = None

@@ -1,14 +1,14 @@
-"""FFA's greedy decode loop (ffa/greedy_loop.py) against transformers' own greedy search: the
-same returned ids for every architecture, with left padding, EOS and early stops, minimum
-lengths and inferred masks; other decoding modes keep transformers' loop. CPU: the loop's steps
-run eagerly; GPU (marked): replayed from a CUDA graph, eager or compiled."""
+"""FFA's decode loop (ffa/decode_loop.py) against transformers' own loop: the same returned ids
+for every architecture, with left padding, EOS and early stops, minimum lengths and inferred
+masks, and for sampling the same draws; other decoding modes keep transformers' loop. CPU: the
+loop's steps run eagerly; GPU (marked): replayed from a CUDA graph, eager or compiled."""
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 import ffa.transformers as fft  # noqa: E402
-from ffa import greedy_loop  # noqa: E402
+from ffa import decode_loop  # noqa: E402
 from test_transformers import ARCHS, PROMPT, counting_ffa_calls, prompts, tiny  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -87,14 +87,55 @@ def test_mask_inferred_from_padding_and_pad_defaulting_to_eos():
     assert ran and torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("arch", ["opt", "llama", "gptj"])
+def test_sampling_draws_what_transformers_draws(arch):
+    """Same seed, same draws: the loop applies transformers' warpers in its order (temperature,
+    top-k with its default of 50, top-p) and draws with torch.multinomial as it does."""
+    model = tiny(arch).double()
+    ids, mask = prompts(model)
+    pad = model.config.pad_token_id
+    all_stop = eos_ending_all(model, ids, mask, 3)
+    for kw in (dict(), dict(temperature=0.7, top_p=0.9), dict(top_k=5, temperature=1.5), dict(top_k=0),
+               dict(eos_token_id=all_stop, top_k=3), dict(min_new_tokens=10, top_k=3)):
+        torch.manual_seed(7)
+        expected = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=pad, **kw)
+        fft.enable(model)
+        torch.manual_seed(7)
+        got = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=pad, **kw)
+        assert model._ffa_binding.decode_step.warpers is not None
+        fft.disable(model)
+        assert torch.equal(got, expected), kw
+    # The draws are random: another seed gives other tokens.
+    fft.enable(model)
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs.append(model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=pad))
+    assert not torch.equal(runs[0], runs[1])
+
+
+def test_generation_config_is_merged_as_transformers_merges_it():
+    """A generation_config that leaves eos_token_id unset takes the model's, as in transformers."""
+    model = tiny("llama").double()
+    ids, mask = prompts(model)
+    model.generation_config.eos_token_id = eos_ending_all(model, ids, mask, 2)
+    config = transformers.GenerationConfig(max_new_tokens=10, pad_token_id=model.config.pad_token_id)
+    expected, got, ran = both(model, ids, attention_mask=mask, generation_config=config)
+    assert ran and torch.equal(got, expected)
+    assert expected.shape[1] <= PROMPT + 3  # the model's EOS ids ended the call
+
+
 def test_other_decoding_modes_keep_transformers_loop():
     model = tiny("opt").double()
     ids, mask = prompts(model)
     common = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=model.config.pad_token_id)
     for kw in (dict(num_beams=2), dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
-               dict(return_dict_in_generate=True), dict(stop_strings=None, max_time=10.0)):
+               dict(return_dict_in_generate=True), dict(stop_strings=None, max_time=10.0),
+               dict(do_sample=True, min_p=0.1), dict(do_sample=True, typical_p=0.9)):
+        torch.manual_seed(0)
         expected = model.generate(ids, **common, **kw)
         fft.enable(model, compile=True)
+        torch.manual_seed(0)
         with counting_ffa_calls() as calls:
             got = model.generate(ids, **common, **kw)
         assert model._ffa_binding.decode_step is None, kw
@@ -104,17 +145,16 @@ def test_other_decoding_modes_keep_transformers_loop():
             assert torch.equal(got, expected), kw
         else:
             assert torch.equal(got.sequences, expected.sequences), kw
-    assert greedy_loop.plan(model, (ids,), dict(common, do_sample=True)) is None
-    assert greedy_loop.plan(model, (ids,), dict(common)) is not None
+    assert decode_loop.plan(model, (ids,), dict(common)) is not None
     model.hf_device_map = {"model.decoder": 0, "lm_head": 1}  # spread over two devices
-    assert greedy_loop.plan(model, (ids,), dict(common)) is None
+    assert decode_loop.plan(model, (ids,), dict(common)) is None
     del model.hf_device_map
-    # greedy_loop=False hands greedy search back to transformers' loop.
-    fft.enable(model, compile=True, greedy_loop=False)
+    # decode_loop=False hands greedy search back to transformers' loop.
+    fft.enable(model, compile=True, decode_loop=False)
     model.generate(ids, **common)
     assert model._ffa_binding.decode_step is None
-    with pytest.raises(TypeError, match="greedy_loop"):
-        fft.enable(model, greedy_loop=1)
+    with pytest.raises(TypeError, match="decode_loop"):
+        fft.enable(model, decode_loop=1)
 
 
 def test_the_step_is_reused_while_its_cache_and_batch_hold():
@@ -165,3 +205,24 @@ def test_gpu_graph_loop_equals_transformers(arch, compile):
     assert torch.equal(halves[0], halves[1])
     assert torch.equal(model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]),
                        halves[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_gpu_sampling_in_the_graph(compile):
+    """Sampling replayed from a CUDA graph: top_k=1 is greedy search; a seed fixes the draws
+    (the graph's random offsets advance per replay as eager draws do) and another seed changes them."""
+    model = tiny("llama").cuda()
+    ids, mask = (x.cuda() for x in prompts(model))
+    kw = dict(attention_mask=mask, max_new_tokens=16, pad_token_id=model.config.pad_token_id)
+    greedy_ids = model.generate(ids, do_sample=False, **kw)
+    fft.enable(model, compile=compile)
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(ids, do_sample=True, top_k=1, **kw), greedy_ids)
+    assert model._ffa_binding.decode_step.graph is not None
+    runs = {}
+    for seed in (3, 4, 3):
+        torch.manual_seed(seed)
+        runs.setdefault(seed, []).append(model.generate(ids, do_sample=True, temperature=1.5, **kw))
+    assert torch.equal(runs[3][0], runs[3][1])
+    assert not torch.equal(runs[3][0], runs[4][0])

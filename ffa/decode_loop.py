@@ -1,4 +1,4 @@
-"""FFA's own loop for greedy `generate` on an FFA-enabled model.
+"""FFA's own loop for `generate` (greedy search and sampling) on an FFA-enabled model.
 
 Why: in transformers' loop the GPU idles between decode steps. Per token, `generate` runs its
 logits processors and stopping criteria in Python and then waits for the GPU (it reads
@@ -7,19 +7,21 @@ logits processors and stopping criteria in Python and then waits for the GPU (it
 bench/results/hf-generate-h100.md); eager steps are worse, bound by Python launching each op.
 
 Here one decode step is: the model's forward (as it is, or under torch.compile with
-enable(..., compile=True)), the greedy pick and the end-of-sequence bookkeeping, all on the
+enable(..., compile=True)), the token choice and the end-of-sequence bookkeeping, all on the
 device and, on CUDA, captured once in a CUDA graph. The host replays the graph and reads the
 "every row finished" flag a few steps late through pinned memory, so the GPU always has the
 next steps queued and never waits for Python.
 
-The loop computes exactly what transformers' greedy search computes: the same model inputs
-(prompt mask, position ids from it, logits of the last position only), float32 logits, EOS
-suppressed while fewer than min_new_tokens (or min_length) tokens exist, finished rows padded
-with pad_token_id, generation ended when every row has produced an EOS or max_new_tokens
-tokens exist, and the same returned ids. `plan` admits only that case: sampling, beams, any
-other logits processor or stopping criterion, streamers, dictionary outputs, tensor-parallel
-and multi-device models go through transformers' loop. On the CPU the same step runs eagerly
-(no compile, no graph).
+The loop computes exactly what transformers' loop computes: the same model inputs (prompt
+mask, position ids from it, logits of the last position only), float32 logits, EOS suppressed
+while fewer than min_new_tokens (or min_length) tokens exist, for sampling transformers' own
+temperature / top-k / top-p warpers and torch.multinomial, finished rows padded with
+pad_token_id, generation ended when every row has produced an EOS or max_new_tokens tokens
+exist, and the same returned ids (with sampling on the CPU, the same draws for the same seed;
+in a CUDA graph the draws come from the graph's own random offsets). `plan` admits only these
+cases: beams, any other logits processor or stopping criterion, streamers, dictionary outputs,
+tensor-parallel and multi-device models go through transformers' loop. On the CPU the same
+step runs eagerly (no compile, no graph).
 """
 
 import copy
@@ -27,14 +29,19 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-# Generation settings this loop reproduces, or that greedy search ignores (the sampling ones).
+# Generation settings this loop reproduces.
 HANDLED = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "eos_token_id", "pad_token_id",
            "bos_token_id", "decoder_start_token_id", "do_sample", "num_beams", "temperature", "top_k", "top_p",
            "_from_model_config", "transformers_version"}
-# Settings that may appear in a config's differences from the defaults only with these values.
+# Settings that may be set only to these values (values without effect on this loop's decoding).
 MUST_BE = {"use_cache": True, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
-           "output_logits": False, "return_dict_in_generate": False, "num_return_sequences": 1}
+           "output_logits": False, "return_dict_in_generate": False, "num_return_sequences": 1,
+           "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
+# What transformers uses for these settings when neither the call nor the model sets them
+# (GenerationConfig._get_default_generation_params).
+DEFAULTS = {"max_length": 20, "min_length": 0, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # generate() parameters that change the decoding; any of them set sends generate to transformers.
 OWN_PARAMETERS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                   "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
@@ -45,18 +52,20 @@ STOP_CHECK_LAG = 4
 
 @dataclass
 class Plan:
-    """What one greedy `generate` call asks for, in the loop's terms."""
+    """What one `generate` call asks for, in the loop's terms."""
     input_ids: torch.Tensor       # [batch, prompt]
     attention_mask: torch.Tensor  # [batch, prompt], 1 = token, 0 = left padding
     new_tokens: int               # at most this many generated tokens
     min_new_tokens: int           # EOS is suppressed until this many exist
     eos: tuple                    # end-of-sequence ids (empty: generation runs to new_tokens)
     pad: int                      # written for rows that have finished
+    sampling: tuple = None        # (temperature, top_k, top_p) when sampling; None: greedy search
 
 
 def plan(model, args, kwargs):
-    """A Plan when `model.generate(*args, **kwargs)` is a greedy search this loop reproduces
-    exactly, else None (transformers' loop then runs it)."""
+    """A Plan when `model.generate(*args, **kwargs)` is a greedy search or a sampling with
+    temperature / top-k / top-p that this loop reproduces exactly, else None (transformers'
+    loop then runs it)."""
     if len(args) > 1 or any(kwargs.get(name) is not None for name in OWN_PARAMETERS):
         return None
     if _is_distributed(model):
@@ -65,17 +74,24 @@ def plan(model, args, kwargs):
     inputs = args[0] if args else kwargs.pop("inputs", None)
     if inputs is None:
         inputs = kwargs.pop("input_ids", None)
-    config = kwargs.pop("generation_config", None)
-    config = copy.deepcopy(model.generation_config if config is None else config)
+    # As transformers merges them: the call's config, then the model's for what it leaves unset.
+    given = kwargs.pop("generation_config", None)
+    config = copy.deepcopy(given) if given is not None else GenerationConfig()
+    config.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
     mask = kwargs.pop("attention_mask", None)
-    if config.update(**kwargs) or not _is_plain_greedy(config):
+    if config.update(**kwargs) or not _is_supported(config):
         return None  # leftover keywords are model inputs this loop does not pass on
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype != torch.long:
         return None
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return None  # the loop feeds positions; a model that derives them itself is left to transformers
+
+    def get(name):
+        value = getattr(config, name)
+        return DEFAULTS[name] if value is None else value
+
     prompt = inputs.shape[1]
-    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - prompt
+    new = config.max_new_tokens if config.max_new_tokens is not None else get("max_length") - prompt
     if prompt < 1 or new < 1:
         return None
     eos = config.eos_token_id
@@ -85,8 +101,20 @@ def plan(model, args, kwargs):
         pad = eos[0] if eos else 0
     if mask is None:
         mask = _default_mask(inputs, config.pad_token_id, eos)
-    minimum = max(config.min_new_tokens or 0, (config.min_length or 0) - prompt)
-    return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad)
+    minimum = max(config.min_new_tokens or 0, get("min_length") - prompt)
+    sampling = (get("temperature"), get("top_k"), get("top_p")) if config.do_sample else None
+    return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad, sampling)
+
+
+def _warpers(sampling):
+    """transformers' own warpers for these sampling settings, in the order its sampling applies them."""
+    temperature, top_k, top_p = sampling
+    warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k=top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p=top_p))
+    return warpers
 
 
 def _is_distributed(model):
@@ -96,8 +124,9 @@ def _is_distributed(model):
     return len(set(getattr(model, "hf_device_map", {}).values())) > 1
 
 
-def _is_plain_greedy(config):
-    if config.do_sample or (config.num_beams or 1) != 1 or config.max_new_tokens is None and config.max_length is None:
+def _is_supported(config):
+    """Greedy search or plain sampling, no setting this loop does not reproduce."""
+    if (config.num_beams or 1) != 1:
         return False
     for key, value in config.to_diff_dict().items():
         if key not in HANDLED and not (key in MUST_BE and value == MUST_BE[key]):
@@ -114,16 +143,17 @@ def _default_mask(inputs, pad, eos):
 
 
 class DecodeStep:
-    """One greedy decode step over static buffers (its CUDA graph on the GPU).
+    """One decode step over static buffers (its CUDA graph on the GPU).
 
     The buffers hold the state between steps: the token to feed and its position, the prompt's
     mask padded with ones to the cache length (the "ffa" mask function reads only each row's
     first valid position from it), which rows are unfinished, how many tokens exist, and the
     generated tokens. `pick` turns the logits of the last position into the next token; the
-    prefill's logits go through it too, so the first token follows the same rules."""
+    prefill's logits go through it too, so the first token follows the same rules. The EOS and
+    pad ids and the sampling settings are fixed per step (they are part of its key)."""
 
-    def __init__(self, model, forward, cache, batch, eos, pad):
-        device = model.device
+    def __init__(self, model, forward, cache, plan):
+        batch, eos, device = plan.input_ids.shape[0], plan.eos, model.device
         long = dict(dtype=torch.long, device=device)
         self.model, self.forward, self.cache = model, forward, cache
         self.key = None  # key_of() once the prefill has allocated the cache's buffers
@@ -138,15 +168,18 @@ class DecodeStep:
         self.tokens = torch.zeros(batch, cache.max_len, **long)
         self.eos = torch.tensor(eos, **long) if eos else None
         self.eos_columns = None
-        self.pad = pad
+        self.pad = plan.pad
+        self.warpers = _warpers(plan.sampling) if plan.sampling is not None else None
         self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.graph = None
 
     @staticmethod
-    def key_of(cache, batch, eos, pad):
-        """What the captured graph depends on: the cache's buffers, batch size, EOS and pad ids."""
+    def key_of(cache, plan):
+        """What the captured graph depends on: the cache's buffers, the batch size, the EOS and
+        pad ids and the sampling settings."""
         layer = cache.layers[0]
-        return (id(cache), layer.keys.data_ptr() if layer.is_initialized else None, batch, eos, pad)
+        return (id(cache), layer.keys.data_ptr() if layer.is_initialized else None, plan.input_ids.shape[0],
+                plan.eos, plan.pad, plan.sampling)
 
     def start(self, plan):
         """Prefill (eager, the model's own attention), reset the state and pick the first token."""
@@ -166,13 +199,19 @@ class DecodeStep:
         self.pick(out.logits[:, -1])
 
     def pick(self, logits):
-        """Greedy choice and bookkeeping, as transformers' greedy search does it."""
+        """The next token and the bookkeeping, as transformers' greedy search or sampling does it:
+        EOS suppression, the warpers, then the largest score or a draw from the softmax."""
         scores = logits.to(torch.float32)
         if self.eos is not None:
             if self.eos_columns is None:
                 self.eos_columns = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self.eos)
             scores = scores.masked_fill(self.eos_columns & (self.count < self.minimum), -float("inf"))
-        token = scores.argmax(-1)
+        if self.warpers is None:
+            token = scores.argmax(-1)
+        else:
+            for warper in self.warpers:
+                scores = warper(None, scores)  # transformers' warpers do not read the ids
+            token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
         if self.eos is not None:
             token = token * self.unfinished + self.pad * (1 - self.unfinished)
             self.unfinished.mul_(~torch.isin(token, self.eos))
@@ -253,10 +292,9 @@ class DecodeStep:
 
 
 def generate(binding, model, cache, plan):
-    """Greedy generation through a DecodeStep kept on the binding while its key holds."""
-    batch = plan.input_ids.shape[0]
+    """Generation through a DecodeStep kept on the binding while its key holds."""
     step = binding.decode_step
-    if step is None or step.key != DecodeStep.key_of(cache, batch, plan.eos, plan.pad):
+    if step is None or step.key != DecodeStep.key_of(cache, plan):
         step = None
     on_gpu = model.device.type == "cuda"
     if step is None:
@@ -265,11 +303,11 @@ def generate(binding, model, cache, plan):
             if binding.compiled_forward is None:
                 binding.compiled_forward = torch.compile(model, fullgraph=True, dynamic=False)
             forward = binding.compiled_forward
-        step = DecodeStep(model, forward, cache, batch, plan.eos, plan.pad)
+        step = DecodeStep(model, forward, cache, plan)
     step.start(plan)
     # The prefill may have reallocated the cache (the model changed dtype since the capture):
     # a graph over the old buffers must not be replayed.
-    key = DecodeStep.key_of(cache, batch, plan.eos, plan.pad)
+    key = DecodeStep.key_of(cache, plan)
     if key != step.key:
         step.graph, step.key = None, key
     if plan.new_tokens > 1 and step.graph is None and on_gpu:
