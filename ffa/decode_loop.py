@@ -237,6 +237,7 @@ class DecodeStep:
         state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished,
                  self.tokens, fill.length]
         saved, host_length = [x.clone() for x in state], fill.host_length
+        rng = torch.cuda.get_rng_state()  # the warm-up steps' draws must not move a seeded sequence
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -248,6 +249,7 @@ class DecodeStep:
         with torch.cuda.graph(self.graph):
             self.step()
         fill.host_length = host_length
+        torch.cuda.set_rng_state(rng)
         for x, value in zip(state, saved):
             x.copy_(value)
 
