@@ -170,7 +170,8 @@ class DecodeStep:
         self.eos_columns = None
         self.pad = plan.pad
         self.warpers = _warpers(plan.sampling) if plan.sampling is not None else None
-        self.logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        # Logits of the last position only, where the model can (as generate asks for them).
+        self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.graph = None
 
     @staticmethod
@@ -186,9 +187,8 @@ class DecodeStep:
         prompt = plan.input_ids.shape[1]
         position = plan.attention_mask.cumsum(-1) - 1
         position = position.masked_fill(plan.attention_mask == 0, 0)
-        extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
         out = self.model(input_ids=plan.input_ids, attention_mask=plan.attention_mask, position_ids=position,
-                         past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
+                         past_key_values=self.cache, use_cache=True, return_dict=True, **self.extra)
         self.mask[:, :prompt].copy_(plan.attention_mask)
         self.mask[:, prompt:].fill_(1)
         self.position.copy_(position[:, -1:])
@@ -223,9 +223,8 @@ class DecodeStep:
         self.position.add_(1)
 
     def step(self):
-        extra = {"logits_to_keep": 1} if self.logits_to_keep else {}
         out = self.forward(input_ids=self.token, attention_mask=self.mask, position_ids=self.position,
-                           past_key_values=self.cache, use_cache=True, return_dict=True, **extra)
+                           past_key_values=self.cache, use_cache=True, return_dict=True, **self.extra)
         self.pick(out.logits[:, -1])
 
     def capture(self):
@@ -295,11 +294,9 @@ class DecodeStep:
 
 def generate(binding, model, cache, plan):
     """Generation through a DecodeStep kept on the binding while its key holds."""
+    on_gpu = model.device.type == "cuda"
     step = binding.decode_step
     if step is None or step.key != DecodeStep.key_of(cache, plan):
-        step = None
-    on_gpu = model.device.type == "cuda"
-    if step is None:
         forward = model
         if binding.compile and on_gpu:
             if binding.compiled_forward is None:
