@@ -91,7 +91,13 @@ def plan(model, args, kwargs):
         return DEFAULTS[name] if value is None else value
 
     prompt = inputs.shape[1]
-    new = config.max_new_tokens if config.max_new_tokens is not None else get("max_length") - prompt
+    if config.max_new_tokens is not None:
+        new = config.max_new_tokens
+    elif config.max_length is not None:
+        new = config.max_length - prompt
+    else:  # transformers' default: max_length new tokens, within the model's positions
+        positions = getattr(model.config, "max_position_embeddings", None) or prompt + DEFAULTS["max_length"]
+        new = min(DEFAULTS["max_length"], positions - prompt)
     if prompt < 1 or new < 1:
         return None
     eos = config.eos_token_id

@@ -323,13 +323,13 @@ class _Binding:
     previous attention implementation, the compile flag and the cache in use (set by
     FFACache.update)."""
 
-    def __init__(self, modules, group, previous):
+    def __init__(self, modules, group, previous, compile, decode_loop):
         self.modules = modules
         self.group = group
         self.num_layers = len(modules)
         self.previous = previous
         self.cache = None
-        self.configure(False, False)
+        self.configure(compile, decode_loop)
 
     def configure(self, compile, decode_loop):
         """The options of enable(); forgets what the previous options built."""
@@ -410,8 +410,7 @@ def enable(model, *, compile=False, decode_loop=True):
     _register()
     modules = _attention_modules(model)
     heads, kv_heads, _ = _head_counts(config)
-    binding = _Binding(modules, heads // kv_heads, config._attn_implementation)
-    binding.configure(compile, decode_loop)
+    binding = _Binding(modules, heads // kv_heads, config._attn_implementation, compile, decode_loop)
     for module in modules:
         module._ffa_binding = binding
     if config.model_type in OWN_ATTENTION_MODEL_TYPES:
@@ -491,8 +490,11 @@ def _generate(model, generate, *args, **kwargs):
     plan = decode_loop.plan(model, args, kwargs) if binding.decode_loop else None
     _check_left_padding(plan.attention_mask if plan is not None else kwargs.get("attention_mask"))
     if cache is None and setting("use_cache") is not False:
-        new = setting("max_new_tokens")
-        need = _prompt_length(args, kwargs) + (new if new is not None else setting("max_length"))
+        # New tokens are at most max_new_tokens, else at most max_length, else transformers'
+        # default (max_length new tokens).
+        limit = setting("max_new_tokens")
+        limit = setting("max_length") if limit is None else limit
+        need = _prompt_length(args, kwargs) + (decode_loop.DEFAULTS["max_length"] if limit is None else limit)
         cache = binding.generate_cache
         if cache is None or cache.max_len < need:
             cache = binding.generate_cache = FFACache(model, need)

@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 import ffa.transformers as fft  # noqa: E402
 from ffa import decode_loop  # noqa: E402
-from test_transformers import ARCHS, PROMPT, counting_ffa_calls, prompts, tiny  # noqa: E402
+from test_transformers import ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -73,6 +73,25 @@ def test_rows_that_finish_are_padded_and_the_call_ends_when_all_have(arch):
             assert expected.shape[1] == PROMPT + 12 and expected[0, -1] == pad
         if eos is all_stop and not kw:  # the call ended early
             assert expected.shape[1] <= PROMPT + 4
+
+
+@pytest.mark.parametrize("loop", [True, False], ids=["ffa-loop", "transformers-loop"])
+def test_no_length_given_means_transformers_default(loop):
+    """Neither max_new_tokens nor max_length: transformers generates its default max_length
+    (20) of new tokens, and so does FFA (this crashed before with a TypeError)."""
+    model = tiny("opt").double()
+    ids, mask = prompts(model)
+    expected = model.generate(ids, attention_mask=mask)
+    fft.enable(model, decode_loop=loop)
+    assert torch.equal(model.generate(ids, attention_mask=mask), expected)
+    assert expected.shape[1] == PROMPT + 20
+    # ... capped by the model's positions (128): a 120-token prompt gets 8.
+    long_prompt = torch.randint(3, VOCAB, (1, 120), generator=torch.Generator().manual_seed(5))
+    fft.disable(model)
+    expected = model.generate(long_prompt)
+    fft.enable(model, decode_loop=loop)
+    assert torch.equal(model.generate(long_prompt), expected)
+    assert expected.shape[1] == 128
 
 
 def test_mask_inferred_from_padding_and_pad_defaulting_to_eos():
