@@ -42,7 +42,7 @@ MUST_BE = {"use_cache": True, "output_attentions": False, "output_hidden_states"
 # What transformers uses for these settings when neither the call nor the model sets them
 # (GenerationConfig._get_default_generation_params).
 DEFAULTS = {"max_length": 20, "min_length": 0, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-# generate() parameters that change the decoding; any of them set sends generate to transformers.
+# generate() parameters that change the decoding; any of them set sends the call to transformers.
 OWN_PARAMETERS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
                   "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
                   "custom_generate")
@@ -62,34 +62,40 @@ class Plan:
     sampling: tuple = None        # (temperature, top_k, top_p) when sampling; None: greedy search
 
 
-def plan(model, args, kwargs):
-    """A Plan when `model.generate(*args, **kwargs)` is a greedy search or a sampling with
-    temperature / top-k / top-p that this loop reproduces exactly, else None (transformers'
-    loop then runs it)."""
-    if len(args) > 1 or any(kwargs.get(name) is not None for name in OWN_PARAMETERS):
-        return None
-    if _is_distributed(model):
-        return None  # collectives inside the captured step are not validated: transformers' loop
-    kwargs = dict(kwargs)
-    inputs = args[0] if args else kwargs.pop("inputs", None)
-    if inputs is None:
-        inputs = kwargs.pop("input_ids", None)
-    # As transformers merges them: the call's config, then the model's for what it leaves unset.
-    given = kwargs.pop("generation_config", None)
+def merged_config(model, call):
+    """The generation config transformers builds for generate(**call): the call's
+    generation_config (else an empty one), the model's for what it leaves unset, then the
+    call's keywords. Returns it and the keywords that are not settings (transformers' global
+    defaults, DEFAULTS here, are left unapplied so that the config's differences from an empty
+    one are what the call and the model asked for)."""
+    call = dict(call)
+    given = call.pop("generation_config", None)
     config = copy.deepcopy(given) if given is not None else GenerationConfig()
     config.update(**model.generation_config.to_dict(), defaults_only=True, allow_custom_entries=True)
-    mask = kwargs.pop("attention_mask", None)
-    if config.update(**kwargs) or not _is_supported(config):
-        return None  # leftover keywords are model inputs this loop does not pass on
+    return config, config.update(**call)
+
+
+def setting(config, name):
+    """A setting of a merged config, transformers' default where it is unset."""
+    value = getattr(config, name)
+    return DEFAULTS[name] if value is None else value
+
+
+def plan(model, config, inputs, rest):
+    """A Plan when generate() with this merged config, these input ids and `rest` (its
+    keywords that are not settings, input ids excluded) is a greedy search or a sampling with
+    temperature / top-k / top-p that this loop reproduces exactly, else None (transformers'
+    loop then runs it)."""
+    rest = dict(rest)
+    mask = rest.pop("attention_mask", None)
+    if any(rest.pop(name, None) is not None for name in OWN_PARAMETERS) or rest:
+        return None  # another decoding, or model inputs this loop does not pass on
+    if not _is_supported(config) or _is_distributed(model):
+        return None  # (collectives inside the captured step are not validated)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype != torch.long:
         return None
     if "position_ids" not in inspect.signature(model.forward).parameters:
         return None  # the loop feeds positions; a model that derives them itself is left to transformers
-
-    def get(name):
-        value = getattr(config, name)
-        return DEFAULTS[name] if value is None else value
-
     prompt = inputs.shape[1]
     if config.max_new_tokens is not None:
         new = config.max_new_tokens
@@ -107,8 +113,8 @@ def plan(model, args, kwargs):
         pad = eos[0] if eos else 0
     if mask is None:
         mask = _default_mask(inputs, config.pad_token_id, eos)
-    minimum = max(config.min_new_tokens or 0, get("min_length") - prompt)
-    sampling = (get("temperature"), get("top_k"), get("top_p")) if config.do_sample else None
+    minimum = max(config.min_new_tokens or 0, setting(config, "min_length") - prompt)
+    sampling = tuple(setting(config, name) for name in ("temperature", "top_k", "top_p")) if config.do_sample else None
     return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad, sampling)
 
 

@@ -38,6 +38,7 @@ with several new tokens are refused with a ValueError.
 """
 
 import functools
+import inspect
 import math
 
 import torch
@@ -452,10 +453,15 @@ def disable(model):
 # generate
 # ---------------------------------------------------------------------------------------
 
-def _prompt_length(args, kwargs):
-    inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
-    lengths = [x.shape[1] for x in (inputs, kwargs.get("inputs_embeds")) if isinstance(x, torch.Tensor)]
-    return max(lengths, default=1)
+def _keywords(generate, model, args, kwargs):
+    """A generate() call's arguments as keywords (positional ones named by its signature)."""
+    params = inspect.signature(generate).parameters
+    call = inspect.signature(generate).bind(model, *args, **kwargs).arguments
+    call.pop(next(iter(params)))  # the model itself
+    for name, param in params.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(call.pop(name, {}))
+    return call
 
 
 def _check_left_padding(mask):
@@ -472,38 +478,34 @@ def _check_left_padding(mask):
 
 def _generate(model, generate, *args, **kwargs):
     """model.generate with an FFACache sized for the call: prompt + max_new_tokens (or
-    max_length, which bounds the new tokens in every reading transformers gives it)."""
+    max_length, which bounds the new tokens in every reading transformers gives it, or
+    transformers' default), and FFA's decode loop where it reproduces the call."""
     binding = model._ffa_binding
-    config = kwargs.get("generation_config")
-    config = model.generation_config if config is None else config
-
-    def setting(name):
-        return kwargs[name] if name in kwargs else getattr(config, name, None)
-
-    if setting("cache_implementation") is not None:
-        raise ValueError(f"cache_implementation={setting('cache_implementation')!r} cannot be combined with an "
+    call = _keywords(generate, model, args, kwargs)
+    config, rest = decode_loop.merged_config(model, call)
+    if config.cache_implementation is not None:
+        raise ValueError(f"cache_implementation={config.cache_implementation!r} cannot be combined with an "
                          "FFA-enabled model; call ffa.transformers.disable(model) first")
-    cache = kwargs.get("past_key_values")
+    cache = rest.get("past_key_values")
     if cache is not None and not isinstance(cache, FFACache):
         raise ValueError(f"past_key_values is a {type(cache).__name__}; an FFA-enabled model generates with an "
                          "FFACache (or none); call ffa.transformers.disable(model) first")
-    plan = decode_loop.plan(model, args, kwargs) if binding.decode_loop else None
-    _check_left_padding(plan.attention_mask if plan is not None else kwargs.get("attention_mask"))
-    if cache is None and setting("use_cache") is not False:
-        # New tokens are at most max_new_tokens, else at most max_length, else transformers'
-        # default (max_length new tokens).
-        limit = setting("max_new_tokens")
-        limit = setting("max_length") if limit is None else limit
-        need = _prompt_length(args, kwargs) + (decode_loop.DEFAULTS["max_length"] if limit is None else limit)
+    inputs = rest.pop("inputs", None)
+    inputs = rest.pop("input_ids", None) if inputs is None else inputs
+    plan = decode_loop.plan(model, config, inputs, rest) if binding.decode_loop else None
+    _check_left_padding(plan.attention_mask if plan is not None else rest.get("attention_mask"))
+    if cache is None and config.use_cache is not False:
+        limit = config.max_new_tokens if config.max_new_tokens is not None else decode_loop.setting(config, "max_length")
+        prompt = max((x.shape[1] for x in (inputs, rest.get("inputs_embeds")) if isinstance(x, torch.Tensor)), default=1)
         cache = binding.generate_cache
-        if cache is None or cache.max_len < need:
-            cache = binding.generate_cache = FFACache(model, need)
+        if cache is None or cache.max_len < prompt + limit:
+            cache = binding.generate_cache = FFACache(model, prompt + limit)
         cache.reset()
-        kwargs["past_key_values"] = cache
+        call["past_key_values"] = cache
     try:
         if plan is not None:
             with torch.no_grad():
                 return decode_loop.generate(binding, model, cache, plan)
-        return generate(model, *args, **kwargs)
+        return generate(model, **call)
     finally:
         binding.cache = None

@@ -94,6 +94,21 @@ def test_no_length_given_means_transformers_default(loop):
     assert expected.shape[1] == 128
 
 
+@pytest.mark.parametrize("loop", [True, False], ids=["ffa-loop", "transformers-loop"])
+def test_the_models_settings_fill_what_a_given_config_leaves_unset(loop):
+    """The cache is sized from the merged settings: a generation_config without a length (by
+    keyword or positionally) takes the model's max_new_tokens, as in transformers."""
+    model = tiny("opt").double()
+    ids, mask = prompts(model)
+    model.generation_config.max_new_tokens = 30
+    given = transformers.GenerationConfig(do_sample=False, pad_token_id=model.config.pad_token_id)
+    expected = model.generate(ids, generation_config=given, attention_mask=mask)
+    fft.enable(model, decode_loop=loop)
+    assert torch.equal(model.generate(ids, generation_config=given, attention_mask=mask), expected)
+    assert torch.equal(model.generate(ids, given, attention_mask=mask), expected)
+    assert expected.shape[1] == PROMPT + 30
+
+
 def test_mask_inferred_from_padding_and_pad_defaulting_to_eos():
     model = tiny("llama").double()
     ids, mask = prompts(model)
@@ -164,9 +179,10 @@ def test_other_decoding_modes_keep_transformers_loop():
             assert torch.equal(got, expected), kw
         else:
             assert torch.equal(got.sequences, expected.sequences), kw
-    assert decode_loop.plan(model, (ids,), dict(common)) is not None
+    config, rest = decode_loop.merged_config(model, common)
+    assert decode_loop.plan(model, config, ids, rest) is not None
     model.hf_device_map = {"model.decoder": 0, "lm_head": 1}  # spread over two devices
-    assert decode_loop.plan(model, (ids,), dict(common)) is None
+    assert decode_loop.plan(model, config, ids, rest) is None
     del model.hf_device_map
     # decode_loop=False hands greedy search back to transformers' loop.
     fft.enable(model, compile=True, decode_loop=False)
