@@ -269,8 +269,9 @@ def main(argv=None):
     out = Path(args.out or f"bench/results/summarize_{name}_{args.data_type}_{args.output_len}")
     out.parent.mkdir(parents=True, exist_ok=True)
     title = f"{name} {args.data_type}, prompt {args.prompt_len}, {args.output_len} new tokens"
-    record = {**environment(" ".join([Path(sys.argv[0]).name] + sys.argv[1:]), device_name(args)), "model": model_source, "data": data_source, "args": vars(args),
-              "ffa_compiled": args.compile and args.device.startswith("cuda"), "results": results}
+    command = " ".join([Path(sys.argv[0]).name] + sys.argv[1:])
+    record = {**environment(command, device_name(args)), "model": model_source, "data": data_source,
+              "args": vars(args), "ffa_compiled": args.compile and args.device.startswith("cuda"), "results": results}
     record["png"] = plot(results, out.with_suffix(".png"), f"{title}, {record['device']}", args.attn_baseline)
     out.with_suffix(".json").write_text(json.dumps(record, indent=2))
 

@@ -495,8 +495,10 @@ def _generate(model, generate, *args, **kwargs):
     plan = decode_loop.plan(model, config, inputs, rest) if binding.decode_loop else None
     _check_left_padding(plan.attention_mask if plan is not None else rest.get("attention_mask"))
     if cache is None and config.use_cache is not False:
-        limit = config.max_new_tokens if config.max_new_tokens is not None else decode_loop.setting(config, "max_length")
-        prompt = max((x.shape[1] for x in (inputs, rest.get("inputs_embeds")) if isinstance(x, torch.Tensor)), default=1)
+        limit = config.max_new_tokens
+        limit = decode_loop.setting(config, "max_length") if limit is None else limit
+        prompts = [x.shape[1] for x in (inputs, rest.get("inputs_embeds")) if isinstance(x, torch.Tensor)]
+        prompt = max(prompts, default=1)
         cache = binding.generate_cache
         if cache is None or cache.max_len < prompt + limit:
             cache = binding.generate_cache = FFACache(model, prompt + limit)
