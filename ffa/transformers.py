@@ -455,10 +455,10 @@ def disable(model):
 
 def _keywords(generate, model, args, kwargs):
     """A generate() call's arguments as keywords (positional ones named by its signature)."""
-    params = inspect.signature(generate).parameters
-    call = inspect.signature(generate).bind(model, *args, **kwargs).arguments
-    call.pop(next(iter(params)))  # the model itself
-    for name, param in params.items():
+    signature = inspect.signature(generate)
+    call = signature.bind(model, *args, **kwargs).arguments
+    call.pop(next(iter(signature.parameters)))  # the model itself
+    for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
             call.update(call.pop(name, {}))
     return call
