@@ -6,8 +6,8 @@
 The GPU run times, for each shape (the kernel grid of bench/attention_kernels.py in float16, plus
 the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
 candidate of ffa.tuner.search.tune with refine=3 (every split length at 128 threads and the
-largest heads per block, then every threads x heads per block at the 3 best split lengths), each
-checked against the reference first. --evaluate scores the heuristic of the checkout it runs in:
+largest heads per block, then every threads x heads per block at the 3 best split lengths, each
+on CUDA cores and on tensor cores), each checked against the reference first. --evaluate scores the heuristic of the checkout it runs in:
 its time over the best time, per shape and as a geometric mean. A choice that was not timed is
 scored by the timed candidate of the same threads and heads per block with the nearest split
 length (marked ~), so the score of a new heuristic on old data is an estimate.
@@ -32,15 +32,18 @@ SHAPES = ([(d, kv, b, n) for d in (64, 128) for kv in (32, 8) for b, n in PAIRS]
           + [(64, 32, b, 1152) for b in (1, 2, 5, 10)] + [(128, kv, 8, 1152) for kv in (8, 4)]
           + [(128, 8, 1, 4096), (128, 8, 4, 4096), (128, 8, 2, 16384), (64, 32, 2, 4096), (64, 32, 4, 4096),
              (128, 32, 4, 2048), (128, 8, 16, 16384)]
-          + [(64, 32, b, n) for b in (1, 4, 16) for n in (256, 512)] + [(128, 8, 1, 256), (128, 8, 4, 512)])
+          + [(64, 32, b, n) for b in (1, 4, 16) for n in (256, 512)] + [(128, 8, 1, 256), (128, 8, 4, 512)]
+          + [(d, 4, b, n) for d in (64, 128) for b, n in ((1, 16384), (8, 4096), (32, 4096), (128, 2048))])
 
 
 def key(c):
-    return f"{c.threads}/{c.heads_per_block}/{c.split_len}"
+    """threads/heads_per_block/split_len, with /tc for the tensor-core kernel."""
+    return f"{c.threads}/{c.heads_per_block}/{c.split_len}" + ("/tc" if c.tensor_cores else "")
 
 
 def parse(k):
-    return LaunchConfig(*map(int, k.split("/")))
+    fields = k.split("/")
+    return LaunchConfig(*map(int, fields[:3]), tensor_cores=fields[3:] == ["tc"])
 
 
 def measure(out):
@@ -48,18 +51,20 @@ def measure(out):
     from ffa.tuner.search import CudaTimer, Problem, Workload, tune
     device = torch.device("cuda")
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    capability = torch.cuda.get_device_capability(device)
     timer = CudaTimer(device)
     rows = []
     for head_dim, kv_heads, batch, length in SHAPES:
         w = Workload(torch.float16, head_dim, HEADS // kv_heads, batch, kv_heads, length)
         problem = Problem(w, device)
-        r = tune(problem, sm_count, timer, refine=3)
+        r = tune(problem, sm_count, timer, refine=3, capability=capability)
         rows.append(dict(head_dim=head_dim, kv_heads=kv_heads, batch=batch, length=length, group=w.group,
                          timings_us={key(c): round(s * 1e6, 2) for c, s in r.timings.items()}))
         print(w, "best", key(r.config), f"{r.seconds * 1e6:.1f} us", flush=True)
         del problem
         torch.cuda.empty_cache()
-    doc = dict(device=torch.cuda.get_device_name(device), sm_count=sm_count, commit=source_commit(),
+    doc = dict(device=torch.cuda.get_device_name(device), sm_count=sm_count, capability=list(capability),
+               commit=source_commit(),
                torch=torch.__version__, command=" ".join(sys.argv), rows=rows)
     with open(out, "w") as fh:
         json.dump(doc, fh, indent=1)
@@ -69,7 +74,8 @@ def timed_as(timings, config):
     """The time of `config`, or of the nearest timed split length at its threads and heads."""
     if key(config) in timings:
         return timings[key(config)], key(config)
-    same = [c for c in map(parse, timings) if (c.threads, c.heads_per_block) == (config.threads, config.heads_per_block)
+    same = [c for c in map(parse, timings)
+            if (c.threads, c.heads_per_block, c.tensor_cores) == (config.threads, config.heads_per_block, config.tensor_cores)
             and (c.split_len == 0) == (config.split_len == 0)]
     if not same:
         return None, key(config) + " (not timed)"

@@ -33,6 +33,7 @@
 
 #include "combine.cuh"
 #include "decode_args.h"
+#include "decode_block.cuh"
 #include "reduce.cuh"
 #include "row_stream.cuh"
 #include "vec.cuh"
@@ -94,38 +95,16 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
   const int h0 = kvh * a.group + (blockIdx.y % subgroups) * a.heads_per_block;
   const int nh = a.heads_per_block;
 
-  int64_t start, pos;
-  const bool valid = sequence_range(a, b, start, pos);
-  if (!valid) {  // NaN output marks the sequence (written once, by split 0)
-    if (split == 0)
-      for (int i = tid; i < nh * D; i += nt)
-        static_cast<T *>(a.out)[b * a.o_sb + (h0 + i / D) * a.o_sh + i % D] = T(NAN);
-    return;
-  }
-  int64_t lo = 0, hi = a.max_len;
-  if (a.split_len > 0) {
-    lo = int64_t(split) * a.split_len;
-    hi = lo + a.split_len < hi ? lo + a.split_len : hi;
-  }
-  lo = lo > start ? lo : start;
-  hi = hi < pos + 1 ? hi : pos + 1;
-  if (lo >= hi) return;
+  BlockRange r;
+  if (!block_range<T, D>(a, b, split, h0, nh, r)) return;
+  const int64_t start = r.start, pos = r.pos, lo = r.lo, hi = r.hi;
 
   const T *kbase = static_cast<const T *>(a.k_cache) + b * a.k_sb + kvh * a.k_sh;
   const T *vbase = static_cast<const T *>(a.v_cache) + b * a.v_sb + kvh * a.v_sh;
   const T *knew = static_cast<const T *>(a.new_k) + b * a.nk_sb + kvh * a.nk_sh;
   const T *vnew = static_cast<const T *>(a.new_v) + b * a.nv_sb + kvh * a.nv_sh;
-
-  // Fused cache append: the block whose range holds `pos` (first head group only) writes it.
-  // No block reads the cache at `pos` in this launch: they take the row from new_k/new_v.
-  if (pos >= lo && pos < hi && blockIdx.y % subgroups == 0) {
-    for (int c = tid; c < 2 * CHUNKS; c += nt) {
-      const bool is_k = c < CHUNKS;
-      const int ch = is_k ? c : c - CHUNKS;
-      T *dst = const_cast<T *>(is_k ? kbase + pos * a.k_ss : vbase + pos * a.v_ss);
-      *reinterpret_cast<uint4 *>(dst + ch * VEC) = load_chunk((is_k ? knew : vnew) + ch * VEC);
-    }
-  }
+  append_new_row<T, D>(r, blockIdx.y % subgroups == 0, const_cast<T *>(kbase + pos * a.k_ss),
+                       const_cast<T *>(vbase + pos * a.v_ss), knew, vnew);
 
   // q of this block's heads, prescaled to base-2 logits; unused heads and lanes hold zeros.
   float q[G][CPL][VEC];

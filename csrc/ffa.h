@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 3
+#define FFA_ABI_VERSION 4
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -81,6 +81,9 @@ typedef struct {
   int64_t threads;         /* 64, 128 or 256 */
   int64_t heads_per_block; /* query heads sharing one K/V read; divides heads/kv_heads, <= 8 */
   int64_t split_len;       /* 0 or a multiple of 16 */
+  int64_t tensor_cores;    /* 0: CUDA cores. 1: tensor cores (mma), for fp16/bf16 with head_dim 64
+                              or 128 on compute capability 8.0+, where the block's shared memory
+                              fits the device (FFA_ERR_UNSUPPORTED otherwise); exact, prune_p unused */
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One

@@ -85,6 +85,12 @@ int check_shapes(const ffa_decode_params *p) {
   if (p->split_len < 0 || (p->split_len > 0 && num_splits(p) > 8192))
     return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld gives more than 8192 splits of max_len %lld",
                 (long long)p->split_len, (long long)p->max_len);
+  if (p->tensor_cores != 0 && p->tensor_cores != 1)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "tensor_cores %lld is not 0 or 1", (long long)p->tensor_cores);
+  if (p->tensor_cores && !ffa::has_tensor_core_kernel(int(dtype_size(p->dtype)), int(p->head_dim)))
+    return fail(FFA_ERR_UNSUPPORTED, "tensor_cores needs float16 or bfloat16 with head_dim 64 or 128 (got %s, %lld)",
+                p->dtype == FFA_F32 ? "float32" : p->dtype == FFA_F16 ? "float16" : "bfloat16",
+                (long long)p->head_dim);
   return FFA_OK;
 }
 
@@ -124,7 +130,8 @@ const char *ffa_build_info(void) {
          ", \"archs\": [" FFA_STR(__CUDA_ARCH_LIST__)
          "], \"dtypes\": [\"float16\", \"bfloat16\", \"float32\"]"
          ", \"head_dims\": [32, 64, 80, 96, 128, 256], \"threads\": [64, 128, 256]"
-         ", \"max_heads_per_block\": 8, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
+         ", \"max_heads_per_block\": 8, \"tensor_cores\": {\"dtypes\": [\"float16\", \"bfloat16\"]"
+         ", \"head_dims\": [64, 128], \"compute_capability\": 8.0}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 
 const char *ffa_status_string(int status) {
@@ -232,13 +239,20 @@ int ffa_decode(const ffa_decode_params *p) {
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "cudaGetDevice: %s", cudaGetErrorString(err));
   cudaStream_t stream = static_cast<cudaStream_t>(p->stream);
+  const int hd = int(p->head_dim), batch = int(p->batch), kvh = int(p->kv_heads), threads = int(p->threads);
+  const bool tc = p->tensor_cores != 0;
   err = [&] {
     switch (p->dtype) {
-      case FFA_F16: return ffa::launch_decode<__half>(a, int(p->head_dim), int(p->batch), int(p->kv_heads), int(p->threads), stream);
-      case FFA_BF16: return ffa::launch_decode<__nv_bfloat16>(a, int(p->head_dim), int(p->batch), int(p->kv_heads), int(p->threads), stream);
-      default: return ffa::launch_decode<float>(a, int(p->head_dim), int(p->batch), int(p->kv_heads), int(p->threads), stream);
+      case FFA_F16: return ffa::launch_decode<__half>(a, hd, batch, kvh, threads, tc, stream);
+      case FFA_BF16: return ffa::launch_decode<__nv_bfloat16>(a, hd, batch, kvh, threads, tc, stream);
+      default: return ffa::launch_decode<float>(a, hd, batch, kvh, threads, tc, stream);
     }
   }();
+  if (err == cudaErrorNotSupported && tc)  // launch_decode_mma's answer
+    return fail(FFA_ERR_UNSUPPORTED,
+                "tensor_cores: device %d cannot run this launch (it needs compute capability 8.0+ and "
+                "%d bytes of shared memory per block for %d threads of head_dim %d)",
+                device, ffa::mma_smem_bytes(hd, threads), threads, hd);
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
     return fail(FFA_ERR_NO_KERNEL_IMAGE, "no kernel image for device %d (compiled for " FFA_STR(__CUDA_ARCH_LIST__) ")", device);
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "kernel launch on device %d: %s", device, cudaGetErrorString(err));

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 
-ABI_VERSION = 3  # must equal FFA_ABI_VERSION in csrc/ffa.h
+ABI_VERSION = 4  # must equal FFA_ABI_VERSION in csrc/ffa.h
 
 OK, INVALID_ARGUMENT, UNSUPPORTED, NO_KERNEL_IMAGE, CUDA_ERROR, ABI_MISMATCH = range(6)
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -18,6 +18,11 @@ DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
 
 class FFAError(RuntimeError):
     """An error reported by FFA's native library (a CUDA error, a missing kernel image)."""
+
+
+class UnsupportedError(ValueError):
+    """A valid request that this build or GPU has no kernel for (a head_dim not compiled, a
+    tensor-core launch on a GPU without them or with too little shared memory)."""
 
 
 class DecodeParams(ctypes.Structure):
@@ -62,6 +67,7 @@ class DecodeParams(ctypes.Structure):
         ("threads", ctypes.c_int64),
         ("heads_per_block", ctypes.c_int64),
         ("split_len", ctypes.c_int64),
+        ("tensor_cores", ctypes.c_int64),
         ("workspace", ctypes.c_void_p),
         ("workspace_bytes", ctypes.c_int64),
         ("stream", ctypes.c_void_p),
@@ -128,7 +134,9 @@ def build_info():
 def _raise(status, context):
     lib = load()
     msg = f"{context}: {lib.ffa_last_error().decode()}"
-    if status in (INVALID_ARGUMENT, UNSUPPORTED):
+    if status == UNSUPPORTED:
+        raise UnsupportedError(msg)
+    if status == INVALID_ARGUMENT:
         raise ValueError(msg)
     raise FFAError(f"FFA {lib.ffa_status_string(status).decode()}: {msg}")
 

@@ -248,7 +248,7 @@ class FastForwardAttn:
             return out
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
         op(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos, pos_int, start_t,
-           start_int, scale, p, config.threads, config.heads_per_block, config.split_len,
+           start_int, scale, p, config.threads, config.heads_per_block, config.split_len, config.tensor_cores,
            self._workspace_for(heads, config))
         return out
 
@@ -258,8 +258,7 @@ class FastForwardAttn:
         params = self._params.get((heads, config))
         if params is None:
             workspace = self._workspace_for(heads, config)
-            params = ops.launch_params(self.k_cache, self.v_cache, heads, config.threads, config.heads_per_block,
-                                       config.split_len, workspace)
+            params = ops.launch_params(self.k_cache, self.v_cache, heads, config, workspace)
             self._params[heads, config] = params
         return params
 

@@ -4,10 +4,14 @@ A LaunchConfig is the part of a launch that does not change results, only speed:
   threads          threads per block (64, 128, 256)
   heads_per_block  query heads that share one read of their kv head (divides the group size)
   split_len        positions per block; 0 means one block covers the whole sequence
+  tensor_cores     the tensor-core (mma) kernel instead of the CUDA-core one: fp16 / bf16 with
+                   head_dim 64 or 128 on compute capability 8.0+ (`tensor_cores_apply`)
 The tuner (ffa.tuner) measures these per GPU; without its cache, `heuristic` decides.
 """
 
 from dataclasses import asdict, dataclass, replace
+
+import torch
 
 MAX_HEADS_PER_BLOCK = 8
 MAX_SPLITS = 8192  # the library's limit on ceil(max_len / split_len)
@@ -19,9 +23,20 @@ class LaunchConfig:
     threads: int = 128
     heads_per_block: int = 1
     split_len: int = 0
+    tensor_cores: bool = False
 
     def as_dict(self):
         return asdict(self)
+
+
+TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
+TENSOR_CORE_HEAD_DIMS = (64, 128)
+
+
+def tensor_cores_apply(dtype, head_dim, capability):
+    """Whether the library has a tensor-core kernel for this dtype and head_dim on a GPU of
+    compute capability `capability` (a (major, minor) tuple)."""
+    return dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS and tuple(capability) >= (8, 0)
 
 
 def heads_per_block_options(group, most=MAX_HEADS_PER_BLOCK):

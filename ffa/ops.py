@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import _lib
+from .launch import LaunchConfig
 from .reference import decode_reference
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -38,9 +39,9 @@ def _rows(x, vec):
     return x, ptr, stride[0], stride[1]
 
 
-def launch_params(k_cache, v_cache, heads, threads, heads_per_block, split_len, workspace):
+def launch_params(k_cache, v_cache, heads, config, workspace):
     """The DecodeParams fields that stay fixed from step to step for one cache, query head
-    count, launch and workspace; `cuda_decode` fills in the rest. It holds the tensors it
+    count, launch (a LaunchConfig) and workspace; `cuda_decode` fills in the rest. It holds the tensors it
     points into, so that they live as long as it does."""
     batch, kv_heads, max_len, head_dim = k_cache.shape
     params = _lib.DecodeParams(
@@ -50,7 +51,8 @@ def launch_params(k_cache, v_cache, heads, threads, heads_per_block, split_len, 
         k_stride_s=k_cache.stride(2),
         v_cache=v_cache.data_ptr(), v_stride_b=v_cache.stride(0), v_stride_h=v_cache.stride(1),
         v_stride_s=v_cache.stride(2),
-        threads=threads, heads_per_block=heads_per_block, split_len=split_len,
+        threads=config.threads, heads_per_block=config.heads_per_block, split_len=config.split_len,
+        tensor_cores=int(config.tensor_cores),
         workspace=workspace.data_ptr() if workspace.numel() else None,
         workspace_bytes=workspace.numel() * workspace.element_size(),
     )
@@ -90,10 +92,12 @@ def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, sca
 def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, pos: Optional[torch.Tensor], pos_int: int,
                 start: Optional[torch.Tensor], start_int: int, scale: float, p: float,
-                threads: int, heads_per_block: int, split_len: int, workspace: torch.Tensor) -> None:
+                threads: int, heads_per_block: int, split_len: int, tensor_cores: bool,
+                workspace: torch.Tensor) -> None:
     """One decode step (see reference.py for the semantics), written into `out` [batch, heads, head_dim]."""
     if q.is_cuda:
-        fixed = launch_params(k_cache, v_cache, q.shape[1], threads, heads_per_block, split_len, workspace)
+        config = LaunchConfig(threads, heads_per_block, split_len, tensor_cores)
+        fixed = launch_params(k_cache, v_cache, q.shape[1], config, workspace)
         cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p)
         return
     batch = q.shape[0]
@@ -110,7 +114,7 @@ decode = torch.library.custom_op("ffa::decode", decode_into, mutates_args=("out"
 
 @decode.register_fake
 def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p,
-      threads, heads_per_block, split_len, workspace):
+      threads, heads_per_block, split_len, tensor_cores, workspace):
     return None
 
 

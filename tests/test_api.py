@@ -8,6 +8,7 @@ import torch
 
 from cases import Case, make_inputs, pruning_bound
 from ffa import FastForwardAttn, LaunchConfig, _lib, ops
+from ffa.launch import tensor_cores_apply
 
 
 def naive(K, V, q, scale):
@@ -257,7 +258,8 @@ def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
     q, k, v = (laid_out(torch.randn(batch, n, 1, d, dtype=torch.float16), layout) for n in (heads, kv_heads, kv_heads))
     out = torch.empty(batch, heads, d, dtype=torch.float16)
     t = torch.tensor([20, 7], dtype=torch.int32)
-    fixed = ops.launch_params(k_cache, v_cache, heads, 128, 4, 0, torch.empty(0, dtype=torch.uint8))
+    fixed = ops.launch_params(k_cache, v_cache, heads, LaunchConfig(128, 4, 0, tensor_cores=True),
+                              torch.empty(0, dtype=torch.uint8))
     seen = {}
 
     def decode(P):
@@ -280,8 +282,8 @@ def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
                       "out": out.data_ptr(), "out_stride_b": heads * d, "out_stride_h": d,
                       "pos_ptr": t.data_ptr(), "pos_bits": 32, "pos_scalar": 0,
                       "start_ptr": None, "start_bits": 0, "start_scalar": 3, "softmax_scale": 0.125, "prune_p": 0.01,
-                      "threads": 128, "heads_per_block": 4, "split_len": 0, "workspace": None, "workspace_bytes": 0,
-                      "stream": 4096}
+                      "threads": 128, "heads_per_block": 4, "split_len": 0, "tensor_cores": 1, "workspace": None,
+                      "workspace_bytes": 0, "stream": 4096}
 
 
 def test_library_refuses_more_head_groups_than_a_grid_holds():
@@ -298,3 +300,31 @@ def test_library_refuses_more_head_groups_than_a_grid_holds():
     with pytest.raises(ValueError, match="131070 is more than 65535 head groups"):
         _lib.workspace_bytes(params(8 * 65535, 4))
     assert _lib.workspace_bytes(params(8 * 65535, 8)) == 0  # 65535 groups: the most a launch holds
+
+
+@pytest.mark.parametrize("dtype,head_dim,supported", [("float16", 64, True), ("bfloat16", 128, True),
+                                                      ("float32", 128, False), ("float16", 80, False),
+                                                      ("bfloat16", 256, False)])
+def test_library_knows_where_tensor_cores_apply(dtype, head_dim, supported):
+    """A tensor-core launch is checked before anything touches a GPU: for a dtype or head_dim
+    without a tensor-core kernel it is an UnsupportedError (a ValueError) that says what is
+    supported; a tensor_cores field other than 0 or 1 is a ValueError. ffa.launch agrees."""
+    if not _lib.available():
+        pytest.skip("the compiled FFA library is not built here")
+
+    def params(tensor_cores):
+        return _lib.DecodeParams(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES[dtype], batch=2, heads=8,
+                                 kv_heads=2, head_dim=head_dim, max_len=256, threads=128, heads_per_block=4,
+                                 split_len=64, tensor_cores=tensor_cores)
+
+    torch_dtype = getattr(torch, dtype)
+    assert tensor_cores_apply(torch_dtype, head_dim, (9, 0)) == supported
+    assert not tensor_cores_apply(torch_dtype, head_dim, (7, 5))
+    expected = ops.workspace_bytes(2, 8, head_dim, 256, LaunchConfig(128, 4, 64))
+    if supported:
+        assert _lib.workspace_bytes(params(1)) == expected
+    else:
+        with pytest.raises(_lib.UnsupportedError, match="tensor_cores needs float16 or bfloat16 with head_dim 64 or 128"):
+            _lib.workspace_bytes(params(1))
+    with pytest.raises(ValueError, match="tensor_cores 2 is not 0 or 1"):
+        _lib.workspace_bytes(params(2))

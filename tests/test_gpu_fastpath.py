@@ -115,7 +115,7 @@ def test_fast_path_equals_the_op_path(p):
         op = torch.full_like(fast, float("nan"))
         ops.decode_into(op, q, k, v, f.k_cache, f.v_cache, pos, t_int, start, start_int,
                         args["softmax_scale"] or HEAD_DIM ** -0.5, p, config.threads, config.heads_per_block,
-                        config.split_len, f._workspace_for(q.shape[1], config))
+                        config.split_len, config.tensor_cores, f._workspace_for(q.shape[1], config))
         where = f"seed {seed}, step {step}, launch {config}"
         assert torch.equal(fast, op), where
         assert all(torch.equal(c, a) for c, a in zip(f.get_cache(), after)), where

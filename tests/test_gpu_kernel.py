@@ -7,6 +7,7 @@ import torch
 
 from cases import Case, exact, make_inputs, pruning_bound, rel_l2
 from ffa import FastForwardAttn, LaunchConfig
+from ffa.launch import tensor_cores_apply
 
 pytestmark = pytest.mark.gpu
 
@@ -16,13 +17,22 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
 LAUNCHES = ["default", "split"]
+# The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split.
+TENSOR_CORE_LAUNCHES = ["tensor_cores", "tensor_cores_split"]
+
+
+def kernel_matrix():
+    """(dtype, head_dim, launch) for every launch that applies to the dtype and head_dim."""
+    return [(dtype, d, launch) for dtype in DTYPES for d in HEAD_DIMS
+            for launch in LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, d, (8, 0)) else [])]
 
 
 def launch_for(name, heads, kv_heads):
     if name == "default":
         return None
     group = heads // kv_heads
-    return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=64)
+    return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=0 if name == "tensor_cores" else 64,
+                        tensor_cores=name.startswith("tensor_cores"))
 
 
 def run_case(c, launch_name, seed):
@@ -58,10 +68,8 @@ def run_case(c, launch_name, seed):
 
 @pytest.mark.parametrize("p", [0.0, 0.01])
 @pytest.mark.parametrize("shape", ["plain", "ragged_padded"])
-@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("heads", list(HEADS))
-@pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,head_dim,launch", kernel_matrix(), ids=str)
 def test_matrix(dtype, head_dim, heads, launch, shape, p):
     h, kvh = HEADS[heads]
     c = Case(batch=3, heads=h, kv_heads=kvh, head_dim=head_dim, prompt_len=300, max_len=400,
@@ -69,10 +77,9 @@ def test_matrix(dtype, head_dim, heads, launch, shape, p):
     run_case(c, launch, seed=torch.randint(0, 2**31, ()).item())
 
 
-@pytest.mark.parametrize("launch", LAUNCHES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_long_context_many_subchunks(dtype, launch):
-    c = Case(batch=2, heads=4, kv_heads=4, head_dim=128, prompt_len=5000, max_len=5001, dtype=dtype)
+@pytest.mark.parametrize("dtype,head_dim,launch", [m for m in kernel_matrix() if m[1] == 128], ids=str)
+def test_long_context_many_subchunks(dtype, head_dim, launch):
+    c = Case(batch=2, heads=4, kv_heads=4, head_dim=head_dim, prompt_len=5000, max_len=5001, dtype=dtype)
     run_case(c, launch, seed=torch.randint(0, 2**31, ()).item())
 
 
@@ -86,9 +93,10 @@ def test_odd_groups(heads, kv_heads, hpb):
     ref, _, _ = exact(K, V, q, k, v, t, start, 0.125, c.max_len)
     dev = lambda x: x.to("cuda", c.dtype)
     for split in (0, 64):
-        f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=LaunchConfig(128, hpb, split))
-        out = f.attention(dev(q), dev(k), dev(v), 0.125, t.cuda())
-        assert rel_l2(out, ref) < TOL[torch.float16]
+        for tensor_cores in (False, True):
+            f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=LaunchConfig(128, hpb, split, tensor_cores))
+            out = f.attention(dev(q), dev(k), dev(v), 0.125, t.cuda())
+            assert rel_l2(out, ref) < TOL[torch.float16], (split, tensor_cores)
 
 
 def test_float32_seed_example_accuracy():
@@ -135,8 +143,8 @@ def test_large_logits_stay_finite():
     K, V, q, k, v, t, start = make_inputs(c)
     q = q * 300  # logits of order 1e4 after scaling
     dev = lambda x: x.to("cuda", torch.float16)
-    for default in (True, False):
-        f = FastForwardAttn(dev(K), dev(V), c.max_len, default, launch=None if default else LaunchConfig(128, 2, 64))
+    for launch in (None, LaunchConfig(128, 2, 64), LaunchConfig(128, 2, 64, tensor_cores=True)):
+        f = FastForwardAttn(dev(K), dev(V), c.max_len, launch is None, launch=launch)
         out = f.attention(dev(q), dev(k), dev(v), 1.0, c.prompt_len)
         assert torch.isfinite(out).all()
         ref, _, _ = exact(*(x.to(torch.float16).double() for x in (K, V, q, k, v)), t, start, 1.0, c.max_len)
@@ -175,8 +183,9 @@ def test_one_cache_serves_changing_launch_configs():
     ref, _, _ = exact(K, V, q, k, v, t, start, 0.1, c.max_len)
     dev = lambda x: x.to("cuda", c.dtype)
     f = FastForwardAttn(dev(K), dev(V), c.max_len)
-    for config in [LaunchConfig(128, 4, 64), LaunchConfig(256, 1, 512), LaunchConfig(64, 2, 128),
-                   LaunchConfig(128, 4, 0), LaunchConfig(128, 1, 64), LaunchConfig(128, 4, 64)]:
+    for config in [LaunchConfig(128, 4, 64), LaunchConfig(256, 1, 512), LaunchConfig(64, 2, 128, True),
+                   LaunchConfig(128, 4, 0), LaunchConfig(128, 1, 64), LaunchConfig(256, 4, 64, True),
+                   LaunchConfig(128, 4, 64)]:
         f.launch = config
         out = torch.full((c.batch, c.heads, c.head_dim), float("nan"), dtype=c.dtype, device="cuda")
         f.attention(dev(q), dev(k), dev(v), 0.1, c.prompt_len, out=out)

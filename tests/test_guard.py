@@ -19,6 +19,7 @@ import torch
 
 from cases import pruning_bound
 from ffa import LaunchConfig, ops
+from ffa.launch import tensor_cores_apply
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -29,6 +30,8 @@ BATCH, KV_HEADS, HEADS, MAX_LEN = 4, 2, 4, 40
 PAD = 16  # extra elements per row in the sentinel buffers; views start 8 elements in
 LAUNCHES = [LaunchConfig(256, 1, 0), LaunchConfig(128, 2, 0), LaunchConfig(64, 1, 16),
             LaunchConfig(128, 2, 16), LaunchConfig(256, 1, 48)]  # 48 >= MAX_LEN: one split
+TENSOR_CORE_LAUNCHES = [LaunchConfig(128, 2, 0, True), LaunchConfig(64, 2, 16, True),
+                        LaunchConfig(256, 1, 48, True)]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STEPS = 40
 
@@ -71,7 +74,7 @@ class Guarded:
         self.out = self.out_buf[:BATCH, :, 8:head_dim + 8]
         self.out_inside = torch.zeros(self.out_buf.shape, dtype=torch.bool)
         self.out_inside[:BATCH, :, 8:head_dim + 8] = True
-        size = max(self.workspace_bytes(c) for c in LAUNCHES)  # zeroed once, 256 sentinel bytes around
+        size = max(self.workspace_bytes(c) for c in LAUNCHES + TENSOR_CORE_LAUNCHES)  # zeroed once, 256 sentinel bytes around
         self.ws_buf = torch.full((size + 512,), 0xFF, dtype=torch.uint8, device=device)
         self.ws_buf[256:256 + size] = 0
 
@@ -88,7 +91,7 @@ class Guarded:
         before = self.ws_buf.clone()
         ops.decode_into(out, q, new_k, new_v, self.k_cache, self.v_cache, pos, pos_int, start, start_int,
                         scale, p, config.threads, config.heads_per_block, config.split_len,
-                        self.ws_buf[256:256 + need])
+                        config.tensor_cores, self.ws_buf[256:256 + need])
         share = torch.zeros(self.ws_buf.shape, dtype=torch.bool, device=self.device)
         share[256:256 + need] = True
         assert torch.equal(self.ws_buf[~share], before[~share]), f"{config}: workspace bytes past its share changed"
@@ -151,6 +154,13 @@ def step_positions(step, gen):
     return t, start
 
 
+def launches_for(dtype, head_dim, device):
+    """Every launch shape, with the tensor-core kernel's where it applies (the CPU reference
+    ignores the launch)."""
+    capability = torch.cuda.get_device_capability() if device == "cuda" else (8, 0)
+    return LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, head_dim, capability) else [])
+
+
 def dtypes_for(device):
     gpu = [torch.float16, torch.bfloat16, torch.float32]
     return gpu + [torch.float64] if device == "cpu" else gpu
@@ -162,11 +172,12 @@ def test_only_rows_at_t_change(device, head_dim):
     for dtype in dtypes_for(device):
         gen = torch.Generator().manual_seed(head_dim)
         g = Guarded(dtype, device, head_dim, gen)
+        launches = launches_for(dtype, head_dim, device)
         for step in range(STEPS):
             t, start = step_positions(step, gen)
             q = g.random((BATCH, HEADS, head_dim), gen)
             new_k, new_v = (g.random((BATCH, KV_HEADS, head_dim), gen) for _ in range(2))
-            config = LAUNCHES[step % len(LAUNCHES)]
+            config = launches[step % len(launches)]
             p = 0.02 if step % 4 == 3 else 0.0
             forms = ("int", "int32", "int64")
             g.step(q, new_k, new_v, t, start, config, p, forms[step % 3], forms[step // 3 % 3])
@@ -190,7 +201,7 @@ def test_rows_outside_start_to_t_are_never_read(device):
         new_k, new_v = (g.random((BATCH, KV_HEADS, head_dim), gen) for _ in range(2))
         clean_k, clean_v = (host64(c).nan_to_num(0.0) for c in (g.k_cache, g.v_cache))
         ref = decode_reference(host64(q), host64(new_k), host64(new_v), clean_k, clean_v, t, start, 0.125, 0.0)
-        for config in LAUNCHES:
+        for config in launches_for(dtype, head_dim, device):
             out = torch.zeros(BATCH, HEADS, head_dim, dtype=dtype, device=device)
             g.launch(out, q, new_k, new_v, t.to(device), 0, start.to(device), 0, 0.125, 0.0, config)
             assert torch.isfinite(out).all(), f"{config}: a NaN row outside [start, t] was read"
@@ -205,7 +216,7 @@ def test_device_positions_out_of_range_write_nothing():
     t = torch.tensor([3, MAX_LEN, -1, 5])
     start = torch.tensor([0, 0, 0, 6])
     for dtype in dtypes_for("cuda"):
-        for config in LAUNCHES:
+        for config in launches_for(dtype, head_dim, "cuda"):
             for index_dtype in (torch.int32, torch.int64):
                 gen = torch.Generator().manual_seed(2)
                 g = Guarded(dtype, "cuda", head_dim, gen)

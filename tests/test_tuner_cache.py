@@ -60,6 +60,17 @@ def test_round_trip_and_merge(cache_dir):
     assert attention_works(table)
 
 
+def test_tensor_core_launches_round_trip(cache_dir):
+    """A tuned tensor-core launch is stored as "tensor_cores": true and read back as such."""
+    tc = LaunchConfig(128, 4, 256, tensor_cores=True)
+    assert cache.save(DEVICE, [entry(32, 4096, tc, dtype="bfloat16", head_dim=128, group=4)])
+    doc = json.loads(cache.cache_file(DEVICE).read_text())
+    assert doc["entries"][0]["config"] == {"threads": 128, "heads_per_block": 4, "split_len": 256, "tensor_cores": True}
+    assert doc["entries"][0]["heuristic"]["tensor_cores"] is False
+    cache.reset()
+    assert cache.load_table(DEVICE).lookup(torch.bfloat16, 128, 4, 32, 4096) == tc
+
+
 def test_file_named_for_the_hardware():
     assert cache.cache_file(DEVICE).name == "fake-gpu-80gb-sm90-132sms.json"
     assert cache.cache_file(DEVICE) != cache.cache_file(OTHER)
@@ -167,6 +178,24 @@ def _bad_entry(path):
     path.write_text(json.dumps(doc))
 
 
+def _config_field(name, value, dtype=None):
+    """Set (or, with value MISSING, delete) a field of the first entry's launch."""
+    def edit(path):
+        doc = json.loads(path.read_text())
+        config = doc["entries"][0]["config"]
+        if value is MISSING:
+            del config[name]
+        else:
+            config[name] = value
+        if dtype:
+            doc["entries"][0]["dtype"] = dtype
+        path.write_text(json.dumps(doc))
+    return edit
+
+
+MISSING = object()
+
+
 def _other_gpu(path):
     cache.save(OTHER, [entry()])
     os.replace(cache.cache_file(OTHER), path)
@@ -185,6 +214,10 @@ BAD_FILES = {
     "other kernel version": (_edit(kernel_version=0), "kernel_version 0"),
     "other GPU": (_other_gpu, "gpu 'Other GPU'"),
     "invalid launch": (_bad_entry, "not a valid launch"),
+    "tensor_cores not a bool": (_config_field("tensor_cores", 1), "tensor_cores=1 is not true or false"),
+    "tensor_cores null": (_config_field("tensor_cores", None), "tensor_cores=None"),
+    "tensor_cores missing": (_config_field("tensor_cores", MISSING), "malformed"),
+    "tensor cores at float32": (_config_field("tensor_cores", True, "float32"), "no kernel for at float32"),
     "unreadable": (_directory, "could not be read"),
 }
 

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from cases import exact, rel_l2
-from ffa import FastForwardAttn, LaunchConfig
+from ffa import FastForwardAttn, LaunchConfig, _lib
 from ffa.launch import heuristic
 from ffa.tuner import cache
 from ffa.tuner import search
@@ -33,6 +35,17 @@ def test_candidate_space():
     assert {c.split_len for c in search.candidates(16, 8192)} == set(search.SPLIT_LENS)
     assert {c.heads_per_block for c in search.candidates(7, 128)} == {1, 7}
     assert set(search.coarse_candidates(8, 1024)) == {LaunchConfig(128, 8, s) for s in (0, 64, 128, 256, 512)}
+
+
+def test_tensor_core_candidates_double_the_space():
+    """Where tensor cores apply, every CUDA-core candidate has its tensor-core twin."""
+    cuda_cores = search.candidates(4, 1024)
+    both = search.candidates(4, 1024, tensor_cores=True)
+    assert not any(c.tensor_cores for c in cuda_cores)
+    assert set(both) == set(cuda_cores) | {replace(c, tensor_cores=True) for c in cuda_cores}
+    assert set(search.coarse_candidates(8, 256, True)) == {LaunchConfig(128, 8, s, tc) for s in (0, 64, 128)
+                                                           for tc in (False, True)}
+    assert len(search.refine_candidates(2, 64, True)) == 2 * len(search.refine_candidates(2, 64))
 
 
 def test_default_and_quick_grids():
@@ -83,17 +96,21 @@ def test_problem_reference_is_float64_attention():
 
 class FakeGPU:
     """run/timer pair for the search: `run` is the real CPU step, except that `wrong` gives a
-    corrupted output, `broken` raises ValueError and `silent` writes nothing; `timer` calls
-    fn once and reports seconds(workload, config) of the last step run."""
+    corrupted output, `broken` raises ValueError, `unsupported` raises UnsupportedError (a launch
+    the GPU cannot run) and `silent` writes nothing; `timer` calls fn once and reports
+    seconds(workload, config) of the last step run."""
 
-    def __init__(self, seconds, wrong=(), broken=(), silent=()):
+    def __init__(self, seconds, wrong=(), broken=(), silent=(), unsupported=()):
         self.seconds, self.wrong, self.broken, self.silent = seconds, set(wrong), set(broken), set(silent)
+        self.unsupported = set(unsupported)
         self.last, self.timed = None, []
 
     def run(self, problem, config):
         self.last, self.workload = config, problem.workload
         if config in self.broken:
             raise ValueError(f"{config} is not supported")
+        if config in self.unsupported:
+            raise _lib.UnsupportedError("tensor_cores: device 0 cannot run this launch")
         if config in self.silent:
             return problem.out
         out = search.run_candidate(problem, config)
@@ -131,6 +148,24 @@ def test_search_picks_the_fastest_and_rejects_wrong_candidates():
     e = result.entry()
     assert (e.config, e.time_us, e.heuristic) == (result.config, round(separable(result.config) * 1e6, 3),
                                                   result.heuristic)
+
+
+@pytest.mark.parametrize("dtype,head_dim,capability,tried", [
+    (torch.float16, 128, (9, 0), True), (torch.bfloat16, 64, (8, 0), True), (torch.float16, 128, (7, 5), False),
+    (torch.float32, 128, (9, 0), False), (torch.float16, 80, (9, 0), False), (torch.float16, 128, None, False)])
+def test_search_tries_tensor_cores_where_they_apply(dtype, head_dim, capability, tried):
+    """Tensor-core launches are searched only for fp16/bf16, head_dim 64/128 on compute
+    capability 8.0+; they win where they are faster; one the GPU cannot run (UnsupportedError)
+    is noted apart, neither timed nor counted as a wrong launch."""
+    w = search.Workload(dtype, head_dim, 4, 1, 2, 512)
+    too_big = LaunchConfig(256, 4, 128, tensor_cores=True)
+    gpu = FakeGPU(lambda w, c: separable(c) * (0.5 if c.tensor_cores else 1.0), unsupported=[too_big])
+    result = search.tune(search.Problem(w, "cpu"), 132, gpu.timer, gpu.run, refine=2, capability=capability)
+    assert any(c.tensor_cores for c in result.timings) == tried
+    assert result.config == LaunchConfig(64, 2, 128, tensor_cores=tried)
+    assert not result.rejected
+    assert set(result.unsupported) == ({too_big} if tried else set())
+    assert too_big not in result.timings
 
 
 def test_sweep_saves_winners_that_attention_then_uses(capsys):

@@ -77,7 +77,7 @@ def grid_for(args):
 
 
 def _config(c):
-    return f"{c.threads}/{c.heads_per_block}/{c.split_len}"
+    return f"{c.threads}/{c.heads_per_block}/{c.split_len}{'/tc' if c.tensor_cores else ''}"
 
 
 def speedup_summary(entries):
@@ -92,7 +92,7 @@ def speedup_summary(entries):
 
 def format_entries(entries):
     """A table of tuned vs heuristic launches, then the geometric-mean speedup."""
-    lines = [f"{'dtype':<5} {'d':>4} {'group':>5} {'b*kv':>5} {'length':>6}  {'tuned t/h/split':<16} {'us':>8}"
+    lines = [f"{'dtype':<5} {'d':>4} {'group':>5} {'b*kv':>5} {'length':>6}  {'tuned t/h/s[/tc]':<16} {'us':>8}"
              f"  {'heuristic':<16} {'us':>8}  speedup"]
     for e in entries:
         if e.heuristic_us is None:
@@ -162,7 +162,8 @@ def run_sweep(args):
 
     began = time.perf_counter()
     with torch.cuda.device(device):
-        results = sweep(workloads, device, info.sm_count, CudaTimer(device), refine=grid.refine, on_result=keep)
+        results = sweep(workloads, device, info.sm_count, CudaTimer(device), refine=grid.refine, on_result=keep,
+                        capability=info.capability)
     wall = time.perf_counter() - began
 
     entries = [r.entry() for r in results if r.config is not None]
@@ -173,8 +174,11 @@ def run_sweep(args):
     rejected = [(r.workload, c, why) for r in results for c, why in r.rejected.items()]
     for w, c, why in rejected[:20]:
         print(f"REJECTED {w} {_config(c)}: {why}")
+    unsupported = sum(len(r.unsupported) for r in results)
+    tensor = sum(r.config.tensor_cores for r in results if r.config is not None)
     print(f"{len(workloads)} shapes, {sum(len(r.timings) for r in results)} candidates timed, "
-          f"{len(rejected)} rejected, {wall:.0f} s; {len(saved)} buckets saved to {cache.cache_file(info)}")
+          f"{len(rejected)} rejected, {unsupported} not runnable on this GPU, {wall:.0f} s; "
+          f"{len(saved)} buckets saved to {cache.cache_file(info)} ({tensor} on tensor cores)")
     return 1 if rejected or len(saved) < len(workloads) else 0
 
 

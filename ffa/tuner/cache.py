@@ -7,7 +7,8 @@ One JSON file per GPU model in `platformdirs.user_cache_dir("ffa")`, or in $FFA_
      "key": {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "sm_count": 132,
              "ffa_version": "0.1.0", "abi_version": 1, "kernel_version": 1},
      "entries": [{"dtype": "float16", "head_dim": 128, "group": 4, "batch_kv_heads": 32,
-                  "length": 4096, "config": {"threads": 128, "heads_per_block": 4, "split_len": 256},
+                  "length": 4096, "config": {"threads": 128, "heads_per_block": 4, "split_len": 256,
+                             "tensor_cores": false},
                   "time_us": 18.2, "heuristic": {...}, "heuristic_us": 21.0}, ...]}
 
 The file is named after the hardware only, and the whole key is checked on reading: after an
@@ -31,15 +32,16 @@ import torch
 
 from .. import _lib
 from .._version import __version__
-from ..launch import MAX_HEADS_PER_BLOCK, THREADS, LaunchConfig
+from ..launch import MAX_HEADS_PER_BLOCK, THREADS, LaunchConfig, tensor_cores_apply
 
 # Bump whenever a kernel change can move the fastest configuration (the lead owns this number).
-KERNEL_VERSION = 3
+KERNEL_VERSION = 4
 FORMAT = 1
 ENV_DIR = "FFA_TUNER_CACHE_DIR"
 LOCK_TIMEOUT_S = 60
 
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DTYPE_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class TunerCacheWarning(UserWarning):
@@ -142,9 +144,11 @@ def cache_file(info):
 # ---- reading -------------------------------------------------------------------------------
 
 def _config(obj, group):
-    if not isinstance(obj, dict) or set(obj) != {"threads", "heads_per_block", "split_len"}:
+    if not isinstance(obj, dict) or set(obj) != {"threads", "heads_per_block", "split_len", "tensor_cores"}:
         raise CacheProblem(f"a launch configuration {obj!r} is malformed")
-    c = LaunchConfig(**{k: _int(obj, k) for k in obj})
+    if not isinstance(obj["tensor_cores"], bool):
+        raise CacheProblem(f"tensor_cores={obj['tensor_cores']!r} is not true or false")
+    c = LaunchConfig(_int(obj, "threads"), _int(obj, "heads_per_block"), _int(obj, "split_len"), obj["tensor_cores"])
     if c.threads not in THREADS or not 1 <= c.heads_per_block <= MAX_HEADS_PER_BLOCK \
             or group % c.heads_per_block or c.split_len < 0 or c.split_len % 16:
         raise CacheProblem(f"{c} is not a valid launch for group size {group}")
@@ -175,8 +179,11 @@ def _entry(obj):
     head_dim, group, bkv, length = (_int(obj, k) for k in ("head_dim", "group", "batch_kv_heads", "length"))
     if min(head_dim, group, bkv, length) < 1 or length & (length - 1):
         raise CacheProblem(f"entry sizes {head_dim, group, bkv, length} are out of range")
-    return Entry(obj["dtype"], head_dim, group, bkv, length, _config(obj.get("config"), group),
-                 _time(obj, "time_us"), _config(obj.get("heuristic"), group),
+    config, heur = _config(obj.get("config"), group), _config(obj.get("heuristic"), group)
+    for c in (config, heur):
+        if c.tensor_cores and not tensor_cores_apply(DTYPE_BY_NAME[obj["dtype"]], head_dim, (8, 0)):
+            raise CacheProblem(f"{c} uses tensor cores, which FFA has no kernel for at {obj['dtype']} d{head_dim}")
+    return Entry(obj["dtype"], head_dim, group, bkv, length, config, _time(obj, "time_us"), heur,
                  _time(obj, "heuristic_us", optional=True))
 
 

@@ -4,12 +4,13 @@ candidate against the reference, and timing it.
 For every workload (dtype, head_dim, group, batch x kv_heads, context length) the search
   1. builds one random problem at full length and its reference output (ffa.reference on
      upcast copies of the cache);
-  2. coarse stage: every split_len at 128 threads and the largest heads_per_block, plus the
-     heuristic's own choice;
-  3. refine stage: every threads x heads_per_block at the `refine` best split lengths;
+  2. coarse stage: every split_len at 128 threads and the largest heads_per_block, on CUDA
+     cores and (where they apply) on tensor cores, plus the heuristic's own choice;
+  3. refine stage: every threads x heads_per_block x kernel at the `refine` best split lengths;
   4. keeps the fastest candidate.
 A candidate is timed only after one run into a NaN-filled output matched the reference; one
-that raises ValueError or disagrees is rejected. The two functions that touch the GPU, `run`
+that raises ValueError or disagrees is rejected, except that a launch the GPU cannot run
+(UnsupportedError: a tensor-core block with more shared memory than the GPU has) is only noted. The two functions that touch the GPU, `run`
 (one decode step with a given LaunchConfig) and `timer` (seconds taken by a callable), are
 parameters, so tests run the whole search on CPU tensors with a fake timer.
 """
@@ -22,8 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
-from ..launch import THREADS, LaunchConfig, heads_per_block_options, heuristic, largest_heads_per_block
+from ..launch import (THREADS, LaunchConfig, heads_per_block_options, heuristic, largest_heads_per_block,
+                      tensor_cores_apply)
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
 
@@ -40,19 +43,25 @@ def split_options(length):
     return [s for s in SPLIT_LENS if s < length]
 
 
-def candidates(group, length):
+def kernels(tensor_cores):
+    """The kernels to try: CUDA cores, and tensor cores where they apply."""
+    return (False, True) if tensor_cores else (False,)
+
+
+def candidates(group, length, tensor_cores=False):
     """The whole candidate space of one workload."""
-    return [LaunchConfig(t, h, s) for s in split_options(length)
-            for t in THREADS for h in heads_per_block_options(group)]
+    return [LaunchConfig(t, h, s, tc) for s in split_options(length)
+            for t in THREADS for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
 
 
-def coarse_candidates(group, length):
+def coarse_candidates(group, length, tensor_cores=False):
     hpb = largest_heads_per_block(group)
-    return [LaunchConfig(128, hpb, s) for s in split_options(length)]
+    return [LaunchConfig(128, hpb, s, tc) for s in split_options(length) for tc in kernels(tensor_cores)]
 
 
-def refine_candidates(group, split_len):
-    return [LaunchConfig(t, h, split_len) for t in THREADS for h in heads_per_block_options(group)]
+def refine_candidates(group, split_len, tensor_cores=False):
+    return [LaunchConfig(t, h, split_len, tc) for t in THREADS for h in heads_per_block_options(group)
+            for tc in kernels(tensor_cores)]
 
 
 @dataclass(frozen=True)
@@ -165,8 +174,9 @@ class Result:
     """The outcome of one workload: every timed candidate, every rejected one and why."""
     workload: Workload
     heuristic: LaunchConfig
-    timings: dict = field(default_factory=dict)   # LaunchConfig -> seconds
-    rejected: dict = field(default_factory=dict)  # LaunchConfig -> reason
+    timings: dict = field(default_factory=dict)      # LaunchConfig -> seconds
+    rejected: dict = field(default_factory=dict)     # LaunchConfig -> reason
+    unsupported: dict = field(default_factory=dict)  # LaunchConfig -> reason (the GPU cannot run it)
 
     @property
     def config(self):
@@ -183,17 +193,22 @@ class Result:
                      None if h is None else round(h * 1e6, 3))
 
 
-def tune(problem, sm_count, timer, run=run_candidate, refine=2):
-    """Check and time the coarse candidates, then refine around the best split lengths."""
+def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None):
+    """Check and time the coarse candidates, then refine around the best split lengths.
+    `capability` (the GPU's (major, minor)) decides whether tensor-core launches are tried."""
     w = problem.workload
     result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count))
+    tensor_cores = capability is not None and tensor_cores_apply(w.dtype, w.head_dim, capability)
 
     def measure(config):
-        if config in result.timings or config in result.rejected:
+        if config in result.timings or config in result.rejected or config in result.unsupported:
             return
         problem.out.fill_(float("nan"))
         try:
             out = run(problem, config)
+        except UnsupportedError as e:
+            result.unsupported[config] = str(e)
+            return
         except ValueError as e:
             result.rejected[config] = f"raised {e}"
             return
@@ -204,13 +219,13 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2):
         result.timings[config] = timer(lambda: run(problem, config))
 
     measure(result.heuristic)
-    for config in coarse_candidates(w.group, w.length):
+    for config in coarse_candidates(w.group, w.length, tensor_cores):
         measure(config)
     per_split = {}
     for config, seconds in result.timings.items():
         per_split[config.split_len] = min(seconds, per_split.get(config.split_len, math.inf))
     for split_len in sorted(per_split, key=per_split.get)[:refine]:
-        for config in refine_candidates(w.group, split_len):
+        for config in refine_candidates(w.group, split_len, tensor_cores):
             measure(config)
     return result
 
@@ -245,7 +260,7 @@ class Progress:
 
 
 def sweep(workloads, device, sm_count, timer, *, run=run_candidate, refine=2, on_result=None,
-          progress=True, seed=0):
+          progress=True, seed=0, capability=None):
     """Tune every workload in turn; `on_result(result)` is called as each finishes (the CLI
     saves there, so an interrupted sweep keeps what it measured). Returns the Results."""
     results = []
@@ -253,7 +268,7 @@ def sweep(workloads, device, sm_count, timer, *, run=run_candidate, refine=2, on
     try:
         for w in workloads:
             problem = Problem(w, device, seed)
-            result = tune(problem, sm_count, timer, run, refine)
+            result = tune(problem, sm_count, timer, run, refine, capability)
             del problem
             results.append(result)
             if on_result is not None:
