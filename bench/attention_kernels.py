@@ -27,7 +27,7 @@ import sys
 import torch
 
 from ffa import FastForwardAttn
-from ffa.launch import heuristic, length_bucket
+from ffa.launch import heuristic, length_bucket, tensor_cores_apply
 from shared import source_commit
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -146,7 +146,8 @@ def make_method(P, m, sm_count):
     if m == "ffa_tuned":
         return P.ffa()
     if m == "ffa_heuristic":  # the length FastForwardAttn asks for: its bucket, capped at the cache
-        cfg = heuristic(P.batch, P.kv_heads, HEADS // P.kv_heads, min(length_bucket(P.context), P.context), sm_count)
+        cfg = heuristic(P.batch, P.kv_heads, HEADS // P.kv_heads, min(length_bucket(P.context), P.context), sm_count,
+                        P.head_dim, tensor_cores_apply(P.dtype, P.head_dim, torch.cuda.get_device_capability()))
         return P.ffa(launch=cfg)
     if m == "read":
         return P.read()

@@ -22,7 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_kernels import HEADS, PAIRS  # noqa: E402
 
-from ffa.launch import LaunchConfig, heuristic  # noqa: E402
+import torch  # noqa: E402
+
+from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply  # noqa: E402
 from shared import source_commit  # noqa: E402
 
 # (head_dim, kv_heads, batch, length): the grid, then OPT-1.3b decode at prompt 1,000 + 128 new
@@ -47,7 +49,6 @@ def parse(k):
 
 
 def measure(out):
-    import torch
     from ffa.tuner.search import CudaTimer, Problem, Workload, tune
     device = torch.device("cuda")
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
@@ -91,7 +92,8 @@ def evaluate(path):
     for r in doc["rows"]:
         t = r["timings_us"]
         best = min(t, key=t.get)
-        config = heuristic(r["batch"], r["kv_heads"], r["group"], r["length"], doc["sm_count"])
+        config = heuristic(r["batch"], r["kv_heads"], r["group"], r["length"], doc["sm_count"], r["head_dim"],
+                           tensor_cores_apply(torch.float16, r["head_dim"], doc.get("capability", (0, 0))))
         us, label = timed_as(t, config)
         ratio = us / t[best] if us else None
         if ratio:

@@ -20,7 +20,7 @@ import numbers
 import torch
 
 from . import _lib, ops, tuner
-from .launch import LaunchConfig, default_launch, fit_splits, heuristic, length_bucket
+from .launch import LaunchConfig, default_launch, fit_splits, heuristic, length_bucket, tensor_cores_apply
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = GPU_DTYPES + (torch.float64,)
@@ -173,6 +173,8 @@ class FastForwardAttn:
         # plain arithmetic that torch.compile can trace.
         self._configs = {}
         self._sm_count = torch.cuda.get_device_properties(K.device).multi_processor_count if K.is_cuda else 1
+        capability = torch.cuda.get_device_capability(K.device) if K.is_cuda else (0, 0)
+        self._tensor_cores = tensor_cores_apply(self.dtype, self.head_dim, capability)
         self._tuned = tuner.load_table(K.device) if K.is_cuda else None
         self._workspaces = {}  # query heads -> split workspace (see _workspace_for)
         self._no_workspace = torch.empty(0, dtype=torch.uint8, device=K.device)
@@ -195,7 +197,8 @@ class FastForwardAttn:
             if self._tuned is not None:
                 config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, key[1])
             if config is None:  # the bucket's longest sequence, which never exceeds the cache
-                config = heuristic(self.batch, self.kv_heads, group, min(key[1], self.max_len), self._sm_count)
+                config = heuristic(self.batch, self.kv_heads, group, min(key[1], self.max_len), self._sm_count,
+                                   self.head_dim, self._tensor_cores)
             config = fit_splits(config, self.max_len)
             self._configs[key] = config
         return config

@@ -63,33 +63,61 @@ def round_up(x, m):
 # heuristic, against every tuned candidate (bench/results/kernel-targets-h100.md).
 RESIDENT_ONE_HEAD = 5
 RESIDENT_MULTI_HEAD = 4
-HEURISTIC_MAX_HEADS_PER_BLOCK = 4  # 8-head blocks measured slower than 4-head ones (GQA 8)
+CUDA_CORE_MAX_HEADS_PER_BLOCK = 4  # 8-head CUDA-core blocks measured slower than 4-head ones
 MIN_SPLIT = 64
+# Tensor-core blocks want about one block per SM, and splits of at least 512 positions (a warp
+# streams 16-position tiles through a 3-stage ring, and the pipeline needs a run of tiles).
+MIN_SPLIT_TENSOR_CORES = 512
+# Where the tensor-core kernel is the faster one (bench/results/kernel-tensor-cores-h100.md): it
+# shares each K/V read among up to 8 heads where the CUDA-core kernel stops at 4; for groups of
+# 2-4 heads it is faster on caches up to TENSOR_CORES_MAX_BYTES (5-9% slower on larger ones); for
+# one head only on tiny caches, unsplit.
+TENSOR_CORES_MAX_BYTES = 128 << 20
+TENSOR_CORES_ONE_HEAD = (512, 16 << 20)  # at most this many positions and bytes
 
 
-def heuristic(batch, kv_heads, group, length, sm_count):
-    """Fill one wave of the GPU and no more.
-    1. Heads per block: the largest divisor of the group (at most 4) whose grid, split into
-       MIN_SPLIT-position pieces, still fills a wave; small caches thus trade shared K/V reads
-       (they come from L2 anyway) for more, shorter blocks.
-    2. Splits: floor(wave / blocks) pieces of at least MIN_SPLIT positions; rounding down
+def use_tensor_cores(batch, kv_heads, group, length, head_dim):
+    """Whether the heuristic picks the tensor-core kernel for this shape (fp16/bf16 bytes)."""
+    kv_bytes = 2 * batch * kv_heads * length * head_dim * 2
+    if largest_heads_per_block(group) > heads_per_block_options(group, CUDA_CORE_MAX_HEADS_PER_BLOCK)[-1]:
+        return True
+    if group >= 2:
+        return kv_bytes <= TENSOR_CORES_MAX_BYTES
+    return length <= TENSOR_CORES_ONE_HEAD[0] and kv_bytes <= TENSOR_CORES_ONE_HEAD[1]
+
+
+def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False):
+    """Fill one wave of the GPU and no more. `tensor_cores`: whether the tensor-core kernel
+    applies (tensor_cores_apply); it is then used where use_tensor_cores says it is faster.
+    1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
+       cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
+       MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one
+       on tensor cores); small caches thus trade shared K/V reads (they come from L2 anyway)
+       for more, shorter blocks.
+    2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
-    3. Threads: 256 for unsplit one-head blocks over rows of 2048+ positions, else 128."""
-    pieces = max(1, length // MIN_SPLIT)
+    3. Threads: 256 for unsplit one-head CUDA-core blocks over rows of 2048+ positions and for
+       unsplit tensor-core blocks, else 128."""
+    tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim)
+    min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
+    pieces = max(1, length // min_split)
     # from the most heads per block down; ends at 1 when none fills a wave
-    for hpb in reversed(heads_per_block_options(group, HEURISTIC_MAX_HEADS_PER_BLOCK)):
-        wave = (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
+    for hpb in reversed(heads_per_block_options(group, MAX_HEADS_PER_BLOCK if tc else CUDA_CORE_MAX_HEADS_PER_BLOCK)):
+        if tc:
+            wave = sm_count
+        else:
+            wave = (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
         if batch * kv_heads * (group // hpb) * pieces >= wave:
             break
     blocks = batch * kv_heads * (group // hpb)
     splits = wave // blocks
     split_len = 0
     if splits > 1:
-        split_len = max(MIN_SPLIT, round_up(-(-length // splits), 64))
+        split_len = max(min_split, round_up(-(-length // splits), 64))
         if split_len >= length:
             split_len = 0
-    threads = 256 if split_len == 0 and hpb == 1 and length >= 2048 else 128
-    return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len)
+    threads = 256 if split_len == 0 and (tc or (hpb == 1 and length >= 2048)) else 128
+    return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc)
 
 
 def length_bucket(length):

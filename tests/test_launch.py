@@ -7,8 +7,8 @@ import itertools
 import torch
 
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.launch import (HEURISTIC_MAX_HEADS_PER_BLOCK, MIN_SPLIT, RESIDENT_MULTI_HEAD, RESIDENT_ONE_HEAD,
-                        heuristic)
+from ffa.launch import (CUDA_CORE_MAX_HEADS_PER_BLOCK, MIN_SPLIT, MIN_SPLIT_TENSOR_CORES, RESIDENT_MULTI_HEAD,
+                        RESIDENT_ONE_HEAD, TENSOR_CORES_MAX_BYTES, heuristic, largest_heads_per_block)
 
 SHAPES = list(itertools.product((1, 2, 5, 16, 128), (1, 4, 32), (1, 2, 3, 4, 6, 8), (64, 1000, 4096, 65536),
                                 (1, 8, 132)))
@@ -26,7 +26,7 @@ def wave(config, sm_count):
 def test_valid_configs_that_fill_at_most_one_wave():
     for batch, kv_heads, group, length, sms in SHAPES:
         c = heuristic(batch, kv_heads, group, length, sms)
-        assert group % c.heads_per_block == 0 and c.heads_per_block <= HEURISTIC_MAX_HEADS_PER_BLOCK
+        assert group % c.heads_per_block == 0 and c.heads_per_block <= CUDA_CORE_MAX_HEADS_PER_BLOCK
         assert c.threads in (128, 256)
         assert c.split_len == 0 or (c.split_len % 64 == 0 and MIN_SPLIT <= c.split_len < length)
         blocks = grid_blocks(batch, kv_heads, group, length, c)
@@ -38,7 +38,7 @@ def test_valid_configs_that_fill_at_most_one_wave():
 def test_fewer_heads_per_block_only_when_the_cache_is_too_small_for_a_wave():
     for batch, kv_heads, group, length, sms in SHAPES:
         c = heuristic(batch, kv_heads, group, length, sms)
-        largest = max(h for h in range(1, HEURISTIC_MAX_HEADS_PER_BLOCK + 1) if group % h == 0)
+        largest = max(h for h in range(1, CUDA_CORE_MAX_HEADS_PER_BLOCK + 1) if group % h == 0)
         if c.heads_per_block < largest:
             pieces = max(1, length // MIN_SPLIT)
             assert batch * kv_heads * (group // largest) * pieces < RESIDENT_MULTI_HEAD * sms
@@ -56,6 +56,35 @@ def test_choices_measured_on_an_h100():
     assert heuristic(8, 4, 8, 1152, h100).heads_per_block == 4
     # long unsplit rows take 256 threads
     assert heuristic(128, 32, 1, 2048, h100) == LaunchConfig(256, 1, 0)
+
+
+def test_tensor_core_choices():
+    """With tensor cores available the heuristic uses them where the H100 measured them faster
+    (bench/results/kernel-tensor-cores-h100.md), with about one block per SM, splits of at least
+    MIN_SPLIT_TENSOR_CORES positions, 256 threads when unsplit; never where they do not apply."""
+    for batch, kv_heads, group, length, sms in SHAPES:
+        for head_dim in (64, 128):
+            c = heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=True)
+            assert c == heuristic(batch, kv_heads, group, length, sms) or c.tensor_cores
+            if not c.tensor_cores:
+                continue
+            kv_bytes = 2 * batch * kv_heads * length * head_dim * 2
+            assert (largest_heads_per_block(group) > 4 or (group > 1 and kv_bytes <= TENSOR_CORES_MAX_BYTES)
+                    or (length <= 512 and kv_bytes <= 16 << 20))
+            assert c.split_len == 0 or (MIN_SPLIT_TENSOR_CORES <= c.split_len < length
+                                        and grid_blocks(batch, kv_heads, group, length, c) <= sms)
+            assert c.threads == (256 if c.split_len == 0 else 128)
+            assert not heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=False).tensor_cores
+    h100 = 132
+    # a group of 8 reads K/V once for all 8 heads, on tensor cores (1.5x faster than 4-head CUDA-core blocks)
+    assert heuristic(32, 4, 8, 4096, h100, 128, True) == LaunchConfig(256, 8, 0, True)
+    # groups of 4 on a 1 GB cache stay on CUDA cores (the tensor-core kernel is 5-9% slower there)
+    assert heuristic(64, 8, 4, 8192, h100, 128, True) == heuristic(64, 8, 4, 8192, h100)
+    # one head per kv head: CUDA cores, except tiny unsplit caches
+    assert heuristic(8, 32, 1, 4096, h100, 64, True) == heuristic(8, 32, 1, 4096, h100)
+    assert heuristic(1, 32, 1, 256, h100, 64, True) == LaunchConfig(256, 1, 0, True)
+    # batch 1, 8 kv heads of 4 over 64k positions: 16 splits of 4096 (128 blocks)
+    assert heuristic(1, 8, 4, 65536, h100, 64, True) == LaunchConfig(128, 4, 4096, True)
 
 
 def test_attention_asks_for_the_bucket_but_never_beyond_the_cache():

@@ -197,8 +197,8 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
     """Check and time the coarse candidates, then refine around the best split lengths.
     `capability` (the GPU's (major, minor)) decides whether tensor-core launches are tried."""
     w = problem.workload
-    result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count))
     tensor_cores = capability is not None and tensor_cores_apply(w.dtype, w.head_dim, capability)
+    result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count, w.head_dim, tensor_cores))
 
     def measure(config):
         if config in result.timings or config in result.rejected or config in result.unsupported:
