@@ -3,8 +3,8 @@
     python bench/compare_builds.py BASE/libffa.so NEW/libffa.so [MORE ...] [--dtype float16] [--out f.json]
 
 For every shape of the kernel grid (bench/attention_kernels.py) and each build, the tuner's search
-(ffa.tuner.search.tune: every candidate checked against the reference, then timed with CUDA
-events, L2 flushed, median) gives the best launch and the heuristic's time. Builds alternate
+(ffa.tuner.search.tune: every candidate, tensor-core ones included, checked against the reference,
+then timed with CUDA events, L2 flushed, median) gives the best launch and the heuristic's time. Builds alternate
 shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
 have the Python package's ABI and version (the loader checks).
 """
@@ -61,7 +61,7 @@ def main():
                 found = []
                 for handle in handles:
                     _lib._lib = handle
-                    r = tune(problem, sm_count, timer)
+                    r = tune(problem, sm_count, timer, capability=torch.cuda.get_device_capability(device))
                     heur = r.timings.get(r.heuristic)
                     found.append({"best_us": r.seconds * 1e6, "config": r.config.as_dict(),
                                   "heuristic_us": None if heur is None else heur * 1e6,

@@ -5,8 +5,8 @@
 An attention sink (q of every head aligned with key 0: weight about 0.7, every other weight about
 1e-4), head_dim 128, fp16, 32 query heads over 8 kv heads. For each fixed launch (threads, heads
 per block, split length) the tuner's timer (CUDA events, L2 flushed, median) times p = 0 and
-p = 1e-3. One-head blocks (register loads) skip V reads and gain; blocks of 2 or 4 heads (the
-shared-memory ring) do not.
+p = 1e-3. On CUDA cores one-head blocks (register loads) skip V reads and gain, blocks of 2 or 4
+heads (the shared-memory ring) do not; launches marked True run on tensor cores.
 """
 
 import math
@@ -17,8 +17,10 @@ from ffa import FastForwardAttn
 from ffa.launch import LaunchConfig
 from ffa.tuner.search import CudaTimer
 
-CASES = ((32, 8, 8192, [(128, 4, 0), (128, 2, 0), (128, 1, 0), (64, 4, 0), (128, 4, 2048)]),
-         (1, 8, 32768, [(128, 4, 1024), (128, 1, 1024), (128, 2, 512)]))
+CASES = ((32, 8, 8192, [(128, 4, 0), (128, 2, 0), (128, 1, 0), (64, 4, 0), (128, 4, 2048),
+                        (128, 4, 0, True), (256, 4, 0, True), (128, 4, 2048, True)]),
+         (1, 8, 32768, [(128, 4, 1024), (128, 1, 1024), (128, 2, 512), (128, 4, 1024, True),
+                        (256, 4, 2048, True)]))
 
 
 def main():

@@ -1,29 +1,31 @@
 // Decode attention for groups of query heads on tensor cores (fp16 / bf16 caches, head_dim 64
-// or 128, sm_80 and newer; exact: prune_p is not used). Chosen per launch (the tensor_cores
-// field of ffa.h): the tuner measures it against decode_kernel.cuh for every shape.
+// or 128, sm_80 and newer). Chosen per launch (the tensor_cores field of ffa.h): the tuner
+// measures it against decode_kernel.cuh for every shape.
 //
 // Why. A block serving G query heads of one kv head does G multiply-adds per cache element for
 // the logits and G more for the values. On CUDA cores (decode_kernel.cuh) a 4-head block runs
-// out of instruction issue before it runs out of memory bandwidth: on an H100 skipping half
-// the bytes (pruning) did not make it faster (bench/results/kernel-targets-h100.md). Here the
-// block's heads are the rows of a 16-row tile (rows >= heads_per_block are zeros) and warps
-// multiply it with 16-position tiles of K and V by mma.m16n8k16 (mma.cuh), fp32 accumulation.
+// out of instruction issue before it runs out of memory bandwidth, and 8-head blocks do not
+// pay (bench/results/kernel-targets-h100.md). Here one mma.m16n8k16 (mma.cuh, fp32
+// accumulation) does 16 positions x 8 heads x 16 dims, so one block reads each K/V row once
+// for up to 8 heads: the block's heads are the 8 columns (N) of the tiles, unused ones zero.
 //
 // Work. Block (split, head group, batch) is laid out as in decode_kernel.cuh and takes the
 // positions [lo, hi) of block_range (decode_block.cuh), cut into tiles of 16 consecutive
 // positions; warp w takes tiles w, w + W, w + 2W, ... (W warps). Each warp streams its tiles'
 // K and V rows with cp.async into its own ring of kMmaStages stages of shared memory, so the
 // loop has no block barrier, and keeps its own online softmax (running max and sum per head)
-// and output accumulator (16 x D floats as mma fragments). Per tile:
-//   S = Q K^T          D/16 k-steps x 2 n-tiles of 8 positions; positions >= hi masked to -inf;
-//                      scaled to base-2 logits (softmax_scale * log2 e) in fp32
-//   softmax update     max and sum per head row over the 4 lanes that share it (2 shuffles);
-//                      the accumulator rows are rescaled by 2^(old max - new max)
-//   O += P V           P = 2^(S - max) rounded to T is already the A operand (mma.cuh), V^T's
-//                      fragments come from ldmatrix.trans; D/8 n-tiles
+// and output accumulator (O^T, D x 8 floats as mma fragments). Per tile:
+//   S^T = K Q^T        A = the K tile from ldmatrix, B = q (held in registers); D/16 k-steps;
+//                      positions >= hi masked to -inf; base-2 logits (softmax_scale * log2 e)
+//   softmax update     max per head over the 8 lanes that share it (3 shuffles); the
+//                      accumulator is rescaled by 2^(old max - new max)
+//   O^T += V^T P^T     A = V^T from ldmatrix.trans, B = P^T's transpose (movmatrix) rounded to
+//                      T; D/16 m-tiles
 // Rounding P to fp16/bf16 (as FlashAttention does) is the only arithmetic difference from
-// decode_kernel.cuh. At the end the warps' results are merged through shared memory the same
-// way combine.cuh merges split blocks, and a split block hands over to combine_if_last.
+// decode_kernel.cuh. With p > 0 (kPrune) a tile's V rows are copied only after its weights
+// are known, and rows that every head weighs below the bound are not read (see the loop). At
+// the end the warps' results are merged through shared memory the way combine.cuh merges split
+// blocks, and a split block hands over to combine_if_last.
 //
 // Shared memory. A stage holds the tile's K rows then its V rows, 16 x D elements each,
 // row-major in 16-byte chunks; chunk c of row r sits at index c ^ (r % 8), so the 8 rows that
@@ -50,7 +52,7 @@ __host__ __device__ constexpr int mma_smem_bytes(int head_dim, int threads) {
   return threads / 32 * kMmaStages * 2 * kTileRows * head_dim * 2;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kPrune>
 __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArgs a) {
   static_assert(sizeof(T) == 2 && (D == 64 || D == 128), "fp16/bf16 rows of 8 or 16 chunks");
   constexpr int VEC = 8, CPR = D / VEC;  // elements per chunk, chunks per row
@@ -91,41 +93,40 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   const int mine = warp < tiles ? (tiles - warp + nwarps - 1) / nwarps : 0;  // this warp's tiles
   uint4 *ring = smem + warp * kMmaStages * STAGE;
   auto tile_start = [&](int i) { return r.lo + int64_t(warp + i * nwarps) * kTileRows; };
+  auto k_tile = [&](int i) { return ring + (i % kMmaStages) * STAGE; };
+  auto v_tile = [&](int i) { return ring + (i % kMmaStages) * STAGE + kTileRows * CPR; };
 
-  // Copy this warp's i-th tile into stage i % kMmaStages; positions >= hi become zero rows
-  // (their logits are masked, and a zero V row keeps 0 * garbage out of the sum).
-  auto issue = [&](int i) {
-    if (i < mine) {
-      uint4 *kt = ring + (i % kMmaStages) * STAGE, *vt = kt + kTileRows * CPR;
-      const int64_t p0 = tile_start(i);
+  // Copy rows of this warp's i-th tile into stage i % kMmaStages: its K rows if `k`, its V rows
+  // where keep(row) if `v`. Positions >= hi and V rows not kept become zero rows without a read
+  // (their logits are masked or their weights below p, and a zero V row adds nothing).
+  auto copy_tile = [&](int i, bool k, bool v, auto keep) {
+    if (i >= mine) return;
+    uint4 *kt = k_tile(i), *vt = v_tile(i);
+    const int64_t p0 = tile_start(i);
 #pragma unroll
-      for (int c = lane; c < kTileRows * CPR; c += 32) {
-        const int row = c / CPR, ch = c % CPR, slot = row * CPR + (ch ^ (row % 8));
-        const int64_t p = p0 + row;
-        const bool read = p < r.hi;
+    for (int c = lane; c < kTileRows * CPR; c += 32) {
+      const int row = c / CPR, ch = c % CPR, slot = row * CPR + (ch ^ (row % 8));
+      const int64_t p = p0 + row;
+      const bool in = p < r.hi;
+      if (k) {
         const T *ks = p == r.pos ? knew : kbase + p * a.k_ss;
+        copy_chunk_async(kt + slot, in ? ks + ch * VEC : kbase, in);
+      }
+      if (v) {
+        const bool read = in && keep(row);
         const T *vs = p == r.pos ? vnew : vbase + p * a.v_ss;
-        copy_chunk_async(kt + slot, read ? ks + ch * VEC : kbase, read);
         copy_chunk_async(vt + slot, read ? vs + ch * VEC : vbase, read);
       }
     }
-    async_commit();  // an empty group past the end keeps the wait count uniform
   };
+  const auto every_row = [](int) { return true; };
 
-  // Per lane: heads 2t and 2t+1 (t = lane % 4) of the running max and sum (the sum over this
-  // lane's positions only until the end), and O^T for dims 16j + g and 16j + g + 8.
-  float o[MTILES][4] = {};
-  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {};
+  // S^T = K Q^T of tile i in base-2 units, positions >= hi masked to -inf: st[0..1] = position
+  // g, heads 2t, 2t+1; st[2..3] = position g + 8.
+  auto scores = [&](int i, float (&st)[4]) {
+    const uint4 *kt = k_tile(i);
 #pragma unroll
-  for (int i = 0; i < kMmaStages - 1; ++i) issue(i);
-  for (int i = 0; i < mine; ++i) {
-    issue(i + kMmaStages - 1);
-    async_wait<kMmaStages - 1>();  // tile i has landed (this lane's copies) ...
-    __syncwarp();                  // ... and every lane's
-    const uint4 *kt = ring + (i % kMmaStages) * STAGE, *vt = kt + kTileRows * CPR;
-
-    // S^T = K Q^T: st[0..1] = position g, heads 2t, 2t+1; st[2..3] = position g + 8.
-    float st[4] = {};
+    for (int e = 0; e < 4; ++e) st[e] = 0.f;
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       // matrices: positions 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
@@ -134,45 +135,145 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
       ldmatrix_x4<false>(ka, kt + row * CPR + (ch ^ (row % 8)));
       mma_16816(st, ka, qb[ks][0], qb[ks][1], T());
     }
-
     const int64_t p0 = tile_start(i);
-    float mx[2] = {-INFINITY, -INFINITY}, ref[2], sum[2] = {};
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      st[e] = p0 + g + 8 * (e / 2) < r.hi ? st[e] * a.scale_log2 : -INFINITY;
-      mx[e % 2] = fmaxf(mx[e % 2], st[e]);
-    }
+    for (int e = 0; e < 4; ++e) st[e] = p0 + g + 8 * (e / 2) < r.hi ? st[e] * a.scale_log2 : -INFINITY;
+  };
+
+  // Per lane: heads 2t and 2t+1 (t = lane % 4) of the running max and sum (the sum over this
+  // lane's positions only until the end), and O^T for dims 16j + g and 16j + g + 8.
+  float o[MTILES][4] = {};
+  float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {};
+
+  // Online softmax step: the tile's logits st become weights 2^(s - ref) (ref: the new running
+  // max, 0 while a head has no position yet, as 2^(-inf) = 0); alpha (per head) rescales what
+  // came before; sum: this lane's weights of the tile.
+  auto softmax = [&](float (&st)[4], float (&ref)[2], float (&alpha)[2], float (&sum)[2]) {
+    float mx[2] = {fmaxf(st[0], st[2]), fmaxf(st[1], st[3])};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
 #pragma unroll
       for (int off = 4; off < 32; off *= 2) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], off));
       const float m_new = fmaxf(m_run[h], mx[h]);
-      ref[h] = m_new == -INFINITY ? 0.f : m_new;  // a head with no position yet: 2^(-inf) = 0
-      const float alpha = exp2f(m_run[h] - ref[h]);
+      ref[h] = m_new == -INFINITY ? 0.f : m_new;
+      alpha[h] = exp2f(m_run[h] - ref[h]);
       m_run[h] = m_new;
-      l_run[h] *= alpha;
-#pragma unroll
-      for (int j = 0; j < MTILES; ++j) o[j][h] *= alpha, o[j][h + 2] *= alpha;
+      sum[h] = 0.f;
     }
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       st[e] = exp2f(st[e] - ref[e % 2]);
       sum[e % 2] += st[e];
     }
-    l_run[0] += sum[0], l_run[1] += sum[1];
-
-    // P as B fragments: the transposes of P^T's two 8 x 8 halves (positions 0-7, 8-15).
-    const uint32_t pb0 = transpose8x8(pack2(st[0], st[1], T())), pb1 = transpose8x8(pack2(st[2], st[3], T()));
+#pragma unroll
+    for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + sum[h];
+  };
+  auto rescale = [&](const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < MTILES; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e % 2];
+  };
+  // P as B fragments: the transposes of P^T's two 8 x 8 halves (positions 0-7, 8-15).
+  auto weights_b = [&](const float (&w)[4], uint32_t (&pb)[2]) {
+    pb[0] = transpose8x8(pack2(w[0], w[1], T()));
+    pb[1] = transpose8x8(pack2(w[2], w[3], T()));
+  };
+  // O^T += V^T P^T for the V rows of tile i.
+  auto accumulate = [&](int i, const uint32_t (&pb)[2]) {
+    const uint4 *vt = v_tile(i);
 #pragma unroll
     for (int j = 0; j < MTILES; ++j) {
-      // O^T += V^T P^T; matrices (transposed): positions 0-7 / dims 16j+0..7, 0-7 / +8..15,
-      // 8-15 / +0..7, 8-15 / +8..15
+      // matrices (transposed): positions 0-7 / dims 16j+0..7, 0-7 / +8..15, 8-15 / +0..7, 8-15 / +8..15
       const int row = lane % 8 + 8 * (lane / 16), ch = 2 * j + (lane / 8) % 2;
       uint32_t va[4];
       ldmatrix_x4<true>(va, vt + row * CPR + (ch ^ (row % 8)));
-      mma_16816(o[j], va, pb0, pb1, T());
+      mma_16816(o[j], va, pb[0], pb[1], T());
     }
-    __syncwarp();  // every lane is done with this stage before it is refilled
+  };
+
+  if constexpr (!kPrune) {
+    // K and V of a tile travel together, kMmaStages - 1 tiles ahead of their use.
+#pragma unroll
+    for (int i = 0; i < kMmaStages - 1; ++i) copy_tile(i, true, true, every_row), async_commit();
+    for (int i = 0; i < mine; ++i) {
+      copy_tile(i + kMmaStages - 1, true, true, every_row);
+      async_commit();                // an empty group past the end keeps the wait count uniform
+      async_wait<kMmaStages - 1>();  // tile i has landed (this lane's copies) ...
+      __syncwarp();                  // ... and every lane's
+      float st[4], ref[2], alpha[2], sum[2];
+      uint32_t pb[2];
+      scores(i, st);
+      softmax(st, ref, alpha, sum);
+      rescale(alpha);
+      weights_b(st, pb);
+      accumulate(i, pb);
+      __syncwarp();  // every lane is done with this stage before it is refilled
+    }
+  } else {
+    // Pruning. A V row is read only when some head weighs it >= p * (this warp's running sum,
+    // plus the weight of the sequence's first position when another warp or block holds it):
+    // that is a lower bound of the softmax denominator, so a skipped row's exact weight is below
+    // p too. The weights of a tile are known only after its K, so V trails K by one tile:
+    // iteration i computes tile i's weights, issues its kept V rows (with K of tile
+    // i + kMmaStages - 1), then adds tile i-1's P V (P in `pending`, relative to the max before
+    // tile i: O is rescaled after it).
+    float first[2];
+    {
+      const bool needed = !(warp == 0 && r.lo == r.start);  // tile 0 of warp 0 holds position start
+      const T *krow = r.start == r.pos ? knew : kbase + r.start * a.k_ss;
+      float dot = 0.f;  // head g's logit, over this lane's dims of q (those of its B fragments)
+      if (needed)
+#pragma unroll
+        for (int s = 0; s < KSTEPS; ++s)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float2 kf = unpack2(*reinterpret_cast<const uint32_t *>(krow + 16 * s + 8 * i + 2 * t4), T());
+            const float2 qf = unpack2(qb[s][i], T());
+            dot = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, dot));
+          }
+      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+      const float f = needed ? dot * a.scale_log2 : -INFINITY;
+      first[0] = __shfl_sync(0xffffffffu, f, 8 * t4);  // heads 2t and 2t+1 live in lanes 8t, 8t+4
+      first[1] = __shfl_sync(0xffffffffu, f, 8 * t4 + 4);
+    }
+    float l_warp[2] = {};  // the warp's running sum per head (l_run summed over its 8 lanes)
+    uint32_t pending[2] = {};
+#pragma unroll
+    for (int i = 0; i < kMmaStages - 1; ++i) copy_tile(i, true, false, every_row), async_commit();
+    for (int i = 0; i < mine; ++i) {
+      async_wait<kMmaStages - 2>();  // K of tile i has landed
+      __syncwarp();
+      float st[4], ref[2], alpha[2], sum[2], threshold[2];
+      scores(i, st);
+      softmax(st, ref, alpha, sum);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int off = 4; off < 32; off *= 2) sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], off);
+        l_warp[h] = l_warp[h] * alpha[h] + sum[h];
+        threshold[h] = 2 * t4 + h < nh ? a.prune_p * (l_warp[h] + exp2f(first[h] - ref[h])) : INFINITY;
+      }
+      // rows g and g + 8 of the tile, kept if any head of any of the 4 lanes of the row keeps them
+      const unsigned keep_lo = __ballot_sync(0xffffffffu, st[0] >= threshold[0] || st[1] >= threshold[1]);
+      const unsigned keep_hi = __ballot_sync(0xffffffffu, st[2] >= threshold[0] || st[3] >= threshold[1]);
+      copy_tile(i + kMmaStages - 1, true, false, every_row);
+      copy_tile(i, false, true, [&](int row) { return ((row < 8 ? keep_lo : keep_hi) >> (4 * (row % 8)) & 15u) != 0; });
+      async_commit();
+      if (i > 0) {
+        async_wait<1>();  // V of tile i-1 has landed
+        __syncwarp();
+        accumulate(i - 1, pending);
+      }
+      rescale(alpha);
+      weights_b(st, pending);
+    }
+    if (mine > 0) {
+      async_wait<0>();
+      __syncwarp();
+      accumulate(mine - 1, pending);
+    }
   }
 #pragma unroll
   for (int h = 0; h < 2; ++h)

@@ -83,7 +83,7 @@ typedef struct {
   int64_t split_len;       /* 0 or a multiple of 16 */
   int64_t tensor_cores;    /* 0: CUDA cores. 1: tensor cores (mma), for fp16/bf16 with head_dim 64
                               or 128 on compute capability 8.0+, where the block's shared memory
-                              fits the device (FFA_ERR_UNSUPPORTED otherwise); exact, prune_p unused */
+                              fits the device (FFA_ERR_UNSUPPORTED otherwise) */
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One

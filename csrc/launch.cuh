@@ -39,40 +39,43 @@ constexpr bool kHasMmaKernel = sizeof(T) == 2 && (D == 64 || D == 128);
 // for an older architecture (PTX of sm_75 JIT-compiled for a newer GPU: the mma instructions
 // are compiled out). Found once per device and kernel, when the kernel is also allowed that
 // much (past the default 48 KB).
-template <typename T, int D>
+template <typename T, int D, bool kPrune>
 cudaError_t mma_smem_limit(int device, int &limit) {
   static std::atomic<int> known[kMaxDevices];  // 0: not yet asked; every thread finds the same value
   if (device < kMaxDevices && (limit = known[device].load()) != 0) return cudaSuccess;
+  const auto kernel = decode_mma_kernel<T, D, kPrune>;
   int major = 0, optin = 0;
   cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   cudaFuncAttributes attr;
-  if (err == cudaSuccess && major >= 8) err = cudaFuncGetAttributes(&attr, decode_mma_kernel<T, D>);
+  if (err == cudaSuccess && major >= 8) err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
   limit = major >= 8 && attr.ptxVersion >= 80 ? optin - int(attr.sharedSizeBytes) : -1;
-  if (limit > 0) err = cudaFuncSetAttribute(decode_mma_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (limit > 0) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
   if (err == cudaSuccess && device < kMaxDevices) known[device].store(limit);
   return err;
 }
 
 // cudaErrorNotSupported: the device cannot run this tensor-core launch (reported by ffa_api.cu
 // as FFA_ERR_UNSUPPORTED).
-template <typename T, int D>
+template <typename T, int D, bool kPrune>
 cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, cudaStream_t stream) {
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = mma_smem_limit<T, D>(device, limit);
+  if (err == cudaSuccess) err = mma_smem_limit<T, D, kPrune>(device, limit);
   if (err != cudaSuccess) return err;
   const int bytes = mma_smem_bytes(D, threads);
   if (bytes > limit) return cudaErrorNotSupported;
-  decode_mma_kernel<T, D><<<grid, threads, bytes, stream>>>(a);
+  decode_mma_kernel<T, D, kPrune><<<grid, threads, bytes, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int threads, bool tensor_cores, cudaStream_t stream) {
   if constexpr (kHasMmaKernel<T, D>)
-    if (tensor_cores) return launch_decode_mma<T, D>(a, grid, threads, stream);
+    if (tensor_cores)
+      return a.prune_p > 0.f ? launch_decode_mma<T, D, true>(a, grid, threads, stream)
+                             : launch_decode_mma<T, D, false>(a, grid, threads, stream);
   switch (template_group(a.heads_per_block)) {
     case 1: decode_kernel<T, D, 1><<<grid, threads, threads * ring_bytes_per_thread<1>(), stream>>>(a); break;
     case 2: decode_kernel<T, D, 2><<<grid, threads, threads * ring_bytes_per_thread<2>(), stream>>>(a); break;

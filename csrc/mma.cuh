@@ -76,4 +76,13 @@ __device__ __forceinline__ uint32_t pack2(float x, float y, __nv_bfloat16) {
   return *reinterpret_cast<const uint32_t *>(&h);
 }
 
+// One register of two 16-bit elements as two floats (the low half first).
+__device__ __forceinline__ float2 unpack2(uint32_t x, __half) {
+  return __half22float2(*reinterpret_cast<const __half2 *>(&x));
+}
+
+__device__ __forceinline__ float2 unpack2(uint32_t x, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(&x));
+}
+
 }  // namespace ffa
