@@ -49,7 +49,7 @@ def main():
     timer = CudaTimer(device)
     names = [chr(ord("A") + i) for i in range(len(handles))]
     rows = []
-    print("| shape | floor µs | " + " | ".join(f"{n} best µs (threads/heads/split) | {n} heuristic" for n in names)
+    print("| shape | floor µs | " + " | ".join(f"{n} best µs (threads/heads/split[/tc]) | {n} heuristic" for n in names)
           + " | " + " | ".join(f"{n}/A best" for n in names[1:]) + " |")
     print("|---" * (2 + 2 * len(names) + len(names) - 1) + "|")
     for head_dim in map(int, args.head_dims.split(",")):
@@ -70,7 +70,8 @@ def main():
                 for f in found:
                     c = f["config"]
                     heur = "-" if f["heuristic_us"] is None else f"{f['heuristic_us']:.1f}"
-                    cells += [f"{f['best_us']:.1f} ({c['threads']}/{c['heads_per_block']}/{c['split_len']})", heur]
+                    tc = "/tc" if c["tensor_cores"] else ""
+                    cells += [f"{f['best_us']:.1f} ({c['threads']}/{c['heads_per_block']}/{c['split_len']}{tc})", heur]
                 cells += [f"{f['best_us'] / found[0]['best_us']:.2f}" for f in found[1:]]
                 print(f"| {w} | {floor_us:.1f} | " + " | ".join(cells) + " |", flush=True)
                 rows.append({"shape": str(w), "floor_us": floor_us, "builds": found})

@@ -184,30 +184,33 @@ class FastForwardAttn:
         """The cache tensors [batch, kv_heads, max_len, head_dim] (views, not copies)."""
         return self.k_cache, self.v_cache
 
-    def launch_config(self, heads, length):
-        """The LaunchConfig used for `heads` query heads at sequence length `length`."""
+    def launch_config(self, heads, length, prune=False):
+        """The LaunchConfig used for `heads` query heads at sequence length `length`; `prune`:
+        for a step with p > 0, which grouped heads take on tensor cores where they apply (the
+        tuner measures p = 0 only)."""
         if self.use_default_kernel_launch:
             return default_launch()
         if self.launch is not None:
             return self.launch
-        key = (heads, length_bucket(length))
+        group = heads // self.kv_heads
+        prune = prune and self._tensor_cores and group > 1
+        key = (heads, length_bucket(length), prune)
         config = self._configs.get(key)
         if config is None:
-            group = heads // self.kv_heads
-            if self._tuned is not None:
+            if self._tuned is not None and not prune:
                 config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, key[1])
             if config is None:  # the bucket's longest sequence, which never exceeds the cache
                 config = heuristic(self.batch, self.kv_heads, group, min(key[1], self.max_len), self._sm_count,
-                                   self.head_dim, self._tensor_cores)
+                                   self.head_dim, self._tensor_cores, prune)
             config = fit_splits(config, self.max_len)
             self._configs[key] = config
         return config
 
-    def prepare(self, heads):
+    def prepare(self, heads, p=0.0):
         """Pick the launch and allocate the split workspace for `heads` query heads with
-        positions given as device tensors (the CUDA-graph path), so that a compiled or captured
-        step that follows allocates nothing. Returns the LaunchConfig."""
-        config = self.launch_config(heads, self.max_len)
+        positions given as device tensors (the CUDA-graph path) and pruning threshold p, so that
+        a compiled or captured step that follows allocates nothing. Returns the LaunchConfig."""
+        config = self.launch_config(heads, self.max_len, p > 0)
         self._workspace_for(heads, config)
         return config
 
@@ -243,8 +246,8 @@ class FastForwardAttn:
             return out
 
         length = self.max_len if pos is not None else pos_int + 1
-        config = self.launch_config(heads, length)
         scale, p = float(softmax_scale), float(p)
+        config = self.launch_config(heads, length, p > 0)
         if self._cuda and not torch.compiler.is_compiling():  # the eager fast path: no op, no views
             ops.cuda_decode(self._launch_params(heads, config), out, q, k, v, pos, pos_int, start_t, start_int,
                             scale, p)

@@ -76,19 +76,24 @@ TENSOR_CORES_MAX_BYTES = 128 << 20
 TENSOR_CORES_ONE_HEAD = (512, 16 << 20)  # at most this many positions and bytes
 
 
-def use_tensor_cores(batch, kv_heads, group, length, head_dim):
-    """Whether the heuristic picks the tensor-core kernel for this shape (fp16/bf16 bytes)."""
+def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
+    """Whether the heuristic picks the tensor-core kernel for this shape (fp16/bf16 bytes);
+    `prune`: p > 0, where only tensor-core blocks of several heads skip V reads to any gain
+    (bench/results/kernel-tensor-cores-h100.md)."""
     kv_bytes = 2 * batch * kv_heads * length * head_dim * 2
     if largest_heads_per_block(group) > heads_per_block_options(group, CUDA_CORE_MAX_HEADS_PER_BLOCK)[-1]:
+        return True
+    if prune and group >= 2:
         return True
     if group >= 2:
         return kv_bytes <= TENSOR_CORES_MAX_BYTES
     return length <= TENSOR_CORES_ONE_HEAD[0] and kv_bytes <= TENSOR_CORES_ONE_HEAD[1]
 
 
-def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False):
+def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False):
     """Fill one wave of the GPU and no more. `tensor_cores`: whether the tensor-core kernel
-    applies (tensor_cores_apply); it is then used where use_tensor_cores says it is faster.
+    applies (tensor_cores_apply); it is then used where use_tensor_cores says it is faster
+    (`prune`: for a step with p > 0).
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
        cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
        MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one
@@ -98,7 +103,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. Threads: 256 for unsplit one-head CUDA-core blocks over rows of 2048+ positions and for
        unsplit tensor-core blocks, else 128."""
-    tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim)
+    tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim, prune)
     min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
     pieces = max(1, length // min_split)
     # from the most heads per block down; ends at 1 when none fills a wave

@@ -94,3 +94,25 @@ def test_attention_asks_for_the_bucket_but_never_beyond_the_cache():
     # t = 1100 is in the 2048 bucket, but no sequence of this cache is longer than 1128
     assert f.launch_config(32, 1101) == heuristic(10, 32, 1, 1128, 132) == LaunchConfig(128, 1, 576)
     assert heuristic(10, 32, 1, 2048, 132).split_len == 1024  # 1024 + 104: two uneven blocks
+
+
+def test_pruning_steps_of_grouped_heads_take_tensor_cores():
+    """p > 0 skips V reads to any gain only in tensor-core blocks of several heads (CUDA-core
+    blocks of 2-4 heads are bound by instructions, bench/results/kernel-tensor-cores-h100.md):
+    FastForwardAttn picks the heuristic's tensor-core launch for such steps, even past the
+    cache size where p = 0 stays on CUDA cores, and keeps one-head groups as they are."""
+    h100 = 132
+    exact = heuristic(32, 8, 4, 8192, h100, 128, True)
+    pruned = heuristic(32, 8, 4, 8192, h100, 128, True, prune=True)
+    assert not exact.tensor_cores and pruned.tensor_cores and pruned.heads_per_block == 4
+    assert heuristic(8, 32, 1, 16384, h100, 128, True, prune=True) == heuristic(8, 32, 1, 16384, h100)
+    assert not heuristic(32, 8, 4, 8192, h100, 128, False, prune=True).tensor_cores
+
+    K = torch.zeros(32, 8, 8191, 128, dtype=torch.float16)
+    f = FastForwardAttn(K, K, 8192)
+    f._sm_count, f._tensor_cores = h100, True  # as on an H100 (the CPU path ignores the launch)
+    assert f.launch_config(32, 8192) == exact
+    assert f.launch_config(32, 8192, prune=True) == pruned
+    assert f.prepare(32, p=1e-3) == pruned and f.prepare(32) == exact
+    f._tensor_cores = False
+    assert f.launch_config(8, 8192, prune=True) == f.launch_config(8, 8192)  # no tensor cores: as for p = 0

@@ -105,7 +105,7 @@ def test_lookup_traces_under_torch_compile():
     q, k = torch.randn(2, 4, 1, 64), torch.randn(2, 2, 1, 64)
     out = compiled(q, k, k)
     assert out.shape == (2, 4, 64) and torch.isfinite(out).all()
-    assert f._configs == {(4, 128): LaunchConfig(64, 2, 64)}
+    assert f._configs == {(4, 128, False): LaunchConfig(64, 2, 64)}
 
 
 # ---- many processes at once --------------------------------------------------------------
