@@ -71,9 +71,12 @@ MIN_SPLIT_TENSOR_CORES = 512
 # Where the tensor-core kernel is the faster one (bench/results/kernel-tensor-cores-h100.md): it
 # shares each K/V read among up to 8 heads where the CUDA-core kernel stops at 4; for groups of
 # 2-4 heads it is faster on caches up to TENSOR_CORES_MAX_BYTES (5-9% slower on larger ones); for
-# one head only on tiny caches, unsplit.
+# one head it is slower (6-12%), except on tiny caches with a cold L2, where a warm L2 (the
+# seed's protocol) turns the gain into a loss.
 TENSOR_CORES_MAX_BYTES = 128 << 20
-TENSOR_CORES_ONE_HEAD = (512, 16 << 20)  # at most this many positions and bytes
+# One-head CUDA-core blocks do not split caches this short: one 256-thread block per head (the
+# default launch's shape) beats 64-position splits and their combine.
+ONE_HEAD_UNSPLIT = 256
 
 
 def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
@@ -85,9 +88,7 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
         return True
     if prune and group >= 2:
         return True
-    if group >= 2:
-        return kv_bytes <= TENSOR_CORES_MAX_BYTES
-    return length <= TENSOR_CORES_ONE_HEAD[0] and kv_bytes <= TENSOR_CORES_ONE_HEAD[1]
+    return group >= 2 and kv_bytes <= TENSOR_CORES_MAX_BYTES
 
 
 def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False):
@@ -101,8 +102,8 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        for more, shorter blocks.
     2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
-    3. Threads: 256 for unsplit one-head CUDA-core blocks over rows of 2048+ positions and for
-       unsplit tensor-core blocks, else 128."""
+    3. Threads: 256 for unsplit one-head CUDA-core blocks over rows of 2048+ positions or of at
+       most ONE_HEAD_UNSPLIT (never split), and for unsplit tensor-core blocks, else 128."""
     tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim, prune)
     min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
     pieces = max(1, length // min_split)
@@ -121,7 +122,10 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
         split_len = max(min_split, round_up(-(-length // splits), 64))
         if split_len >= length:
             split_len = 0
-    threads = 256 if split_len == 0 and (tc or (hpb == 1 and length >= 2048)) else 128
+    short = not tc and hpb == 1 and splits > 1 and length <= ONE_HEAD_UNSPLIT
+    if short:
+        split_len = 0
+    threads = 256 if split_len == 0 and (tc or short or (hpb == 1 and length >= 2048)) else 128
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc)
 
 
