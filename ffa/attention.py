@@ -197,11 +197,12 @@ class FastForwardAttn:
         key = (heads, length_bucket(length), prune)
         config = self._configs.get(key)
         if config is None:
+            longest = min(key[1], self.max_len)  # the bucket's longest sequence, which never exceeds the cache
             if self._tuned is not None and not prune:
-                config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, key[1])
-            if config is None:  # the bucket's longest sequence, which never exceeds the cache
-                config = heuristic(self.batch, self.kv_heads, group, min(key[1], self.max_len), self._sm_count,
-                                   self.head_dim, self._tensor_cores, prune)
+                config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, longest)
+            if config is None:
+                config = heuristic(self.batch, self.kv_heads, group, longest, self._sm_count, self.head_dim,
+                                   self._tensor_cores, prune)
             config = fit_splits(config, self.max_len)
             self._configs[key] = config
         return config

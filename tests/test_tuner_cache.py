@@ -41,8 +41,9 @@ def attention_works(table):
     out = f.attention(q.float(), k.float(), v.float(), 0.125, c.prompt_len)
     ref, _, _ = exact(K, V, q, k, v, t, start, 0.125, c.max_len)
     assert rel_l2(out, ref) < 1e-5
-    expected = table.lookup(torch.float32, 64, 2, 4, 128) if table else None
-    return f.launch_config(4, c.prompt_len + 1) == (expected or heuristic(2, 2, 2, 128, 1))
+    # the length bucket (128) capped at the cache's max_len (64)
+    expected = table.lookup(torch.float32, 64, 2, 4, 64) if table else None
+    return f.launch_config(4, c.prompt_len + 1) == (expected or heuristic(2, 2, 2, 64, 1))
 
 
 def test_round_trip_and_merge(cache_dir):
@@ -77,22 +78,41 @@ def test_file_named_for_the_hardware():
 
 
 def test_nearest_bucket_lookup():
-    a, b, c, d = (LaunchConfig(64, 1, s) for s in (64, 128, 256, 512))
-    table = cache.Table([entry(8, 1024, a, group=1), entry(32, 1024, b, group=1),
-                         entry(8, 16384, c, group=1), entry(512, 16384, d, group=1)])
+    """The nearest bucket by log2 distance (ties to the smaller) gives its kernel, threads and
+    heads per block; its own size gets its configuration exactly."""
+    a, b, c, d = LaunchConfig(64, 1, 64), LaunchConfig(128, 1, 128), LaunchConfig(256, 1, 256), LaunchConfig(64, 2, 512)
+    table = cache.Table([entry(8, 1024, a), entry(32, 1024, b), entry(8, 16384, c), entry(512, 16384, d)])
     look = lambda bkv, length, **kw: table.lookup(kw.get("dtype", torch.float32), kw.get("head_dim", 64),
-                                                  kw.get("group", 1), bkv, length)
-    assert look(8, 1024) == a and look(32, 1024) == b and look(8, 16384) == c
-    assert look(1, 128) == a                   # below every bucket
-    assert look(24, 512) == b                  # log2(24) is nearer 32 than 8
-    assert look(8, 8192) == c                  # one octave from 16384, three from 1024
-    assert look(2048, 65536) == d              # above every bucket
-    assert look(16, 1024) == a                 # tie between 8 and 32: the smaller bucket
-    assert look(8, 4096) == a                  # tie between lengths 1024 and 16384: the smaller
+                                                  kw.get("group", 2), bkv, length)
+    shape = lambda config: (config.threads, config.heads_per_block, config.tensor_cores)
+    assert look(8, 1024) == a and look(32, 1024) == b and look(8, 16384) == c and look(512, 16384) == d
+    assert shape(look(1, 128)) == shape(a)         # below every bucket
+    assert shape(look(24, 512)) == shape(b)        # log2(24) is nearer 32 than 8
+    assert shape(look(8, 8192)) == shape(c)        # one octave from 16384, three from 1024
+    assert shape(look(2048, 65536)) == shape(d)    # above every bucket
+    assert shape(look(16, 1024)) == shape(a)       # tie between 8 and 32: the smaller bucket
+    assert shape(look(8, 4096)) == shape(a)        # tie between lengths 1024 and 16384: the smaller
     assert look(8, 1024, dtype=torch.float16) is None
     assert look(8, 1024, head_dim=128) is None
-    assert look(8, 1024, group=2) is None
+    assert look(8, 1024, group=1) is None
     assert look(8, 1024, dtype="float32") == a  # dtype names work too
+
+
+def test_a_bucket_fits_other_sizes_with_as_many_blocks():
+    """Away from its bucket a tuned configuration keeps batch*kv_heads x splits, the number of
+    blocks measured best: the split count scales inversely with batch*kv_heads, the split
+    length with the length (multiples of 64; unsplit when one split would cover it all)."""
+    split = LaunchConfig(128, 4, 1024, tensor_cores=True)  # 4 splits of 4096 positions at 32: 128 blocks
+    assert cache.fit_bucket(32, 4096, split, 32, 4096) == split
+    assert cache.fit_bucket(32, 4096, split, 64, 4096) == LaunchConfig(128, 4, 2048, True)   # 2 splits
+    assert cache.fit_bucket(32, 4096, split, 16, 4096) == LaunchConfig(128, 4, 512, True)    # 8 splits
+    assert cache.fit_bucket(32, 4096, split, 32, 8192) == LaunchConfig(128, 4, 2048, True)   # 4 longer ones
+    assert cache.fit_bucket(32, 4096, split, 32, 3000) == LaunchConfig(128, 4, 768, True)    # 4 shorter
+    assert cache.fit_bucket(32, 4096, split, 128, 4096) == LaunchConfig(128, 4, 0, True)     # 1 block each
+    assert cache.fit_bucket(32, 4096, split, 1024, 4096) == LaunchConfig(128, 4, 0, True)
+    unsplit = LaunchConfig(256, 1, 0)  # 512 blocks
+    assert cache.fit_bucket(512, 4096, unsplit, 128, 4096) == LaunchConfig(256, 1, 1024)
+    assert cache.fit_bucket(512, 4096, unsplit, 128, 64) == unsplit  # 4 splits of 16 positions: one of 64
 
 
 def test_lookup_traces_under_torch_compile():

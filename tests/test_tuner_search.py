@@ -184,11 +184,11 @@ def test_sweep_saves_winners_that_attention_then_uses(capsys):
 
     table = cache.load_table(DEVICE)
     assert len(table.entries) == 4
-    K = torch.randn(3, 2, 700, 64)
+    K = torch.randn(4, 2, 700, 64)  # batch x kv_heads = 8: the buckets of batch 4
     f = FastForwardAttn(K, K.clone(), 1024)
     f._tuned = table  # what __init__ sets from load_table for CUDA tensors
     assert f.launch_config(4, 1000) == best[1024] and f.launch_config(4, 200) == best[256]
-    out = f.attention(torch.randn(3, 4, 1, 64), torch.randn(3, 2, 1, 64), torch.randn(3, 2, 1, 64), 0.125, 700)
+    out = f.attention(torch.randn(4, 4, 1, 64), torch.randn(4, 2, 1, 64), torch.randn(4, 2, 1, 64), 0.125, 700)
     assert torch.isfinite(out).all()
 
 
