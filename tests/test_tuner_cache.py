@@ -79,19 +79,21 @@ def test_file_named_for_the_hardware():
 
 def test_nearest_bucket_lookup():
     """The nearest bucket by log2 distance (ties to the smaller) gives its kernel, threads and
-    heads per block; its own size gets its configuration exactly."""
+    heads per block, within one octave (summed over batch*kv_heads and length); its own size
+    gets its configuration exactly; farther sizes get None (the heuristic)."""
     a, b, c, d = LaunchConfig(64, 1, 64), LaunchConfig(128, 1, 128), LaunchConfig(256, 1, 256), LaunchConfig(64, 2, 512)
     table = cache.Table([entry(8, 1024, a), entry(32, 1024, b), entry(8, 16384, c), entry(512, 16384, d)])
     look = lambda bkv, length, **kw: table.lookup(kw.get("dtype", torch.float32), kw.get("head_dim", 64),
                                                   kw.get("group", 2), bkv, length)
     shape = lambda config: (config.threads, config.heads_per_block, config.tensor_cores)
     assert look(8, 1024) == a and look(32, 1024) == b and look(8, 16384) == c and look(512, 16384) == d
-    assert shape(look(1, 128)) == shape(a)         # below every bucket
-    assert shape(look(24, 512)) == shape(b)        # log2(24) is nearer 32 than 8
+    assert shape(look(24, 1024)) == shape(b)       # log2(24) is nearer 32 than 8
     assert shape(look(8, 8192)) == shape(c)        # one octave from 16384, three from 1024
-    assert shape(look(2048, 65536)) == shape(d)    # above every bucket
     assert shape(look(16, 1024)) == shape(a)       # tie between 8 and 32: the smaller bucket
-    assert shape(look(8, 4096)) == shape(a)        # tie between lengths 1024 and 16384: the smaller
+    assert shape(look(1024, 16384)) == shape(d)    # one octave above every bucket
+    assert shape(look(8, 724)) == shape(a)         # half an octave each way
+    assert look(1, 128) is None and look(2048, 65536) is None and look(8, 4096) is None  # two octaves
+    assert look(24, 512) is None                   # 0.4 + 1 octaves
     assert look(8, 1024, dtype=torch.float16) is None
     assert look(8, 1024, head_dim=128) is None
     assert look(8, 1024, group=1) is None

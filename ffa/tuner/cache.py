@@ -96,8 +96,9 @@ class Table:
 
     def lookup(self, dtype, head_dim, group, batch_kv_heads, length):
         """The configuration of the nearest measured bucket with the same dtype, head_dim and
-        group (None if there is none), fitted to this size (`fit_bucket`). Nearest by the sum
-        of log2 distances in batch*kv_heads and length; ties go to the smaller bucket."""
+        group, fitted to this size (`fit_bucket`); None if there is none within MAX_OCTAVES.
+        Nearest by the sum of log2 distances in batch*kv_heads and length; ties go to the
+        smaller bucket."""
         rows = self._by_shape.get((DTYPE_NAMES.get(dtype, dtype), head_dim, group))
         if not rows or batch_kv_heads < 1 or length < 1:
             return None
@@ -107,15 +108,21 @@ class Table:
             key = (abs(lx - x) + abs(ly - y), abs(ly - y), bkv, ln)
             if best_key is None or key < best_key:
                 best, best_key = (bkv, ln, config), key
-        return fit_bucket(*best, batch_kv_heads, length)
+        return fit_bucket(*best, batch_kv_heads, length) if best_key[0] <= MAX_OCTAVES else None
+
+
+# How far (sum of log2 distances) a tuned bucket serves other sizes; beyond, the heuristic,
+# which is computed for the size itself, does better: over the launch benchmark's 61 shapes the
+# tuned launch is 1.027x of the best candidate with 1 octave, 1.036x with no limit, 1.033x with
+# exact buckets only (bench/results/kernel-tensor-cores-h100.md).
+MAX_OCTAVES = 1
 
 
 def fit_bucket(bucket_bkv, bucket_length, config, batch_kv_heads, length):
     """A bucket's tuned configuration for another batch*kv_heads and length: the same kernel,
     threads and heads per block, and as many blocks as were measured best (batch*kv_heads x
     splits), so the split count scales inversely with batch*kv_heads and the split length with
-    the length. Over the launch benchmark's shapes this brings the tuned launch from 1.051x to
-    1.037x of the best candidate (bench/results/kernel-tensor-cores-h100.md)."""
+    the length."""
     if (bucket_bkv, bucket_length) == (batch_kv_heads, length):
         return config
     splits = -(-bucket_length // config.split_len) if config.split_len else 1
