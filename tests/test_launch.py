@@ -7,8 +7,9 @@ import itertools
 import torch
 
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.launch import (CUDA_CORE_MAX_HEADS_PER_BLOCK, MIN_SPLIT, MIN_SPLIT_TENSOR_CORES, RESIDENT_MULTI_HEAD,
-                        RESIDENT_ONE_HEAD, TENSOR_CORES_MAX_BYTES, heuristic, largest_heads_per_block)
+from ffa.launch import (CUDA_CORE_MAX_HEADS_PER_BLOCK, LONG_ROW_SPLIT, MIN_SPLIT, MIN_SPLIT_TENSOR_CORES,
+                        ONE_HEAD_MAX_UNSPLIT, RESIDENT_MULTI_HEAD, RESIDENT_ONE_HEAD, TENSOR_CORES_MAX_BYTES, heuristic,
+                        largest_heads_per_block)
 
 SHAPES = list(itertools.product((1, 2, 5, 16, 128), (1, 4, 32), (1, 2, 3, 4, 6, 8), (64, 1000, 4096, 65536),
                                 (1, 8, 132)))
@@ -30,7 +31,9 @@ def test_valid_configs_that_fill_at_most_one_wave():
         assert c.threads in (128, 256)
         assert c.split_len == 0 or (c.split_len % 64 == 0 and MIN_SPLIT <= c.split_len < length)
         blocks = grid_blocks(batch, kv_heads, group, length, c)
-        if c.split_len:  # a split is only ever there to fill the wave, never to overfill it
+        if c.heads_per_block == 1 and length > ONE_HEAD_MAX_UNSPLIT:  # long one-head rows: always split
+            assert c.split_len and (c.split_len == LONG_ROW_SPLIT or blocks <= wave(c, sms)), c
+        elif c.split_len:  # a split is only ever there to fill the wave, never to overfill it
             assert blocks <= wave(c, sms), (batch, kv_heads, group, length, sms, c)
             assert 2 * blocks > wave(c, sms) or c.split_len == MIN_SPLIT, (batch, kv_heads, group, length, sms, c)
 
@@ -56,6 +59,9 @@ def test_choices_measured_on_an_h100():
     assert heuristic(8, 4, 8, 1152, h100).heads_per_block == 4
     # long unsplit rows take 256 threads
     assert heuristic(128, 32, 1, 2048, h100) == LaunchConfig(256, 1, 0)
+    # longer ones than 4096 positions are split in pieces of 2048 even when the grid fills the GPU
+    assert heuristic(64, 32, 1, 8192, h100) == LaunchConfig(256, 1, 2048)
+    assert heuristic(32, 32, 1, 4096, h100) == LaunchConfig(256, 1, 0)
     # one-head caches of up to 256 positions are not split: the default launch's shape (a
     # 64-position split cost 1.28-1.41x the default launch in the seed's protocol at x = 256)
     assert heuristic(1, 32, 1, 256, h100) == heuristic(4, 32, 1, 200, h100) == LaunchConfig(256, 1, 0)
