@@ -78,7 +78,7 @@ def test_file_named_for_the_hardware():
 
 
 def test_nearest_bucket_lookup():
-    """The nearest bucket by log2 distance (ties to the smaller) gives its kernel, threads and
+    """The nearest bucket by log2 distance (ties to the larger) gives its kernel, threads and
     heads per block, within one octave (summed over batch*kv_heads and length); its own size
     gets its configuration exactly; farther sizes get None (the heuristic)."""
     a, b, c, d = LaunchConfig(64, 1, 64), LaunchConfig(128, 1, 128), LaunchConfig(256, 1, 256), LaunchConfig(64, 2, 512)
@@ -89,7 +89,7 @@ def test_nearest_bucket_lookup():
     assert look(8, 1024) == a and look(32, 1024) == b and look(8, 16384) == c and look(512, 16384) == d
     assert shape(look(24, 1024)) == shape(b)       # log2(24) is nearer 32 than 8
     assert shape(look(8, 8192)) == shape(c)        # one octave from 16384, three from 1024
-    assert shape(look(16, 1024)) == shape(a)       # tie between 8 and 32: the smaller bucket
+    assert shape(look(16, 1024)) == shape(b)       # tie between 8 and 32: the larger bucket
     assert shape(look(1024, 16384)) == shape(d)    # one octave above every bucket
     assert shape(look(8, 724)) == shape(a)         # half an octave each way
     assert look(1, 128) is None and look(2048, 65536) is None and look(8, 4096) is None  # two octaves

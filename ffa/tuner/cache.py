@@ -98,14 +98,15 @@ class Table:
         """The configuration of the nearest measured bucket with the same dtype, head_dim and
         group, fitted to this size (`fit_bucket`); None if there is none within MAX_OCTAVES.
         Nearest by the sum of log2 distances in batch*kv_heads and length; ties go to the
-        smaller bucket."""
+        larger bucket (its kernel choice was measured on a cache at least as large: tensor
+        cores win on smaller caches only)."""
         rows = self._by_shape.get((DTYPE_NAMES.get(dtype, dtype), head_dim, group))
         if not rows or batch_kv_heads < 1 or length < 1:
             return None
         x, y = math.log2(batch_kv_heads), math.log2(length)
         best, best_key = None, None
         for lx, ly, bkv, ln, config in rows:
-            key = (abs(lx - x) + abs(ly - y), abs(ly - y), bkv, ln)
+            key = (abs(lx - x) + abs(ly - y), abs(ly - y), -bkv, -ln)
             if best_key is None or key < best_key:
                 best, best_key = (bkv, ln, config), key
         return fit_bucket(*best, batch_kv_heads, length) if best_key[0] <= MAX_OCTAVES else None
@@ -113,7 +114,7 @@ class Table:
 
 # How far (sum of log2 distances) a tuned bucket serves other sizes; beyond, the heuristic,
 # which is computed for the size itself, does better: over the launch benchmark's 61 shapes the
-# tuned launch is 1.027x of the best candidate with 1 octave, 1.036x with no limit, 1.033x with
+# tuned launch is 1.025x of the best candidate with 1 octave, 1.039x with no limit, 1.031x with
 # exact buckets only (bench/results/kernel-tensor-cores-h100.md).
 MAX_OCTAVES = 1
 
