@@ -2,7 +2,7 @@
 
     python bench/compare_builds.py BASE/libffa.so NEW/libffa.so [MORE ...] [--dtype float16] [--out f.json]
 
-For every shape of the kernel grid (bench/attention_kernels.py) and each build, the tuner's search
+For every shape of the kernel grid (bench/kernels.py) and each build, the tuner's search
 (ffa.tuner.search.tune: every candidate, tensor-core ones included, checked against the reference,
 then timed with CUDA events, L2 flushed, median) gives the best launch and the heuristic's time. Builds alternate
 shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
@@ -18,12 +18,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_kernels import HEADS, PAIRS  # noqa: E402
+from kernels import HEADS, PAIRS  # noqa: E402
 
 from ffa import _lib  # noqa: E402
 from ffa.tuner.search import CudaTimer, Problem, Workload, tune  # noqa: E402
 
-COPY_GBPS = 3000.0  # the floor's bandwidth; the exact card figure is bench/attention_kernels.py's job
+COPY_GBPS = 3000.0  # the floor's bandwidth; the exact card figure is bench/kernels.py's job
 
 
 def load_build(path):

@@ -5,7 +5,7 @@
 Kernel benchmarks flush L2 before each timed call so that the cache is read from memory. A flush
 that writes a buffer (triton's do_bench and ffa.tuner's timer both zero one) leaves L2 full of
 dirty lines, which the timed kernel then writes back while it reads. This times, over the 32
-shapes of bench/attention_kernels.py in float16, FFA (heuristic launch) and a plain read of the
+shapes of bench/kernels.py in float16, FFA (heuristic launch) and a plain read of the
 same bytes (torch.sum) after three flushes: "write" (zero a buffer twice the L2 size, as
 ffa.tuner's timer does by default), "read" (sum such a buffer: clean lines) and "none" (warm
 L2), each with ffa.tuner's CudaTimer (CUDA events around each call, median, a GPU spin first so
@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_kernels import HEADS, PAIRS  # noqa: E402
+from kernels import HEADS, PAIRS  # noqa: E402
 
 from ffa import FastForwardAttn  # noqa: E402
 from ffa.tuner.search import CudaTimer  # noqa: E402

@@ -3,7 +3,7 @@
     python bench/launch_candidates.py --out cands.json        # GPU: search every shape, save all timings
     python bench/launch_candidates.py --evaluate cands.json   # anywhere: score ffa.launch.heuristic on them
 
-The GPU run times, for each shape (the kernel grid of bench/attention_kernels.py in float16, plus
+The GPU run times, for each shape (the kernel grid of bench/kernels.py in float16, plus
 the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
 candidate of ffa.tuner.search.tune with refine=3 (every split length at 128 threads and the
 largest heads per block, then every threads x heads per block at the 3 best split lengths, each
@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from attention_kernels import HEADS, PAIRS  # noqa: E402
+from kernels import HEADS, PAIRS  # noqa: E402
 
 import torch  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Turn bench/attention_kernels.py's JSON into the committed summary: a Markdown report with the issue's
+"""Turn bench/kernels.py's JSON into the committed summary: a Markdown report with the issue's
 targets checked, and PNG plots (the grid as multiples of the floor, the seed's protocol).
 
     python bench/report.py bench/results/kernels-h100.json     # writes kernels-h100.md/.png beside it

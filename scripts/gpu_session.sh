@@ -6,7 +6,7 @@
 # ffa` is the installed wheel), else from this checkout, building ffa/lib for sm_90 if needed.
 #
 #   scripts/gpu_session.sh check   GPU tests, example.py, python -m ffa.tuner (default sweep)
-#   scripts/gpu_session.sh bench   bench/attention_kernels.py (uses the tuner cache in $FFA_TUNER_CACHE_DIR)
+#   scripts/gpu_session.sh bench   bench/kernels.py (uses the tuner cache in $FFA_TUNER_CACHE_DIR)
 #   scripts/gpu_session.sh hf        bench/hf_generate.py
 #   scripts/gpu_session.sh sanitize  scripts/sanitize.sh (compute-sanitizer's four tools)
 # The device's copy of the tree has no .git: pass the commit as FFA_COMMIT=<hash> so that the
@@ -40,7 +40,7 @@ check)
   (cd /tmp && python3 -m ffa.tuner 2>&1) | tee "$OUT/tuner.log" | tail -25
   ;;
 bench)
-  (cd $run_dir && python3 bench/attention_kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-}) 2>&1 |
+  (cd $run_dir && python3 bench/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-}) 2>&1 |
     grep -v -i warn | tee "$OUT/kernels.log" | tail -90
   ;;
 hf)

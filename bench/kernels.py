@@ -1,7 +1,11 @@
 """Kernel benchmark: FFA against the bandwidth floor and PyTorch's attention backends.
 
-    python bench/attention_kernels.py --out bench/results/kernels.json      # the full program
-    python bench/attention_kernels.py --sections grid --dtypes float16      # one part
+    python bench/kernels.py --out bench/results/kernels.json      # the full program
+    python bench/kernels.py --sections grid --dtypes float16      # one part
+
+With --out it writes the JSON and, beside it, the report of bench/report.py (kernels.md: tables
+and the issue's targets checked; kernels.png: the grid as multiples of the floor and the seed's
+protocol).
 
 Sections (each a function below):
   bandwidth  read-only and copy bandwidth of this GPU (the floor's denominator)
@@ -28,6 +32,7 @@ import torch
 
 from ffa import FastForwardAttn
 from ffa.launch import heuristic, length_bucket, tensor_cores_apply
+import report
 from shared import source_commit
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -266,6 +271,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
+        report.main(args.out)  # the Markdown table with the targets and the PNG plots, beside it
     return result
 
 
