@@ -24,10 +24,14 @@ def _library_lines():
     archs = ", ".join(f"sm_{a // 10}" for a in build.get("archs", []))
     cudart = build.get("cuda_runtime")
     runtime = f"{cudart // 1000}.{cudart % 1000 // 10}" if isinstance(cudart, int) else "?"
+    tc = build.get("tensor_cores", {})
+    tensor_cores = (f"{', '.join(tc.get('dtypes', []))} at head_dim {', '.join(map(str, tc.get('head_dims', [])))} "
+                    f"on compute capability {tc.get('compute_capability')}+" if tc else "none")
     return [
         f"library        {path}",
         f"               loaded: ABI {build.get('abi')}, CUDA runtime {runtime} (static)",
         f"architectures  {archs or '?'}",
+        f"tensor cores   {tensor_cores}",
     ]
 
 

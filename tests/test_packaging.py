@@ -126,6 +126,8 @@ def test_report_names_version_torch_and_tuner_cache(monkeypatch, tmp_path):
     assert f"tuner cache    {tmp_path}\n" in text and "NVIDIA_H100_80GB_HBM3.json (2 bytes)" in text
     if not torch.cuda.is_available():
         assert "GPU            none (" in text
+    if _lib.available():
+        assert "tensor cores   float16, bfloat16 at head_dim 64, 128 on compute capability 8.0+\n" in text
 
 
 def test_report_without_tuner_cache(monkeypatch, tmp_path):
@@ -140,7 +142,7 @@ def test_report_without_library(monkeypatch, tmp_path):
     monkeypatch.setattr(_lib, "_load_error", None)
     text = report()
     assert f"library        {missing}\n               not usable: " in text
-    assert "architectures" not in text
+    assert "architectures" not in text and "tensor cores" not in text
 
 
 def test_python_m_ffa(tmp_path):
