@@ -89,22 +89,11 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
 
   const int tid = threadIdx.x, nt = blockDim.x;
   const int lane_k = tid % TPK, key = tid / TPK, kpp = nt / TPK;
-  const int b = blockIdx.z, split = blockIdx.x;
-  const int subgroups = a.group / a.heads_per_block;
-  const int kvh = blockIdx.y / subgroups;
-  const int h0 = kvh * a.group + (blockIdx.y % subgroups) * a.heads_per_block;
-  const int nh = a.heads_per_block;
-
-  BlockRange r;
-  if (!block_range<T, D>(a, b, split, h0, nh, r)) return;
-  const int64_t start = r.start, pos = r.pos, lo = r.lo, hi = r.hi;
-
-  const T *kbase = static_cast<const T *>(a.k_cache) + b * a.k_sb + kvh * a.k_sh;
-  const T *vbase = static_cast<const T *>(a.v_cache) + b * a.v_sb + kvh * a.v_sh;
-  const T *knew = static_cast<const T *>(a.new_k) + b * a.nk_sb + kvh * a.nk_sh;
-  const T *vnew = static_cast<const T *>(a.new_v) + b * a.nv_sb + kvh * a.nv_sh;
-  append_new_row<T, D>(r, blockIdx.y % subgroups == 0, const_cast<T *>(kbase + pos * a.k_ss),
-                       const_cast<T *>(vbase + pos * a.v_ss), knew, vnew);
+  DecodeBlock<T> blk;
+  if (!begin_block<T, D>(a, blk)) return;
+  const int b = blk.b, split = blk.split, h0 = blk.h0, nh = blk.nh;
+  const int64_t start = blk.r.start, pos = blk.r.pos, lo = blk.r.lo, hi = blk.r.hi;
+  const T *kbase = blk.kbase, *vbase = blk.vbase, *knew = blk.knew, *vnew = blk.vnew;
 
   // q of this block's heads, prescaled to base-2 logits; unused heads and lanes hold zeros.
   float q[G][CPL][VEC];

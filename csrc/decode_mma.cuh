@@ -65,20 +65,11 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
   const int g = lane / 4, t4 = lane % 4;  // fragment row and column pair (mma.cuh)
-  const int b = blockIdx.z, split = blockIdx.x;
-  const int subgroups = a.group / a.heads_per_block;
-  const int kvh = blockIdx.y / subgroups;
-  const int h0 = kvh * a.group + (blockIdx.y % subgroups) * a.heads_per_block;
-  const int nh = a.heads_per_block;
-
-  BlockRange r;
-  if (!block_range<T, D>(a, b, split, h0, nh, r)) return;
-  const T *kbase = static_cast<const T *>(a.k_cache) + b * a.k_sb + kvh * a.k_sh;
-  const T *vbase = static_cast<const T *>(a.v_cache) + b * a.v_sb + kvh * a.v_sh;
-  const T *knew = static_cast<const T *>(a.new_k) + b * a.nk_sb + kvh * a.nk_sh;
-  const T *vnew = static_cast<const T *>(a.new_v) + b * a.nv_sb + kvh * a.nv_sh;
-  append_new_row<T, D>(r, blockIdx.y % subgroups == 0, const_cast<T *>(kbase + r.pos * a.k_ss),
-                       const_cast<T *>(vbase + r.pos * a.v_ss), knew, vnew);
+  DecodeBlock<T> blk;
+  if (!begin_block<T, D>(a, blk)) return;
+  const int b = blk.b, split = blk.split, h0 = blk.h0, nh = blk.nh;
+  const BlockRange &r = blk.r;
+  const T *kbase = blk.kbase, *vbase = blk.vbase, *knew = blk.knew, *vnew = blk.vnew;
 
   // Q^T as B fragments, one per k-step: column n = head h0 + n (zeros from nh on).
   uint32_t qb[KSTEPS][2];
@@ -149,12 +140,10 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   // max, 0 while a head has no position yet, as 2^(-inf) = 0); alpha (per head) rescales what
   // came before; sum: this lane's weights of the tile.
   auto softmax = [&](float (&st)[4], float (&ref)[2], float (&alpha)[2], float (&sum)[2]) {
-    float mx[2] = {fmaxf(st[0], st[2]), fmaxf(st[1], st[3])};
+    const float mx[2] = {fmaxf(st[0], st[2]), fmaxf(st[1], st[3])};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-#pragma unroll
-      for (int off = 4; off < 32; off *= 2) mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], off));
-      const float m_new = fmaxf(m_run[h], mx[h]);
+      const float m_new = fmaxf(m_run[h], column_max(mx[h]));
       ref[h] = m_new == -INFINITY ? 0.f : m_new;
       alpha[h] = exp2f(m_run[h] - ref[h]);
       m_run[h] = m_new;
@@ -250,9 +239,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
       softmax(st, ref, alpha, sum);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-#pragma unroll
-        for (int off = 4; off < 32; off *= 2) sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], off);
-        l_warp[h] = l_warp[h] * alpha[h] + sum[h];
+        l_warp[h] = l_warp[h] * alpha[h] + column_sum(sum[h]);
         threshold[h] = 2 * t4 + h < nh ? a.prune_p * (l_warp[h] + exp2f(first[h] - ref[h])) : INFINITY;
       }
       // rows g and g + 8 of the tile, kept if any head of any of the 4 lanes of the row keeps them
@@ -275,10 +262,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
       accumulate(mine - 1, pending);
     }
   }
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-#pragma unroll
-    for (int off = 4; off < 32; off *= 2) l_run[h] += __shfl_xor_sync(0xffffffffu, l_run[h], off);
+  l_run[0] = column_sum(l_run[0]), l_run[1] = column_sum(l_run[1]);
 
   // Merge the warps: out = sum_w 2^(m_w - M) O_w / sum_w 2^(m_w - M) l_w, M = max_w m_w
   // (a warp without tiles has m = -inf and adds nothing).

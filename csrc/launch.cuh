@@ -27,12 +27,9 @@ inline int template_group(int heads_per_block) {
   return heads_per_block <= 1 ? 1 : heads_per_block <= 2 ? 2 : heads_per_block <= 4 ? 4 : 8;
 }
 
-inline bool has_tensor_core_kernel(int dtype_bytes, int head_dim) {
+constexpr bool has_tensor_core_kernel(int dtype_bytes, int head_dim) {
   return dtype_bytes == 2 && (head_dim == 64 || head_dim == 128);
 }
-
-template <typename T, int D>
-constexpr bool kHasMmaKernel = sizeof(T) == 2 && (D == 64 || D == 128);
 
 // The most dynamic shared memory a tensor-core block may use on the current device, -1 where
 // the device has no mma.m16n8k16 (compute capability below 8.0) or the kernel's code was built
@@ -72,7 +69,7 @@ cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, cudaS
 
 template <typename T, int D>
 cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int threads, bool tensor_cores, cudaStream_t stream) {
-  if constexpr (kHasMmaKernel<T, D>)
+  if constexpr (has_tensor_core_kernel(sizeof(T), D))
     if (tensor_cores)
       return a.prune_p > 0.f ? launch_decode_mma<T, D, true>(a, grid, threads, stream)
                              : launch_decode_mma<T, D, false>(a, grid, threads, stream);

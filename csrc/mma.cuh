@@ -76,6 +76,20 @@ __device__ __forceinline__ uint32_t pack2(float x, float y, __nv_bfloat16) {
   return *reinterpret_cast<const uint32_t *>(&h);
 }
 
+// The sum / max of x over the 8 lanes that hold one column of a C fragment (lanes t, t + 4,
+// ..., t + 28: the same lane % 4), left in each of them.
+__device__ __forceinline__ float column_sum(float x) {
+#pragma unroll
+  for (int off = 4; off < 32; off *= 2) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+__device__ __forceinline__ float column_max(float x) {
+#pragma unroll
+  for (int off = 4; off < 32; off *= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
 // One register of two 16-bit elements as two floats (the low half first).
 __device__ __forceinline__ float2 unpack2(uint32_t x, __half) {
   return __half22float2(*reinterpret_cast<const __half2 *>(&x));
