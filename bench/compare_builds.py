@@ -49,7 +49,8 @@ def main():
     timer = CudaTimer(device)
     names = [chr(ord("A") + i) for i in range(len(handles))]
     rows = []
-    print("| shape | floor µs | " + " | ".join(f"{n} best µs (threads/heads/split[/tc]) | {n} heuristic" for n in names)
+    print("| shape | floor µs | "
+          + " | ".join(f"{n} best µs (threads/heads/split[/tc]) | {n} heuristic" for n in names)
           + " | " + " | ".join(f"{n}/A best" for n in names[1:]) + " |")
     print("|---" * (2 + 2 * len(names) + len(names) - 1) + "|")
     for head_dim in map(int, args.head_dims.split(",")):

@@ -7,10 +7,11 @@ The GPU run times, for each shape (the kernel grid of bench/kernels.py in float1
 the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
 candidate of ffa.tuner.search.tune with refine=3 (every split length at 128 threads and the
 largest heads per block, then every threads x heads per block at the 3 best split lengths, each
-on CUDA cores and on tensor cores), each checked against the reference first. --evaluate scores the heuristic of the checkout it runs in:
-its time over the best time, per shape and as a geometric mean. A choice that was not timed is
-scored by the timed candidate of the same threads and heads per block with the nearest split
-length (marked ~), so the score of a new heuristic on old data is an estimate.
+on CUDA cores and on tensor cores), each checked against the reference first. --evaluate scores
+the heuristic of the checkout it runs in: its time over the best time, per shape and as a
+geometric mean. A choice that was not timed is scored by the timed candidate of the same
+kernel, threads and heads per block with the nearest split length (marked ~), so the score of
+a new heuristic on old data is an estimate.
 """
 
 import argparse
@@ -75,9 +76,8 @@ def timed_as(timings, config):
     """The time of `config`, or of the nearest timed split length at its threads and heads."""
     if key(config) in timings:
         return timings[key(config)], key(config)
-    same = [c for c in map(parse, timings)
-            if (c.threads, c.heads_per_block, c.tensor_cores) == (config.threads, config.heads_per_block, config.tensor_cores)
-            and (c.split_len == 0) == (config.split_len == 0)]
+    shape = lambda c: (c.threads, c.heads_per_block, c.tensor_cores, c.split_len == 0)
+    same = [c for c in map(parse, timings) if shape(c) == shape(config)]
     if not same:
         return None, key(config) + " (not timed)"
     near = min(same, key=lambda c: abs(math.log(max(c.split_len, 1) / max(config.split_len, 1))))

@@ -324,7 +324,8 @@ def test_library_knows_where_tensor_cores_apply(dtype, head_dim, supported):
     if supported:
         assert _lib.workspace_bytes(params(1)) == expected
     else:
-        with pytest.raises(_lib.UnsupportedError, match="tensor_cores needs float16 or bfloat16 with head_dim 64 or 128"):
+        with pytest.raises(_lib.UnsupportedError,
+                           match="tensor_cores needs float16 or bfloat16 with head_dim 64 or 128"):
             _lib.workspace_bytes(params(1))
     with pytest.raises(ValueError, match="tensor_cores 2 is not 0 or 1"):
         _lib.workspace_bytes(params(2))

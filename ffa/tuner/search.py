@@ -10,9 +10,10 @@ For every workload (dtype, head_dim, group, batch x kv_heads, context length) th
   4. keeps the fastest candidate.
 A candidate is timed only after one run into a NaN-filled output matched the reference; one
 that raises ValueError or disagrees is rejected, except that a launch the GPU cannot run
-(UnsupportedError: a tensor-core block with more shared memory than the GPU has) is only noted. The two functions that touch the GPU, `run`
-(one decode step with a given LaunchConfig) and `timer` (seconds taken by a callable), are
-parameters, so tests run the whole search on CPU tensors with a fake timer.
+(UnsupportedError: a tensor-core block with more shared memory than the GPU has) is only
+noted. The two functions that touch the GPU, `run` (one decode step with a given LaunchConfig)
+and `timer` (seconds taken by a callable), are parameters, so tests run the whole search on CPU
+tensors with a fake timer.
 """
 
 import math
