@@ -106,6 +106,18 @@ FFA_API int ffa_workspace_bytes(const ffa_decode_params *p, int64_t *bytes);
 /* FFA_OK when the library holds machine code or PTX that runs on CUDA device `device`. */
 FFA_API int ffa_check_device(int device);
 FFA_API int ffa_decode(const ffa_decode_params *p);
+/* The read ceiling: reads each byte of up to FFA_READ_RANGES ranges of device memory once and
+ * writes nothing (what any kernel that must read those bytes costs at least; csrc/read.cu).
+ * Ranges are 16-byte aligned and a multiple of 16 bytes long; an unused range has ptr NULL. */
+#define FFA_READ_RANGES 2
+typedef struct {
+  int64_t abi_version;
+  const void *ptr[FFA_READ_RANGES];
+  int64_t bytes[FFA_READ_RANGES];
+  int64_t bulk; /* 0: 16-byte loads. 1: the bulk copy engine (compute capability 9.0+; FFA_ERR_UNSUPPORTED elsewhere) */
+  void *stream; /* cudaStream_t */
+} ffa_read_params;
+FFA_API int ffa_read(const ffa_read_params *p);
 /* Waits for `stream` (a cudaStream_t) and reports whether work on it failed on the GPU. A
  * kernel fault is asynchronous: FFA_DEBUG_SYNC=1 makes the Python side call this before and
  * after each decode, so that a fault is reported as FFA's, or as earlier work's. */

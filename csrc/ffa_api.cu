@@ -9,6 +9,11 @@
 #include "ffa.h"
 #include "launch.cuh"
 
+namespace ffa {
+cudaError_t launch_read(const ffa_read_params *p, cudaStream_t stream);  // read.cu
+cudaError_t bulk_read_supported(int device, bool &ok);
+}  // namespace ffa
+
 #ifndef FFA_VERSION
 #error "build with -DFFA_VERSION=\"x.y.z\" (setup.py passes the package version)"
 #endif
@@ -94,6 +99,11 @@ int check_shapes(const ffa_decode_params *p) {
   return FFA_OK;
 }
 
+int fail_no_kernel_image(int device) {
+  return fail(FFA_ERR_NO_KERNEL_IMAGE, "no kernel image for device %d (compiled for " FFA_STR(__CUDA_ARCH_LIST__) ")",
+              device);
+}
+
 bool aligned16(const void *ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
 
 int check_tensor(const char *name, const void *ptr, std::initializer_list<int64_t> strides, int64_t vec) {
@@ -177,6 +187,35 @@ int ffa_check_device(int device) {
   return FFA_OK;
 }
 
+int ffa_read(const ffa_read_params *p) {
+  if (!p) return fail(FFA_ERR_INVALID_ARGUMENT, "params is NULL");
+  if (p->abi_version != FFA_ABI_VERSION)
+    return fail(FFA_ERR_ABI_MISMATCH, "params.abi_version is %lld, this library speaks %d",
+                (long long)p->abi_version, FFA_ABI_VERSION);
+  for (int i = 0; i < FFA_READ_RANGES; ++i) {
+    if (!p->ptr[i]) continue;
+    if (!aligned16(p->ptr[i]) || p->bytes[i] < 0 || p->bytes[i] % 16 != 0)
+      return fail(FFA_ERR_INVALID_ARGUMENT, "range %d must be 16-byte aligned and a multiple of 16 bytes long "
+                  "(got %lld bytes)", i, (long long)p->bytes[i]);
+  }
+  if (p->bulk != 0 && p->bulk != 1)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "bulk %lld is not 0 or 1", (long long)p->bulk);
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "cudaGetDevice: %s", cudaGetErrorString(err));
+  if (p->bulk) {
+    bool ok = false;
+    err = ffa::bulk_read_supported(device, ok);
+    if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
+      return fail_no_kernel_image(device);
+    if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "device %d: %s", device, cudaGetErrorString(err));
+    if (!ok) return fail(FFA_ERR_UNSUPPORTED, "bulk copies need compute capability 9.0+ (device %d)", device);
+  }
+  err = ffa::launch_read(p, static_cast<cudaStream_t>(p->stream));
+  if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "read launch on device %d: %s", device, cudaGetErrorString(err));
+  return FFA_OK;
+}
+
 int ffa_stream_check(void *stream) {
   cudaError_t err = cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "%s", cudaGetErrorString(err));
@@ -254,7 +293,7 @@ int ffa_decode(const ffa_decode_params *p) {
                 "%d bytes of shared memory per block for %d threads of head_dim %d)",
                 device, ffa::mma_smem_bytes(hd, threads), threads, hd);
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
-    return fail(FFA_ERR_NO_KERNEL_IMAGE, "no kernel image for device %d (compiled for " FFA_STR(__CUDA_ARCH_LIST__) ")", device);
+    return fail_no_kernel_image(device);
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "kernel launch on device %d: %s", device, cudaGetErrorString(err));
   return FFA_OK;
 }

@@ -74,6 +74,21 @@ class DecodeParams(ctypes.Structure):
     ]
 
 
+READ_RANGES = 2  # FFA_READ_RANGES in csrc/ffa.h
+
+
+class ReadParams(ctypes.Structure):
+    """Mirror of ffa_read_params in csrc/ffa.h: the read ceiling's ranges."""
+
+    _fields_ = [
+        ("abi_version", ctypes.c_int64),
+        ("ptr", ctypes.c_void_p * READ_RANGES),
+        ("bytes", ctypes.c_int64 * READ_RANGES),
+        ("bulk", ctypes.c_int64),
+        ("stream", ctypes.c_void_p),
+    ]
+
+
 def library_path():
     """$FFA_LIBRARY if set, else the libffa.so shipped inside the package."""
     return Path(os.environ.get("FFA_LIBRARY", Path(__file__).parent / "lib" / "libffa.so"))
@@ -81,6 +96,36 @@ def library_path():
 
 _lib = None
 _load_error = None
+_opened = {}  # resolved path -> handle, for use_library
+
+
+def _open(path):
+    """The library file at `path`, its ABI and version checked and its signatures declared;
+    raises FFAError with the reason when it cannot be used."""
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise FFAError(f"FFA's CUDA library could not be loaded from {path} ({e}); "
+                       "build it with `python setup.py build_native` or reinstall the package") from None
+    try:
+        lib.ffa_abi_version.restype = ctypes.c_int64
+        lib.ffa_version.restype = ctypes.c_char_p
+        abi, version = lib.ffa_abi_version(), lib.ffa_version().decode()
+    except AttributeError as e:
+        abi, version = None, f"unknown ({e})"
+    if abi != ABI_VERSION or version != __version__:
+        raise FFAError(f"{path} is FFA {version} (ABI {abi}) but the Python package is {__version__} "
+                       f"(ABI {ABI_VERSION}); rebuild it with `python setup.py build_native`")
+    for name in ("ffa_build_info", "ffa_last_error"):
+        getattr(lib, name).restype = ctypes.c_char_p
+    lib.ffa_status_string.restype = ctypes.c_char_p
+    lib.ffa_status_string.argtypes = [ctypes.c_int]
+    lib.ffa_workspace_bytes.argtypes = [ctypes.POINTER(DecodeParams), ctypes.POINTER(ctypes.c_int64)]
+    lib.ffa_check_device.argtypes = [ctypes.c_int]
+    lib.ffa_decode.argtypes = [ctypes.POINTER(DecodeParams)]
+    lib.ffa_stream_check.argtypes = [ctypes.c_void_p]
+    lib.ffa_read.argtypes = [ctypes.POINTER(ReadParams)]
+    return lib
 
 
 def load():
@@ -90,33 +135,23 @@ def load():
         return _lib
     if _load_error is not None:
         raise FFAError(_load_error)
-    path = library_path()
     try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        _load_error = (f"FFA's CUDA library could not be loaded from {path} ({e}); "
-                       "build it with `python setup.py build_native` or reinstall the package")
-        raise FFAError(_load_error) from None
-    try:
-        lib.ffa_abi_version.restype = ctypes.c_int64
-        lib.ffa_version.restype = ctypes.c_char_p
-        abi, version = lib.ffa_abi_version(), lib.ffa_version().decode()
-    except AttributeError as e:
-        abi, version = None, f"unknown ({e})"
-    if abi != ABI_VERSION or version != __version__:
-        _load_error = (f"{path} is FFA {version} (ABI {abi}) but the Python package is {__version__} "
-                       f"(ABI {ABI_VERSION}); rebuild it with `python setup.py build_native`")
-        raise FFAError(_load_error)
-    for name in ("ffa_build_info", "ffa_last_error"):
-        getattr(lib, name).restype = ctypes.c_char_p
-    lib.ffa_status_string.restype = ctypes.c_char_p
-    lib.ffa_status_string.argtypes = [ctypes.c_int]
-    lib.ffa_workspace_bytes.argtypes = [ctypes.POINTER(DecodeParams), ctypes.POINTER(ctypes.c_int64)]
-    lib.ffa_check_device.argtypes = [ctypes.c_int]
-    lib.ffa_decode.argtypes = [ctypes.POINTER(DecodeParams)]
-    lib.ffa_stream_check.argtypes = [ctypes.c_void_p]
-    _lib = lib
-    return lib
+        _lib = _open(library_path())
+    except FFAError as e:
+        _load_error = str(e)
+        raise
+    return _lib
+
+
+def use_library(path):
+    """Make the library file at `path` the one every later FFA call goes to (each file is
+    opened once and checked as load() checks the default one): for comparing builds in one
+    process (bench/compare_builds.py)."""
+    global _lib, _load_error
+    key = str(Path(path).resolve())
+    if key not in _opened:
+        _opened[key] = _open(key)
+    _lib, _load_error = _opened[key], None
 
 
 def available():
@@ -153,6 +188,13 @@ def workspace_bytes(params):
     if status != OK:
         _raise(status, "ffa_workspace_bytes")
     return out.value
+
+
+def read(params):
+    """ffa_read: one read of the ranges in `params` (a ReadParams) on its stream."""
+    status = load().ffa_read(ctypes.byref(params))
+    if status != OK:
+        _raise(status, "ffa_read")
 
 
 # FFA_DEBUG_SYNC=1: wait for the stream before and after every decode, so that an asynchronous
