@@ -15,6 +15,7 @@ import torch
 from cases import exact, rel_l2
 from ffa import FastForwardAttn, LaunchConfig, _lib
 from ffa.launch import heuristic
+from ffa.measure import Progress
 from ffa.tuner import cache
 from ffa.tuner import search
 from ffa.tuner.__main__ import grid_for, main, parse_args
@@ -89,23 +90,50 @@ def test_problem_reference_is_float64_attention():
     ref, _, _ = exact(K, V, p.q.double(), p.k.double(), p.v.double(), t, torch.zeros(w.batch, dtype=torch.long),
                       p.scale, w.length)
     assert p.reference.dtype == torch.float64 and rel_l2(p.reference, ref) < 1e-12
-    chunked = p._reference(chunk_bytes=1)  # one sequence at a time
+    kc, vc = p.attn.get_cache()
+    chunked = search.upcast_reference(p.q, p.k, p.v, kc, vc, p.t, p.scale, chunk_bytes=1)  # a sequence at a time
     assert torch.equal(chunked, p.reference)
     assert search.relative_error(search.run_candidate(p, LaunchConfig(64, 3, 64)), p.reference) < 1e-5
+
+
+def test_candidates_are_timed_over_every_cache_copy():
+    """The timer gets one call per cache copy (the rotation protocol); the copies are distinct
+    caches holding the same rows, and a candidate's check runs on the first."""
+    w = search.Workload(torch.float32, 64, 2, 1, 2, 256)
+    p = search.Problem(w, "cpu", seed=2, copies=3)
+    caches = [a.get_cache()[0] for a in p.attns]
+    assert len({c.data_ptr() for c in caches}) == 3 and all(torch.equal(c[:, :, :255], caches[0][:, :, :255])
+                                                            for c in caches)
+    ran, timed = [], []
+
+    def run(problem, config, copy=0):
+        ran.append(copy)
+        return search.run_candidate(problem, config, copy)
+
+    def timer(calls):
+        before = len(ran)
+        for call in calls:
+            call()
+        timed.append(ran[before:])
+        return 1e-6
+
+    result = search.tune(p, 132, timer, run, refine=1)
+    assert result.timings and timed and all(copies == [0, 1, 2] for copies in timed)
+    assert all(p.attns[i].launch is not None for i in range(3))
 
 
 class FakeGPU:
     """run/timer pair for the search: `run` is the real CPU step, except that `wrong` gives a
     corrupted output, `broken` raises ValueError, `unsupported` raises UnsupportedError (a launch
-    the GPU cannot run) and `silent` writes nothing; `timer` calls fn once and reports
-    seconds(workload, config) of the last step run."""
+    the GPU cannot run) and `silent` writes nothing; `timer` runs the first of its calls once
+    and reports seconds(workload, config) of the last step run."""
 
     def __init__(self, seconds, wrong=(), broken=(), silent=(), unsupported=()):
         self.seconds, self.wrong, self.broken, self.silent = seconds, set(wrong), set(broken), set(silent)
         self.unsupported = set(unsupported)
         self.last, self.timed = None, []
 
-    def run(self, problem, config):
+    def run(self, problem, config, copy=0):
         self.last, self.workload = config, problem.workload
         if config in self.broken:
             raise ValueError(f"{config} is not supported")
@@ -113,11 +141,11 @@ class FakeGPU:
             raise _lib.UnsupportedError("tensor_cores: device 0 cannot run this launch")
         if config in self.silent:
             return problem.out
-        out = search.run_candidate(problem, config)
+        out = search.run_candidate(problem, config, copy)
         return out + 0.01 * out.abs().max() if config in self.wrong else out
 
-    def timer(self, fn):
-        fn()
+    def timer(self, calls):
+        calls[0]()
         self.timed.append(self.last)
         return self.seconds(self.workload, self.last)
 
@@ -194,7 +222,7 @@ def test_sweep_saves_winners_that_attention_then_uses(capsys):
 
 def test_plain_counter_without_tqdm(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now fails
-    bar = search.Progress(3)
+    bar = Progress(3)
     for i in range(3):
         bar.step(f"shape {i}")
     bar.close()

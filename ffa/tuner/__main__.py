@@ -19,8 +19,9 @@ import torch
 from .. import _lib
 from ..attention import HEAD_DIMS
 from ..launch import length_bucket
+from ..measure import RotationTimer, copies_for, l2_bytes
 from . import cache
-from .search import DEFAULT_GRID, QUICK_GRID, CudaTimer, sweep
+from .search import DEFAULT_GRID, QUICK_GRID, sweep
 
 DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -161,9 +162,10 @@ def run_sweep(args):
             saved.append(result)
 
     began = time.perf_counter()
+    l2 = l2_bytes(device)
     with torch.cuda.device(device):
-        results = sweep(workloads, device, info.sm_count, CudaTimer(device), refine=grid.refine, on_result=keep,
-                        capability=info.capability)
+        results = sweep(workloads, device, info.sm_count, RotationTimer(), refine=grid.refine, on_result=keep,
+                        capability=info.capability, copies=lambda w: copies_for(w.kv_bytes, l2))
     wall = time.perf_counter() - began
 
     entries = [r.entry() for r in results if r.config is not None]

@@ -2,7 +2,8 @@
 candidate against the reference, and timing it.
 
 For every workload (dtype, head_dim, group, batch x kv_heads, context length) the search
-  1. builds one random problem at full length and its reference output (ffa.reference on
+  1. builds one random problem at full length, in as many copies of its cache as the timing
+     protocol rotates through (ffa.measure), and its reference output (ffa.reference on
      upcast copies of the cache);
   2. coarse stage: every split_len at 128 threads and the largest heads_per_block, on CUDA
      cores and (where they apply) on tensor cores, plus the heuristic's own choice;
@@ -11,15 +12,15 @@ For every workload (dtype, head_dim, group, batch x kv_heads, context length) th
 A candidate is timed only after one run into a NaN-filled output matched the reference; one
 that raises ValueError or disagrees is rejected, except that a launch the GPU cannot run
 (UnsupportedError: a tensor-core block with more shared memory than the GPU has) is only
-noted. The two functions that touch the GPU, `run` (one decode step with a given LaunchConfig)
-and `timer` (seconds taken by a callable), are parameters, so tests run the whole search on CPU
-tensors with a fake timer.
+noted. Candidates are timed in the layer-rotation protocol of ffa.measure (one call per cache
+copy in one CUDA graph, cold L2), which is what the benchmarks report and what a decode loop
+sees. The two functions that touch the GPU, `run` (one decode step of one cache copy with a
+given LaunchConfig) and `timer` (seconds per call of a list of calls, ffa.measure.RotationTimer
+on the GPU), are parameters, so tests run the whole search on CPU tensors with a fake timer.
 """
 
+import functools
 import math
-import statistics
-import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
 from ..launch import (THREADS, LaunchConfig, heads_per_block_options, heuristic, largest_heads_per_block,
                       tensor_cores_apply)
+from ..measure import Progress
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
 
@@ -115,10 +117,11 @@ QUICK_GRID = Grid(head_dims=(128,), groups=(1, 4), batches=(1, 8), lengths=(2048
 # ---- one workload ------------------------------------------------------------------------
 
 class Problem:
-    """A workload's random inputs in a FastForwardAttn filled to its full length (the step
-    writes and attends at t = length - 1), and the reference output of that step."""
+    """A workload's random inputs in `copies` FastForwardAttn caches filled to its full length
+    (the step writes and attends at t = length - 1; every copy holds the same rows), and the
+    reference output of that step."""
 
-    def __init__(self, workload, device, seed=0):
+    def __init__(self, workload, device, seed=0, copies=1):
         w = self.workload = workload
         gen = torch.Generator(device=device).manual_seed(seed)
 
@@ -126,40 +129,48 @@ class Problem:
             return torch.randn(*shape, generator=gen, device=device, dtype=w.dtype)
 
         prompt = (w.batch, w.kv_heads, w.length - 1, w.head_dim)
-        self.attn = FastForwardAttn(rnd(*prompt), rnd(*prompt), w.length)
+        K, V = rnd(*prompt), rnd(*prompt)
+        self.attns = [FastForwardAttn(K, V, w.length) for _ in range(copies)]
+        self.attn = self.attns[0]
+        del K, V
         self.q = rnd(w.batch, w.kv_heads * w.group, 1, w.head_dim)
         self.k = rnd(w.batch, w.kv_heads, 1, w.head_dim)
         self.v = rnd(w.batch, w.kv_heads, 1, w.head_dim)
         self.t = w.length - 1
         self.scale = 1 / math.sqrt(w.head_dim)
         self.out = torch.empty(w.batch, w.kv_heads * w.group, w.head_dim, dtype=w.dtype, device=device)
-        self.reference = self._reference()
-
-    def _reference(self, chunk_bytes=256 << 20):
-        """decode_reference on float32 (float64 for float32 inputs) copies, a few sequences
-        at a time so that the copies stay small."""
-        w = self.workload
-        acc = torch.float64 if w.dtype == torch.float32 else torch.float32
-        per_sequence = 2 * w.kv_heads * w.length * w.head_dim * acc.itemsize
-        step = max(1, chunk_bytes // per_sequence)
         k_cache, v_cache = self.attn.get_cache()
-        device = self.q.device
-        outs = []
-        for b in range(0, w.batch, step):
-            rows = slice(b, b + step)
-            n = len(range(w.batch)[rows])
-            up = [x[rows].to(acc, copy=True) for x in (self.q[:, :, 0], self.k[:, :, 0], self.v[:, :, 0],
-                                                       k_cache, v_cache)]
-            pos = torch.full((n,), self.t, dtype=torch.int64, device=device)
-            start = torch.zeros(n, dtype=torch.int64, device=device)
-            outs.append(decode_reference(*up, pos, start, self.scale, 0.0))
-        return torch.cat(outs)
+        self.reference = upcast_reference(self.q, self.k, self.v, k_cache, v_cache, self.t, self.scale)
 
 
-def run_candidate(problem, config):
-    """One decode step of the problem with launch `config`; returns the output tensor."""
-    problem.attn.launch = config  # the attribute FastForwardAttn(launch=...) sets
-    return problem.attn.attention(problem.q, problem.k, problem.v, problem.scale, problem.t, out=problem.out)
+def upcast_reference(q, k, v, k_cache, v_cache, t, scale, chunk_bytes=256 << 20):
+    """The output of one decode step that writes k, v at position t (an int) and attends q over
+    0 .. t: ffa.reference.decode_reference on float32 copies (float64 for float32 or float64
+    inputs), a few sequences at a time so that the copies stay small. The caches themselves are
+    not written. q: [batch, heads, 1, head_dim] or [batch, heads, head_dim]."""
+    acc = torch.float64 if k_cache.dtype in (torch.float32, torch.float64) else torch.float32
+    batch, kv_heads, _, head_dim = k_cache.shape
+    per_sequence = 2 * kv_heads * (t + 1) * head_dim * acc.itemsize
+    step = max(1, chunk_bytes // per_sequence)
+    rows3 = [x.reshape(batch, x.shape[1], head_dim) for x in (q, k, v)]
+    outs = []
+    for b in range(0, batch, step):
+        rows = slice(b, b + step)
+        n = len(range(batch)[rows])
+        up = [x[rows].to(acc, copy=True) for x in rows3]
+        up += [x[rows, :, : t + 1].to(acc, copy=True) for x in (k_cache, v_cache)]
+        pos = torch.full((n,), t, dtype=torch.int64, device=q.device)
+        start = torch.zeros(n, dtype=torch.int64, device=q.device)
+        outs.append(decode_reference(*up, pos, start, scale, 0.0))
+    return torch.cat(outs)
+
+
+def run_candidate(problem, config, copy=0):
+    """One decode step of cache copy `copy` of the problem with launch `config`; returns the
+    output tensor."""
+    attn = problem.attns[copy]
+    attn.launch = config  # the attribute FastForwardAttn(launch=...) sets
+    return attn.attention(problem.q, problem.k, problem.v, problem.scale, problem.t, out=problem.out)
 
 
 def relative_error(out, reference):
@@ -217,7 +228,8 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
         if not err <= TOLERANCE[w.dtype]:
             result.rejected[config] = f"relative error {err:.3g} vs the reference"
             return
-        result.timings[config] = timer(lambda: run(problem, config))
+        result.timings[config] = timer([functools.partial(run, problem, config, copy)
+                                        for copy in range(len(problem.attns))])
 
     measure(result.heuristic)
     for config in coarse_candidates(w.group, w.length, tensor_cores):
@@ -233,42 +245,16 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
 
 # ---- the sweep ---------------------------------------------------------------------------
 
-class Progress:
-    """tqdm's bar when tqdm is installed, else a plain counter on stderr."""
-
-    def __init__(self, total, enabled=True):
-        self.total, self.done, self.enabled, self.bar = total, 0, enabled, None
-        if enabled:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc="ffa.tuner", unit="shape", file=sys.stderr)
-            except ImportError:
-                pass
-
-    def step(self, label):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label, refresh=False)
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"\rffa.tuner [{self.done}/{self.total}] {label:<32}", end="", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.enabled:
-            print(file=sys.stderr)
-
-
 def sweep(workloads, device, sm_count, timer, *, run=run_candidate, refine=2, on_result=None,
-          progress=True, seed=0, capability=None):
+          progress=True, seed=0, capability=None, copies=lambda workload: 1):
     """Tune every workload in turn; `on_result(result)` is called as each finishes (the CLI
-    saves there, so an interrupted sweep keeps what it measured). Returns the Results."""
+    saves there, so an interrupted sweep keeps what it measured); `copies(workload)`: how many
+    cache copies the timer rotates through. Returns the Results."""
     results = []
-    bar = Progress(len(workloads), enabled=progress)
+    bar = Progress(len(workloads), desc="ffa.tuner", enabled=progress)
     try:
         for w in workloads:
-            problem = Problem(w, device, seed)
+            problem = Problem(w, device, seed, copies(w))
             result = tune(problem, sm_count, timer, run, refine, capability)
             del problem
             results.append(result)
@@ -278,60 +264,3 @@ def sweep(workloads, device, sm_count, timer, *, run=run_candidate, refine=2, on
     finally:
         bar.close()
     return results
-
-
-def sleep_rate():
-    """Cycles per second of torch.cuda._sleep, the GPU busy-wait that lets the host queue work
-    ahead of the GPU (None where torch lacks it)."""
-    if not hasattr(torch.cuda, "_sleep"):
-        return None
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(2):  # the first run pays for loading the kernel
-        start.record()
-        torch.cuda._sleep(1_000_000)
-        end.record()
-        end.synchronize()
-    return 1_000_000 / (start.elapsed_time(end) * 1e-3)
-
-
-class CudaTimer:
-    """Median seconds of fn() over repeats, each measured with CUDA events after flushing L2
-    (by default by writing a buffer twice its size; `flush`, a callable, replaces that).
-    Repeats are sized so that one timing takes about target_s; a spin kernel queued first lets
-    the host enqueue every repeat before the GPU starts, so the events time the GPU and not
-    Python's launch overhead."""
-
-    def __init__(self, device, target_s=2e-3, min_repeats=5, max_repeats=30, flush=None):
-        if flush is None:
-            props = torch.cuda.get_device_properties(device)
-            l2 = getattr(props, "L2_cache_size", 0) or (64 << 20)
-            flush = torch.empty(2 * l2, dtype=torch.uint8, device=device).zero_
-        self.flush = flush
-        self.target_s, self.min_repeats, self.max_repeats = target_s, min_repeats, max_repeats
-        self.host_s = 1e-4  # host time to enqueue one repeat, updated as we go
-        self.cycles_per_s = sleep_rate()
-
-    def _times(self, fn, repeats, gpu_s=0.0):
-        """Seconds of each of `repeats` flushed calls; gpu_s, a guess of one call's GPU time,
-        shortens the spin by what the GPU spends anyway while the host enqueues."""
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-        torch.cuda.synchronize()
-        lead = 1.5 * repeats * max(0.0, self.host_s - gpu_s)
-        if self.cycles_per_s and lead > 0:
-            torch.cuda._sleep(int(min(0.02, lead) * self.cycles_per_s))
-        t0 = time.perf_counter()
-        for start, end in zip(starts, ends):
-            self.flush()
-            start.record()
-            fn()
-            end.record()
-        self.host_s = 0.5 * self.host_s + 0.5 * (time.perf_counter() - t0) / repeats
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) * 1e-3 for s, e in zip(starts, ends)]
-
-    def __call__(self, fn):
-        fn()  # warm-up
-        first = min(self._times(fn, 2))
-        repeats = int(min(self.max_repeats, max(self.min_repeats, self.target_s // max(first, 1e-6))))
-        return statistics.median(self._times(fn, repeats, gpu_s=first))
