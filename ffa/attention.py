@@ -25,6 +25,7 @@ from .launch import LaunchConfig, default_launch, fit_splits, heuristic, length_
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = GPU_DTYPES + (torch.float64,)
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+KERNELS = ("ffa", "sdpa")  # what computes a step: FFA's kernel, or two cache copies + torch's SDPA
 
 
 def _expect_tensor(name, x, ndim_options):
@@ -128,8 +129,11 @@ def _mark_static(*tensors):
 class FastForwardAttn:
     """Decode attention over a preallocated KV cache (see the module docstring)."""
 
-    def __init__(self, K, V, max_len, use_default_kernel_launch=False, *, launch=None):
-        """`launch` (a LaunchConfig) fixes the launch instead of the tuner cache or heuristic."""
+    def __init__(self, K, V, max_len, use_default_kernel_launch=False, *, launch=None, kernel="ffa"):
+        """`launch` (a LaunchConfig) fixes the launch instead of the tuner cache or heuristic.
+        `kernel="sdpa"` replaces FFA's kernel by what a static-cache user runs instead
+        (ops.sdpa_decode_into: two cache copies, then torch's SDPA over the whole cache with a
+        mask), to measure what FFA's kernel contributes to a decode loop (bench/hf_generate.py)."""
         _expect_tensor("K", K, (4,))
         _expect_tensor("V", V, (4,))
         if K.shape != V.shape:
@@ -162,10 +166,14 @@ class FastForwardAttn:
         self.use_default_kernel_launch = bool(use_default_kernel_launch)
         if launch is not None and not isinstance(launch, LaunchConfig):
             raise TypeError(f"launch must be a LaunchConfig, got {type(launch).__name__}")
-        self.launch = launch
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(map(repr, KERNELS))}, got {kernel!r}")
+        self.launch, self.kernel = launch, kernel
         shape = (batch, kv_heads, self.max_len, head_dim)
-        self.k_cache = torch.empty(shape, dtype=K.dtype, device=K.device)
-        self.v_cache = torch.empty(shape, dtype=K.dtype, device=K.device)
+        # FFA's kernel never reads a position it has not written; SDPA's masked rows must hold numbers.
+        alloc = torch.zeros if kernel == "sdpa" else torch.empty
+        self.k_cache = alloc(shape, dtype=K.dtype, device=K.device)
+        self.v_cache = alloc(shape, dtype=K.dtype, device=K.device)
         self.k_cache[:, :, :prompt_len] = K
         self.v_cache[:, :, :prompt_len] = V
         _mark_static(self.k_cache, self.v_cache)
@@ -200,12 +208,20 @@ class FastForwardAttn:
             longest = min(key[1], self.max_len)  # the bucket's longest sequence, which never exceeds the cache
             if self._tuned is not None and not prune:
                 config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, longest)
+                config = None if config is None else fit_splits(config, self.max_len)
             if config is None:
-                config = heuristic(self.batch, self.kv_heads, group, longest, self._sm_count, self.head_dim,
-                                   self._tensor_cores, prune)
-            config = fit_splits(config, self.max_len)
+                config = self.heuristic_config(heads, length, prune)
             self._configs[key] = config
         return config
+
+    def heuristic_config(self, heads, length, prune=False):
+        """The launch heuristic's choice for `heads` query heads at sequence length `length`
+        (for the length's bucket, capped at the cache): what launch_config takes where the
+        tuner cache has no entry."""
+        group = heads // self.kv_heads
+        config = heuristic(self.batch, self.kv_heads, group, min(length_bucket(length), self.max_len), self._sm_count,
+                           self.head_dim, self._tensor_cores, prune and self._tensor_cores and group > 1)
+        return fit_splits(config, self.max_len)
 
     def prepare(self, heads, p=0.0):
         """Pick the launch and allocate the split workspace for `heads` query heads with
@@ -248,6 +264,12 @@ class FastForwardAttn:
 
         length = self.max_len if pos is not None else pos_int + 1
         scale, p = float(softmax_scale), float(p)
+        if self.kernel == "sdpa":
+            if p > 0:
+                raise ValueError(f"p={p}: pruning needs FFA's kernel (kernel='ffa'), not kernel='sdpa'")
+            ops.sdpa_decode_into(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos,
+                                 pos_int, start_t, start_int, scale)
+            return out
         config = self.launch_config(heads, length, p > 0)
         if self._cuda and not torch.compiler.is_compiling():  # the eager fast path: no op, no views
             ops.cuda_decode(self._launch_params(heads, config), out, q, k, v, pos, pos_int, start_t, start_int,

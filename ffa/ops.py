@@ -106,6 +106,32 @@ def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: 
                                _positions(start, start_int, batch, q.device), scale, p))
 
 
+# SDPA backends in the order sdpa_decode_into tries them: a boolean mask rules flash attention out.
+SDPA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def sdpa_decode_into(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale):
+    """What a static-cache decode step runs instead of FFA's kernel (FastForwardAttn's
+    kernel="sdpa"): new_k/new_v copied into the cache at each sequence's position (two
+    index_put), then torch's SDPA over the whole cache with a mask of positions start .. pos,
+    native grouped-query heads, the backends tried in SDPA_PRIORITY order. The same step as
+    decode_into with p = 0, within rounding; positions must lie in the cache."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    batch, heads, head_dim = out.shape
+    device = q.device
+    pos, start = _positions(pos, pos_int, batch, device), _positions(start, start_int, batch, device)
+    rows = torch.arange(batch, device=device)
+    k_cache[rows, :, pos] = new_k
+    v_cache[rows, :, pos] = new_v
+    positions = torch.arange(k_cache.shape[2], device=device)
+    mask = (positions >= start[:, None]) & (positions <= pos[:, None])
+    with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_PRIORITY], set_priority=True):
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.reshape(batch, heads, 1, head_dim), k_cache, v_cache, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=heads != k_cache.shape[1])
+    out.copy_(o.reshape(batch, heads, head_dim))
+
+
 # The registered op, for torch.compile and export. Eager calls bypass it (FastForwardAttn calls
 # cuda_decode, or decode_into on CPU): the dispatcher adds tens of microseconds per call, more
 # than a small decode step takes.

@@ -17,7 +17,7 @@ def naive(K, V, q, scale):
     return torch.einsum("bhl,bhld->bhd", w, V)
 
 
-def test_seed_api_and_import_line():
+def test_original_api_and_import_line():
     from ff_attention import FastForwardAttn as FFA
     assert FFA is FastForwardAttn
     B, H, P, D, steps = 2, 4, 10, 64, 5
@@ -57,6 +57,23 @@ def test_ragged_positions_and_left_padding():
         values = torch.cat([V[b:b + 1, :, start[b]:t[b]], v[b:b + 1]], 2).repeat_interleave(2, 1)
         torch.testing.assert_close(out[b:b + 1], naive(keys, values, q[b:b + 1, :, 0], 0.2))
         assert torch.equal(f.k_cache[b, :, t[b]], k[b, :, 0])
+
+
+def test_sdpa_kernel_computes_the_same_step():
+    """kernel="sdpa" (two cache copies + torch's SDPA over the masked cache) gives the same
+    outputs and cache contents as FFA's step, ragged and left-padded, grouped heads; it refuses
+    pruning."""
+    c = Case(batch=4, heads=8, kv_heads=2, dtype=torch.float64, ragged=True, padded=True)
+    K, V, q, k, v, t, start = make_inputs(c)
+    ffa_, sdpa = FastForwardAttn(K, V, c.max_len), FastForwardAttn(K, V, c.max_len, kernel="sdpa")
+    out = ffa_.attention(q, k, v, 0.2, t, start=start)
+    torch.testing.assert_close(sdpa.attention(q, k, v, 0.2, t, start=start), out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(sdpa.get_cache(), ffa_.get_cache()):
+        written = torch.arange(c.max_len)[None, :] <= t[:, None]  # FFA's cache is uninitialized beyond
+        assert torch.equal(a[written[:, None, :].expand(-1, c.kv_heads, -1)],
+                           b[written[:, None, :].expand(-1, c.kv_heads, -1)])
+    with pytest.raises(ValueError, match="pruning"):
+        sdpa.attention(q, k, v, 0.2, t, 1e-3, start=start)
 
 
 def test_int32_position_tensor_equals_int():
@@ -134,6 +151,7 @@ def make(max_len=16, dtype=torch.float32, heads=4, kv_heads=2, d=64):
     ((torch.zeros(2, 2, 8, 64, dtype=torch.int32), torch.zeros(2, 2, 8, 64, dtype=torch.int32), 16), {}, TypeError, "dtype"),
     (([1.0], torch.zeros(2, 2, 8, 64), 16), {}, TypeError, "K"),
     ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 16), {"launch": (128, 1, 0)}, TypeError, "launch"),
+    ((torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 8, 64), 16), {"kernel": "cudnn"}, ValueError, "kernel"),
 ])
 def test_constructor_rejects(args, kwargs, exc, word):
     with pytest.raises(exc, match=word):

@@ -17,11 +17,11 @@ def setup_problem(dtype=torch.float16, max_len=512):
     return c, [x.to(dtype).double() for x in (K, V)]
 
 
-@pytest.mark.parametrize("launch", [None, LaunchConfig(128, 4, 64)])
-def test_cuda_graph_replay_reads_positions_from_device(launch):
+@pytest.mark.parametrize("launch,kernel", [(None, "ffa"), (LaunchConfig(128, 4, 64), "ffa"), (None, "sdpa")])
+def test_cuda_graph_replay_reads_positions_from_device(launch, kernel):
     c, (K, V) = setup_problem()
     dev = lambda x: x.to("cuda", c.dtype)
-    f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=launch)
+    f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=launch, kernel=kernel)
     q = torch.empty(c.batch, c.heads, 1, c.head_dim, device="cuda", dtype=c.dtype)
     k = torch.empty(c.batch, c.kv_heads, 1, c.head_dim, device="cuda", dtype=c.dtype)
     v = torch.empty_like(k)
