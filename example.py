@@ -57,7 +57,7 @@ def main(argv=None):
 
     print(f"{args.steps} steps of batch {B} x {H} heads x head_dim {D} from a {P}-token prompt: "
           f"every step within {tol:.0e} of PyTorch (worst {worst:.2e}; {dtype}, "
-          f"{'default' if args.default_launch else 'optimized'} launch). Timings: bench/kernels.py")
+          f"{'default' if args.default_launch else 'optimized'} launch). Timings: bench/kernel_bench.py")
 
 
 def hf_example():

@@ -2,9 +2,9 @@
 
     python bench/compare_builds.py BASE/libffa.so NEW/libffa.so [MORE ...] [--dtype float16] [--out f.json]
 
-For every shape of the kernel grid (bench/kernels.py) and each build, the tuner's search
+For every shape of the kernel grid (bench/kernel_bench.py) and each build, the tuner's search
 (ffa.tuner.search.tune: every candidate, tensor-core ones included, checked against the reference,
-then timed with CUDA events, L2 flushed, median) gives the best launch and the heuristic's time. Builds alternate
+then timed in ffa.measure's layer rotation) gives the best launch and the heuristic's time. Builds alternate
 shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
 have the Python package's ABI and version (the loader checks).
 """
@@ -12,26 +12,15 @@ have the Python package's ABI and version (the loader checks).
 import argparse
 import json
 import math
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import HEADS, PAIRS  # noqa: E402
+from ffa import _lib
+from ffa.measure import RotationTimer, copies_for, l2_bytes
+from ffa.tuner.search import Problem, Workload, tune
+from shared import HEADS, PAIRS
 
-from ffa import _lib  # noqa: E402
-from ffa.tuner.search import CudaTimer, Problem, Workload, tune  # noqa: E402
-
-COPY_GBPS = 3000.0  # the floor's bandwidth; the exact card figure is bench/kernels.py's job
-
-
-def load_build(path):
-    """Load one library file through ffa's own loader (which checks its ABI) and return the
-    handle; ffa calls whichever handle is in `_lib._lib`."""
-    os.environ["FFA_LIBRARY"] = os.path.abspath(path)
-    _lib._lib = _lib._load_error = None
-    return _lib.load()
+READ_GBPS = 4600.0  # the floor's bandwidth; the measured figure is bench/kernel_bench.py's job
 
 
 def main():
@@ -43,11 +32,12 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    handles = [load_build(p) for p in args.builds]
+    for path in args.builds:
+        _lib.use_library(path)  # each build is checked before any shape is measured
     device = torch.device("cuda")
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    timer = CudaTimer(device)
-    names = [chr(ord("A") + i) for i in range(len(handles))]
+    timer, l2 = RotationTimer(), l2_bytes(device)
+    names = [chr(ord("A") + i) for i in range(len(args.builds))]
     rows = []
     print("| shape | floor µs | "
           + " | ".join(f"{n} best µs (threads/heads/split[/tc]) | {n} heuristic" for n in names)
@@ -57,11 +47,11 @@ def main():
         for kv_heads in map(int, args.kv_heads.split(",")):
             for batch, length in PAIRS:
                 w = Workload(dtype, head_dim, HEADS // kv_heads, batch, kv_heads, length)
-                problem = Problem(w, device)
-                floor_us = w.kv_bytes / (COPY_GBPS * 1e3)
+                problem = Problem(w, device, copies=copies_for(w.kv_bytes, l2))
+                floor_us = w.kv_bytes / (READ_GBPS * 1e3)
                 found = []
-                for handle in handles:
-                    _lib._lib = handle
+                for path in args.builds:
+                    _lib.use_library(path)
                     r = tune(problem, sm_count, timer, capability=torch.cuda.get_device_capability(device))
                     heur = r.timings.get(r.heuristic)
                     found.append({"best_us": r.seconds * 1e6, "config": r.config.as_dict(),

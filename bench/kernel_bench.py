@@ -1,187 +1,234 @@
-"""Kernel benchmark: FFA against the bandwidth floor and PyTorch's attention backends.
+"""Kernel benchmark: FFA against the read ceiling and PyTorch's SDPA backends at their strongest,
+in the protocol a decode loop sees.
 
-    python bench/kernels.py --out bench/results/kernels.json      # the full program
-    python bench/kernels.py --sections grid --dtypes float16      # one part
+    python bench/kernel_bench.py --out bench/results/kernel-bench-h200.json     # every section
+    python bench/kernel_bench.py --sections grid --dtypes float16           # one part
 
-With --out it writes the JSON and, beside it, the report of bench/report.py (kernels.md: tables
-and the issue's targets checked; kernels.png: the grid as multiples of the floor and the seed's
-protocol).
+Protocol (ffa.measure, the tuner's too): per shape, `copies` distinct caches (a model's layers),
+together at least 3x the L2 size, one call per cache back to back in one CUDA graph; time per
+call = replay time / copies, median over replays. Every method reads the same caches.
 
-Sections (each a function below):
-  bandwidth  read-only and copy bandwidth of this GPU (the floor's denominator)
-  grid       32 decode shapes: a plain read of the same K+V bytes (torch.sum, the practical
-             ceiling), FFA tuned / heuristic / default launch, every SDPA backend, compiled
-             FlexAttention; microseconds and fraction of the floor
-  seed       the seed's protocol: prompt x-128, 128 generated steps, total attention time of
-             the optimized over the default launch, batch 1, 4 and 16 (the steps replayed from a
-             CUDA graph, and as eager calls)
-  prune      p = 1e-3 against p = 0 on a peaked attention distribution
-Timing: triton.testing.do_bench, median, L2 flushed before every repeat, of the call captured
-in a CUDA graph (kernel time; the eager call's time is kept as <method>_eager). The floor is the
-bytes of K and V read once, over the measured copy bandwidth (read + write bytes counted).
+Sections:
+  bandwidth  reading 4 GiB (two 2 GiB buffers in rotation) with the library's read kernels
+             (16-byte loads; bulk copies on compute capability 9.0+), with torch.sum, and a device
+             copy (read + write bytes counted). The floor's bandwidth is the faster read kernel's.
+  grid       32 decode shapes (shared.GRID) per dtype:
+               read_loads, read_bulk  one read of the same K+V bytes (csrc/read.cu): the ceiling
+               ffa_tuned              FastForwardAttn as a user runs it (the tuner cache when one is
+                                      found, `tuner_cache` in the JSON, else the heuristic)
+               ffa_heuristic          the launch heuristic (FastForwardAttn.heuristic_config)
+               ffa_default            use_default_kernel_launch=True (one block per batch x head)
+               sdpa_<backend>         torch SDPA with one backend forced (cudnn, flash, efficient,
+                                      math) and native GQA (enable_gqa=True: K/V never expanded);
+                                      a backend that refuses a shape gets no number
+               step_sdpa              what a static-cache user runs per step: the new k and v
+                                      copied into the cache at t (two index_copy_), then the
+                                      fastest SDPA backend of the shape; FFA's step is ffa_tuned
+                                      (the append is fused into its kernel)
+             Every method's output on the first cache is checked against a float32 reference of
+             the step (ffa.tuner.search.upcast_reference); a method outside TOLERANCE gets no
+             number either (the error is recorded).
+  original   the original FFA release's protocol (FasterTransformer-based): 128 decode steps after
+             a prompt of x - 128 over one cache, the optimized launch's total attention time over
+             the default launch's; the 128 steps replayed from one CUDA graph, and as eager calls
+  prune      p = 1e-3 against p = 0 on a peaked distribution (an attention sink), by launch
+With --out it writes the JSON and, beside it, bench/report.py's Markdown and PNG. (No bench
+program is named like an installed package: transformers imports a package called `kernels`.)
 """
 
 import argparse
 import datetime
-import json
+import functools
 import math
-import os
 import sys
 
 import torch
+import torch.nn.functional as F
 
-from ffa import FastForwardAttn
-from ffa.launch import heuristic, length_bucket, tensor_cores_apply
+import ffa
 import report
-from shared import source_commit
+from ffa import FastForwardAttn, LaunchConfig, tuner
+from ffa.tuner import cache
+from ffa.measure import RotationTimer, copies_for, l2_bytes, read_bytes
+from ffa.tuner.search import TOLERANCE, relative_error, upcast_reference
+from shared import GRID, HEADS, say, source_commit, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# (batch, context) pairs, crossed with kv heads {32, 8} and head_dim {64, 128}; 32 query heads.
-PAIRS = [(1, 1024), (1, 16384), (1, 65536), (8, 4096), (16, 1024), (32, 4096), (64, 8192), (128, 2048)]
-HEADS = 32
+SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
+METHODS = ("read_loads", "read_bulk", "ffa_tuned", "ffa_heuristic", "ffa_default",
+           *(f"sdpa_{b}" for b in SDPA_BACKENDS), "step_sdpa")
+TIMER = RotationTimer(target_s=10e-3, min_replays=10, max_replays=50)
 
 
-def bench(fn):
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # microseconds
+class Case:
+    """One decode shape in `copies` distinct caches: FastForwardAttn objects whose caches hold
+    the same random rows at positions 0 .. context - 1 (the step's own row, at t = context - 1,
+    written too, so that every method attends over the same keys), the step's inputs, and the
+    float32 reference output."""
 
-
-def graphed(fn):
-    """fn captured in a CUDA graph: replay times the kernels without Python launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def bandwidth():
-    """Copy (read + write bytes) and read-only (a sum) bandwidth over 4 GiB, in GB/s."""
-    n = 1 << 31
-    a = torch.empty(n, dtype=torch.float16, device="cuda").normal_()
-    b = torch.empty_like(a)
-    copy_us = bench(lambda: b.copy_(a))
-    read_us = bench(lambda: a.sum(dtype=torch.float32))
-    del a, b
-    return {"copy_GBps": 2 * 2 * n / copy_us / 1e3, "read_GBps": 2 * n / read_us / 1e3}
-
-
-class Problem:
-    """One decode shape: a cache filled up to `context - 1`, the step writes position context-1."""
-
-    def __init__(self, batch, kv_heads, context, head_dim, dtype):
+    def __init__(self, batch, kv_heads, context, head_dim, dtype, copies, heads=HEADS):
         self.batch, self.kv_heads, self.context, self.head_dim, self.dtype = batch, kv_heads, context, head_dim, dtype
-        self.KV = torch.randn(2, batch, kv_heads, context, head_dim, device="cuda", dtype=dtype)
-        self.K, self.V = self.KV.unbind(0)  # one allocation, so that `read` is one kernel
-        self.q = torch.randn(batch, HEADS, 1, head_dim, device="cuda", dtype=dtype)
-        self.k = torch.randn(batch, kv_heads, 1, head_dim, device="cuda", dtype=dtype)
+        self.heads, self.t, self.scale = heads, context - 1, 1 / math.sqrt(head_dim)
+        cuda = dict(device="cuda", dtype=dtype)
+        K = torch.randn(batch, kv_heads, context - 1, head_dim, **cuda)
+        V = torch.randn_like(K)
+        self.attns = [FastForwardAttn(K, V, context) for _ in range(copies)]
+        del K, V
+        self.q = torch.randn(batch, heads, 1, head_dim, **cuda)
+        self.k = torch.randn(batch, kv_heads, 1, head_dim, **cuda)
         self.v = torch.randn_like(self.k)
-        self.scale = 1 / math.sqrt(head_dim)
+        self.position = torch.tensor([self.t], device="cuda")
+        for kc, vc in self.caches():
+            kc[:, :, self.t] = self.k[:, :, 0]
+            vc[:, :, self.t] = self.v[:, :, 0]
+        self.out = torch.empty(batch, heads, head_dim, **cuda)
+        self.reference = upcast_reference(self.q, self.k, self.v, *self.attns[0].get_cache(), self.t, self.scale)
 
     @property
     def kv_bytes(self):
-        return 2 * self.K.numel() * self.K.element_size()
+        return 2 * self.batch * self.kv_heads * self.context * self.head_dim * self.dtype.itemsize
 
-    def ffa(self, **kwargs):
-        f = FastForwardAttn(self.K[:, :, : self.context - 1], self.V[:, :, : self.context - 1], self.context, **kwargs)
-        out = torch.empty(self.batch, HEADS, self.head_dim, device="cuda", dtype=self.dtype)
-        t = self.context - 1
-        return lambda: f.attention(self.q, self.k, self.v, self.scale, t, out=out)
+    def caches(self):
+        return [a.get_cache() for a in self.attns]
 
-    def read(self):
-        """The bytes of K and V summed by one PyTorch reduction: what reading them costs under the
-        same protocol (launch, cold L2, the flush's dirty lines), a ceiling no decode kernel beats
-        by much."""
-        return lambda: self.KV.sum(dtype=torch.float32)
+    def ffa_calls(self, launch=None, default=False, p=0.0):
+        """One FastForwardAttn step per cache with launch `launch` (None: FastForwardAttn's own
+        choice), or the default launch."""
+        for a in self.attns:
+            a.launch, a.use_default_kernel_launch = launch, default
+        return [functools.partial(a.attention, self.q, self.k, self.v, self.scale, self.t, p, out=self.out)
+                for a in self.attns]
 
-    def sdpa(self, backend):
+    def sdpa_calls(self, backend, append=False):
+        """torch SDPA over each cache with one backend forced and native GQA; `append`: first
+        copy the new k and v into the cache at t, as a static-cache decode step does."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        q, K, V = self.q, self.K, self.V
-        if backend in ("flash", "cudnn"):  # no GQA support: the repeat is not timed
-            K, V = (x.repeat_interleave(HEADS // self.kv_heads, 1) for x in (K, V))
-        b = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
-        gqa = K.shape[1] != HEADS
+        kind = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+        gqa = self.kv_heads != self.heads
 
-        def run():
-            with sdpa_kernel(b):
-                return torch.nn.functional.scaled_dot_product_attention(q, K, V, scale=self.scale, enable_gqa=gqa)
-        return run
+        def step(kc, vc):
+            if append:
+                kc.index_copy_(2, self.position, self.k)
+                vc.index_copy_(2, self.position, self.v)
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(self.q, kc, vc, scale=self.scale, enable_gqa=gqa)
+        return [functools.partial(step, kc, vc) for kc, vc in self.caches()]
 
-    def flex(self):
-        from torch.nn.attention.flex_attention import flex_attention
-        torch._dynamo.config.cache_size_limit = 1024  # one compilation per shape
-        compiled = torch.compile(flex_attention, dynamic=False)
-        return lambda: compiled(self.q, self.K, self.V, scale=self.scale, enable_gqa=self.kv_heads != HEADS)
+    def read_calls(self, bulk):
+        return [functools.partial(read_bytes, kc, vc, bulk=bulk) for kc, vc in self.caches()]
+
+    def error(self, call):
+        """Relative error of one call's output against the reference (inf for a NaN)."""
+        self.out.fill_(float("nan"))
+        out = call()
+        out = self.out if out is None else out.reshape(self.out.shape)
+        err = relative_error(out, self.reference)
+        return err if err == err else math.inf
 
 
-def grid(dtypes, methods, sm_count, floor_GBps):
+def bandwidth():
+    """GB/s of reading 4 GiB (two 2 GiB buffers in rotation), and of copying it."""
+    bufs = [torch.empty(1 << 30, dtype=torch.float16, device="cuda").normal_() for _ in range(2)]
+    dst = torch.empty_like(bufs[0])
+    nbytes = 2 * bufs[0].numel()
+    methods = {"read_loads": lambda b: read_bytes(b), "read_bulk": lambda b: read_bytes(b, bulk=True),
+               "torch_sum": lambda b: b.sum(dtype=torch.float32), "copy": lambda b: dst.copy_(b)}
+    result = {}
+    for name, fn in methods.items():
+        try:
+            seconds = TIMER([functools.partial(fn, b) for b in bufs])
+        except ffa._lib.UnsupportedError as e:
+            result[name + "_error"] = str(e)
+            continue
+        result[name + "_GBps"] = (2 if name == "copy" else 1) * nbytes / seconds / 1e9
+    result["ceiling_GBps"] = max(result.get("read_loads_GBps", 0), result.get("read_bulk_GBps", 0))
+    return result
+
+
+def measure_case(case, methods):
+    """Every method on one Case: {method: µs per call}, {method: relative error of its output},
+    {method: why it has no number}, {FFA method: its launch}, and the SDPA backend of step_sdpa."""
+    times, errors, failures, launches, step_backend = {}, {}, {}, {}, None
+    tolerance = TOLERANCE[case.dtype]
+    for m in methods:
+        try:
+            if m == "step_sdpa":
+                sdpa = {b: times[f"sdpa_{b}"] for b in SDPA_BACKENDS if f"sdpa_{b}" in times}
+                if not sdpa:
+                    failures[m] = "no SDPA backend ran this shape"
+                    continue
+                step_backend = min(sdpa, key=sdpa.get)
+                calls = case.sdpa_calls(step_backend, append=True)
+            else:
+                calls = method_calls(case, m)
+            if m.startswith("ffa_"):
+                launches[m] = case.attns[0].launch_config(case.heads, case.context).as_dict()
+            if not m.startswith("read_"):
+                errors[m] = case.error(calls[0])
+                if not errors[m] <= tolerance:
+                    failures[m] = f"relative error {errors[m]:.3g} above {tolerance:g}"
+                    continue
+            times[m] = TIMER(calls) * 1e6
+        except Exception as e:  # a backend that refuses the shape, a launch the GPU cannot run
+            failures[m] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+    return times, errors, failures, launches, step_backend
+
+
+def method_calls(case, m):
+    if m.startswith("read_"):
+        return case.read_calls(bulk=m == "read_bulk")
+    if m == "ffa_tuned":
+        return case.ffa_calls()
+    if m == "ffa_heuristic":
+        return case.ffa_calls(launch=case.attns[0].heuristic_config(case.heads, case.context))
+    if m == "ffa_default":
+        return case.ffa_calls(default=True)
+    if m.startswith("sdpa_"):
+        return case.sdpa_calls(m[5:])
+    raise ValueError(f"unknown method {m}")
+
+
+def grid(dtypes, methods, ceiling_GBps, shapes=None):
     rows = []
+    l2 = l2_bytes(torch.device("cuda"))
     for dname in dtypes:
-        for kv_heads in (32, 8):
-            for head_dim in (64, 128):
-                for batch, context in PAIRS:
-                    P = Problem(batch, kv_heads, context, head_dim, DTYPES[dname])
-                    row = {"dtype": dname, "batch": batch, "heads": HEADS, "kv_heads": kv_heads,
-                           "context": context, "head_dim": head_dim, "kv_MB": P.kv_bytes / 1e6,
-                           "floor_us": P.kv_bytes / floor_GBps / 1e3}
-                    for m in methods:
-                        if m == "flex" and dname != "float16":
-                            continue  # one compilation per shape: measured in float16 only, for time
-                        try:
-                            fn = make_method(P, m, sm_count)
-                            fn()
-                            row[m + "_eager"] = bench(fn)
-                            row[m] = bench(graphed(fn))
-                        except Exception as e:  # a backend that refuses the shape
-                            row[m] = None
-                            row.setdefault("errors", {})[m] = str(e).splitlines()[0][:120]
-                    rows.append(row)
-                    print(format_row(row, methods), flush=True)
-                    del P
-                    torch.cuda.empty_cache()
+        for batch, kv_heads, context, head_dim in GRID[:shapes]:
+            dtype = DTYPES[dname]
+            nbytes = 2 * batch * kv_heads * context * head_dim * dtype.itemsize
+            case = Case(batch, kv_heads, context, head_dim, dtype, copies_for(nbytes, l2))
+            times, errors, failures, launches, backend = measure_case(case, methods)
+            row = {"dtype": dname, "batch": batch, "heads": HEADS, "kv_heads": kv_heads, "context": context,
+                   "head_dim": head_dim, "kv_MB": nbytes / 1e6, "copies": len(case.attns),
+                   "floor_us": nbytes / ceiling_GBps / 1e3, "us": times, "rel_error": errors, "failures": failures,
+                   "step_sdpa_backend": backend, "launches": launches}
+            rows.append(row)
+            say(format_row(row))
+            del case
+            torch.cuda.empty_cache()
     return rows
 
 
-def make_method(P, m, sm_count):
-    if m == "ffa_tuned":
-        return P.ffa()
-    if m == "ffa_heuristic":  # the length FastForwardAttn asks for: its bucket, capped at the cache
-        cfg = heuristic(P.batch, P.kv_heads, HEADS // P.kv_heads, min(length_bucket(P.context), P.context), sm_count,
-                        P.head_dim, tensor_cores_apply(P.dtype, P.head_dim, torch.cuda.get_device_capability()))
-        return P.ffa(launch=cfg)
-    if m == "read":
-        return P.read()
-    if m == "ffa_default":
-        return P.ffa(use_default_kernel_launch=True)
-    if m.startswith("sdpa_"):
-        return P.sdpa(m[5:])
-    if m == "flex":
-        return P.flex()
-    raise ValueError(m)
-
-
-def format_row(row, methods):
-    cells = [f"{row['dtype'][:4]} b{row['batch']:<3} kv{row['kv_heads']:<2} L{row['context']:<5} d{row['head_dim']:<3}"
-             f" floor {row['floor_us']:8.1f}"]
-    floor = row["floor_us"]
-    for m in methods:
-        v = row.get(m)
-        cells.append(f"{m} " + ("-" if v is None else f"{v:8.1f} ({v / floor:.2f}x)"))
+def format_row(row):
+    us, floor = row["us"], row["floor_us"]
+    cells = [f"{row['dtype'][:4]} b{row['batch']:<3} kv{row['kv_heads']:<2} L{row['context']:<5} d{row['head_dim']:<3} "
+             f"x{row['copies']:<3} floor {floor:7.1f}"]
+    cells += [f"{m} {us[m]:7.1f}" for m in ("read_bulk", "ffa_tuned", "sdpa_cudnn", "step_sdpa") if m in us]
+    if "ffa_tuned" in us and "sdpa_cudnn" in us:
+        cells.append(f"cudnn/ffa {us['sdpa_cudnn'] / us['ffa_tuned']:.2f}")
+    if row["failures"]:
+        cells.append("no number: " + ", ".join(row["failures"]))
     return " | ".join(cells)
 
 
-def seed_protocol(xs, batches, dtype=torch.float16, heads=32, head_dim=64, steps=128):
-    """The seed's comparison: `steps` decode steps after a prompt of x - steps tokens, total
-    attention time of the optimized launch over the default one. Two clocks: `graph`, the 128
-    steps captured in one CUDA graph and replayed (GPU time only: what the kernels cost), and
-    `eager`, CUDA events around the 128 eager calls (includes the host's launch overhead, which
-    hides the kernels where the cache is small). Median of 5 each."""
+def original_protocol(xs, batches, dtype=torch.float16, heads=32, head_dim=64, steps=128):
+    """The original release's comparison: `steps` decode steps after a prompt of x - steps
+    tokens over one cache, total attention time of the optimized launch over the default one.
+    Two clocks: `graph`, the steps captured back to back in one CUDA graph (RotationTimer over
+    the steps: GPU time only), and `eager`, CUDA events around the eager calls (the host's
+    launch overhead included; median of 5)."""
     rows = []
+    timer = RotationTimer(target_s=20e-3, min_replays=5, max_replays=20)
     for batch in batches:
         for x in xs:
             prompt = x - steps
@@ -192,86 +239,107 @@ def seed_protocol(xs, batches, dtype=torch.float16, heads=32, head_dim=64, steps
             row = {"batch": batch, "x": x}
             for name, default in (("optimized", False), ("default", True)):
                 f = FastForwardAttn(K, V, x, default)
-
-                def run(f=f):
-                    for i in range(steps):
-                        f.attention(qs[i], ks[i], ks[i], 0.125, prompt + i)
-                run()  # warm-up (configs, workspaces)
-                replay = graphed(run)
-                for clock, fn in (("graph", replay), ("eager", run)):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    samples = []
-                    for _ in range(5):
-                        start.record()
-                        fn()
-                        end.record()
-                        end.synchronize()
-                        samples.append(start.elapsed_time(end) * 1e3)
-                    row[f"{name}_{clock}_us"] = sorted(samples)[len(samples) // 2]
+                calls = [functools.partial(f.attention, qs[i], ks[i], ks[i], 0.125, prompt + i) for i in range(steps)]
+                row[f"{name}_graph_us"] = timer(calls) * 1e6 * steps
+                row[f"{name}_eager_us"] = eager_us(calls)
             for clock in ("graph", "eager"):
                 row[f"ratio_{clock}"] = row[f"optimized_{clock}_us"] / row[f"default_{clock}_us"]
             rows.append(row)
-            print(f"seed b{batch:<3} x{x:<6} graph: optimized {row['optimized_graph_us']:9.0f} us default "
-                  f"{row['default_graph_us']:9.0f} us ratio {row['ratio_graph']:.3f} | eager ratio {row['ratio_eager']:.3f}",
-                  flush=True)
+            say(f"original b{batch:<3} x{x:<6} graph: optimized {row['optimized_graph_us']:9.0f} us default "
+                f"{row['default_graph_us']:9.0f} us ratio {row['ratio_graph']:.3f} | eager ratio {row['ratio_eager']:.3f}")
             del K, V
     return rows
 
 
-def prune(dtype=torch.float16):
-    """A peaked distribution (an attention sink at position 0), p = 1e-3 against p = 0."""
+def eager_us(calls, repeats=5):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        for call in calls:
+            call()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return sorted(samples)[len(samples) // 2]
+
+
+# (batch, kv heads, context): launches timed at p = 0 and p = 1e-3. "ffa" is FastForwardAttn's own
+# choice (for p > 0 on grouped heads: the heuristic's tensor-core launch), "default" the default launch,
+# tuples a fixed LaunchConfig (threads, heads per block, split length[, tensor cores]).
+PRUNE_CASES = (
+    (32, 8, 8192, ("ffa", "default", (128, 4, 0), (128, 2, 0), (128, 1, 0), (128, 4, 2048), (128, 4, 0, True),
+                   (256, 4, 0, True), (128, 4, 2048, True))),
+    (1, 8, 32768, ("ffa", (128, 4, 1024), (128, 1, 1024), (128, 4, 1024, True), (256, 4, 2048, True))),
+    (8, 32, 16384, ("ffa", "default")),
+)
+
+
+def prune(dtype=torch.float16, head_dim=128):
+    """An attention sink: q of every head aligned with key 0 (weight about 0.6, every other
+    weight about 1e-4), p = 1e-3 against p = 0, launch by launch."""
     rows = []
-    for batch, kv_heads, context, launch in ((32, 8, 8192, "heuristic"), (8, 32, 16384, "heuristic"),
-                                             (32, 8, 8192, "default"), (1, 8, 32768, "heuristic")):
-        P = Problem(batch, kv_heads, context, 128, dtype)
-        g = HEADS // kv_heads
-        P.q = (P.K[:, :, :1].repeat_interleave(g, 1) * 0.9).contiguous()  # q aligned with key 0: weight ~0.9
-        fns = {}
-        for p in (0.0, 1e-3):
-            f = FastForwardAttn(P.K[:, :, : context - 1], P.V[:, :, : context - 1], context, launch == "default")
-            out = torch.empty(batch, HEADS, 128, device="cuda", dtype=dtype)
-            fns[p] = (lambda f=f, out=out, p=p: f.attention(P.q, P.k, P.v, 1.0 / math.sqrt(128) , context - 1, p, out=out))
-        t0, t1 = bench(fns[0.0]), bench(fns[1e-3])
-        rows.append({"batch": batch, "kv_heads": kv_heads, "context": context, "launch": launch,
-                     "p0_us": t0, "p1e-3_us": t1, "speedup": t0 / t1})
-        print(f"prune b{batch} kv{kv_heads} L{context} {launch}: p=0 {t0:.1f} us, p=1e-3 {t1:.1f} us, {t0 / t1:.2f}x",
-              flush=True)
-        del P
+    l2 = l2_bytes(torch.device("cuda"))
+    for batch, kv_heads, context, launches in PRUNE_CASES:
+        nbytes = 2 * batch * kv_heads * context * head_dim * dtype.itemsize
+        case = Case(batch, kv_heads, context, head_dim, dtype, copies_for(nbytes, l2))
+        first_keys = case.attns[0].get_cache()[0][:, :, :1]
+        case.q = (first_keys.repeat_interleave(HEADS // kv_heads, 1) * 0.9).contiguous()
+        case.reference = upcast_reference(case.q, case.k, case.v, *case.attns[0].get_cache(), case.t, case.scale)
+        for launch in launches:
+            kwargs = {"default": True} if launch == "default" else {} if launch == "ffa" else \
+                {"launch": LaunchConfig(*launch)}
+            row = {"batch": batch, "kv_heads": kv_heads, "context": context, "copies": len(case.attns),
+                   "launch": launch if isinstance(launch, str) else "/".join(map(str, launch[:3]))
+                   + ("/tc" if launch[3:] == (True,) else "")}
+            for p in (0.0, 1e-3):
+                calls = case.ffa_calls(p=p, **kwargs)
+                if p == 0.0:
+                    row["p0_rel_error"] = case.error(calls[0])
+                row[f"p{p:g}_us"] = TIMER(calls) * 1e6
+            row["launch_p1e-3"] = case.attns[0].launch_config(HEADS, context, prune=True).as_dict()
+            row["speedup"] = row["p0_us"] / row["p0.001_us"]
+            rows.append(row)
+            say(f"prune b{batch} kv{kv_heads} L{context} {row['launch']}: p=0 {row['p0_us']:.1f} us, "
+                f"p=1e-3 {row['p0.001_us']:.1f} us, {row['speedup']:.2f}x")
+        del case
+        torch.cuda.empty_cache()
     return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", default="bandwidth,grid,seed,prune")
+    ap.add_argument("--sections", default="bandwidth,grid,original,prune")
     ap.add_argument("--dtypes", default="float16,bfloat16")
-    ap.add_argument("--methods", default="read,ffa_tuned,ffa_heuristic,ffa_default,sdpa_flash,sdpa_efficient,"
-                                         "sdpa_math,sdpa_cudnn,flex")
-    ap.add_argument("--seed-x", default="256,512,1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--seed-batches", default="1,4,16")
-    ap.add_argument("--out", default=None, help="JSON file for all results")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--shapes", type=int, default=None, help="only the first N shapes of the grid (a quick look)")
+    ap.add_argument("--original-x", default="256,512,1024,2048,4096,8192,16384,32768")
+    ap.add_argument("--original-batches", default="1,4,16")
+    ap.add_argument("--out", default=None, help="JSON file for all results (Markdown and PNG beside it)")
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
-    props = torch.cuda.get_device_properties(0)
-    result = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-              "commit": source_commit()}
-    bw = bandwidth() if "bandwidth" in sections or "grid" in sections else None
-    if bw:
-        result["bandwidth"] = bw
-        print(f"bandwidth: copy {bw['copy_GBps']:.0f} GB/s, read-only {bw['read_GBps']:.0f} GB/s", flush=True)
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    table = tuner.load_table(device)
+    tuned = None if table is None else f"{cache.cache_file(cache.describe_device(device))} ({len(table.entries)} buckets)"
+    result = {"device": props.name, "sm_count": props.multi_processor_count, "l2_MB": l2_bytes(device) / 1e6,
+              "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "ffa": ffa.__version__,
+              "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
+              "commit": source_commit(), "tuner_cache": tuned}
+    say(f"{props.name}, torch {torch.__version__}, cuDNN {result['cudnn']}, tuner cache: {result['tuner_cache']}")
+    if "bandwidth" in sections or "grid" in sections:
+        result["bandwidth"] = bw = bandwidth()
+        say("bandwidth (GB/s): " + ", ".join(f"{k[:-5]} {v:.0f}" for k, v in bw.items() if k.endswith("_GBps")))
     if "grid" in sections:
-        methods = args.methods.split(",")
-        result["grid"] = grid(args.dtypes.split(","), methods, props.multi_processor_count, bw["copy_GBps"])
-    if "seed" in sections:
-        result["seed"] = seed_protocol([int(x) for x in args.seed_x.split(",")],
-                                       [int(b) for b in args.seed_batches.split(",")])
+        result["grid"] = grid(args.dtypes.split(","), args.methods.split(","), bw["ceiling_GBps"], args.shapes)
+    if "original" in sections:
+        result["original"] = original_protocol([int(x) for x in args.original_x.split(",")],
+                                               [int(b) for b in args.original_batches.split(",")])
     if "prune" in sections:
         result["prune"] = prune()
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-        report.main(args.out)  # the Markdown table with the targets and the PNG plots, beside it
+        write_json(args.out, result)
+        report.main(args.out)
     return result
 
 

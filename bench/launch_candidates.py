@@ -3,7 +3,7 @@
     python bench/launch_candidates.py --out cands.json        # GPU: search every shape, save all timings
     python bench/launch_candidates.py --evaluate cands.json   # anywhere: score ffa.launch.heuristic on them
 
-The GPU run times, for each shape (the kernel grid of bench/kernels.py in float16, plus
+The GPU run times, for each shape (the kernel grid of bench/kernel_bench.py in float16, plus
 the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
 candidate of ffa.tuner.search.tune with refine=3 (every split length at 128 threads and the
 largest heads per block, then every threads x heads per block at the 3 best split lengths, each
@@ -17,20 +17,16 @@ a new heuristic on old data is an estimate.
 import argparse
 import json
 import math
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import HEADS, PAIRS  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply  # noqa: E402
-from shared import source_commit  # noqa: E402
+from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply
+from shared import HEADS, PAIRS, source_commit
 
 # (head_dim, kv_heads, batch, length): the grid, then OPT-1.3b decode at prompt 1,000 + 128 new
 # (batch 1, 2, 5, 10), Llama-3-8B under TP 1 and 2, a few shapes between the grid's, and short
-# caches (the seed's protocol starts at 256 positions).
+# caches (the original FFA release's protocol starts at 256 positions).
 SHAPES = ([(d, kv, b, n) for d in (64, 128) for kv in (32, 8) for b, n in PAIRS]
           + [(64, 32, b, 1152) for b in (1, 2, 5, 10)] + [(128, kv, 8, 1152) for kv in (8, 4)]
           + [(128, 8, 1, 4096), (128, 8, 4, 4096), (128, 8, 2, 16384), (64, 32, 2, 4096), (64, 32, 4, 4096),
@@ -50,15 +46,16 @@ def parse(k):
 
 
 def measure(out):
-    from ffa.tuner.search import CudaTimer, Problem, Workload, tune
+    from ffa.measure import RotationTimer, copies_for, l2_bytes
+    from ffa.tuner.search import Problem, Workload, tune
     device = torch.device("cuda")
     sm_count = torch.cuda.get_device_properties(device).multi_processor_count
     capability = torch.cuda.get_device_capability(device)
-    timer = CudaTimer(device)
+    timer, l2 = RotationTimer(), l2_bytes(device)
     rows = []
     for head_dim, kv_heads, batch, length in SHAPES:
         w = Workload(torch.float16, head_dim, HEADS // kv_heads, batch, kv_heads, length)
-        problem = Problem(w, device)
+        problem = Problem(w, device, copies=copies_for(w.kv_bytes, l2))
         r = tune(problem, sm_count, timer, refine=3, capability=capability)
         rows.append(dict(head_dim=head_dim, kv_heads=kv_heads, batch=batch, length=length, group=w.group,
                          timings_us={key(c): round(s * 1e6, 2) for c, s in r.timings.items()}))

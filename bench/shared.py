@@ -1,10 +1,38 @@
-"""What the benchmark programs (bench/*.py, summarize.py) record beside their figures."""
+"""What every benchmark program (bench/*.py, summarize.py) shares: the decode shapes, the line
+printer, and what a record carries beside its figures (date, commit, command, versions). The
+timing protocol itself is ffa.measure, which the tuner uses too."""
 
 import datetime
+import json
+import math
 import os
 import platform
 import subprocess
 from pathlib import Path
+
+# The kernel grid: 32 query heads; (batch, context) pairs crossed with kv heads {32, 8} and
+# head_dim {64, 128}.
+HEADS = 32
+PAIRS = [(1, 1024), (1, 16384), (1, 65536), (8, 4096), (16, 1024), (32, 4096), (64, 8192), (128, 2048)]
+GRID = [(batch, kv_heads, context, head_dim) for kv_heads in (32, 8) for head_dim in (64, 128)
+        for batch, context in PAIRS]
+
+
+def say(*parts):
+    """print, flushed at once (the GPU machine's logs are read while a program runs)."""
+    print(*parts, flush=True)
+
+
+def geomean(xs):
+    """Geometric mean of the positive numbers in xs (None entries skipped); NaN when none."""
+    xs = [x for x in xs if x]
+    return math.exp(sum(map(math.log, xs)) / len(xs)) if xs else float("nan")
+
+
+def write_json(path, record):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
 
 
 def source_commit():

@@ -17,7 +17,7 @@ repo=$(pwd)
 OUT=${OUT:-$repo/gpu-out}
 mkdir -p "$OUT"
 source scripts/device_env.sh
-export FFA_TUNER_CACHE_DIR=${FFA_TUNER_CACHE_DIR:-$OUT/tuner}
+export FFA_TUNER_CACHE_DIR=${FFA_TUNER_CACHE_DIR:-$repo/.ffa-tuner}
 run_dir=$repo
 if compgen -G ".whl-ffa/*.whl" >/dev/null; then
   python3 -m pip install -q --no-deps --no-index --target /tmp/ffa-wheel .whl-ffa/*.whl
@@ -37,15 +37,16 @@ check)
   (cd /tmp && python3 -m pytest -q -m gpu "$repo/tests" -p no:cacheprovider 2>&1) | tee "$OUT/gpu_tests.log" | tail -5
   (cd $run_dir && python3 example.py) | tee "$OUT/example.log"
   (cd $run_dir && python3 example.py --default-launch) | tee -a "$OUT/example.log"
-  (cd /tmp && python3 -m ffa.tuner 2>&1) | tee "$OUT/tuner.log" | tail -25
+  (cd /tmp && time python3 -m ffa.tuner 2>&1) 2>&1 | tee "$OUT/tuner.log" | tail -25
+  cp "$FFA_TUNER_CACHE_DIR"/*.json "$OUT/" || true
   ;;
 bench)
   (cd $run_dir && python3 bench/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-}) 2>&1 |
     grep -v -i warn | tee "$OUT/kernels.log" | tail -90
   ;;
 hf)
-  (cd $run_dir && python3 bench/hf_generate.py --out "$OUT/hf_generate.json" ${HF_ARGS:-}) 2>&1 |
-    tee "$OUT/hf_generate.log" | tail -40
+  (cd $run_dir && python3 bench/hf_generate.py --out "$OUT/${HF_NAME:-hf_generate}.json" ${HF_ARGS:-}) 2>&1 |
+    grep -v -i warn | tee "$OUT/${HF_NAME:-hf_generate}.log" | tail -40
   ;;
 sanitize)
   lib=$(python3 -c "import ffa._lib as l; print(l.library_path())")
