@@ -1,4 +1,5 @@
-"""The seed's import line: `from ff_attention import FastForwardAttn as FFA`."""
+"""The import line of the original FFA release (FasterTransformer-based), which works verbatim:
+`from ff_attention import FastForwardAttn as FFA`."""
 
 from ffa import FastForwardAttn
 

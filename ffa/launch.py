@@ -68,18 +68,18 @@ MIN_SPLIT = 64
 # Tensor-core blocks want about one block per SM, and splits of at least 512 positions (a warp
 # streams 16-position tiles through a 3-stage ring, and the pipeline needs a run of tiles).
 MIN_SPLIT_TENSOR_CORES = 512
-# Where the tensor-core kernel is the faster one (bench/results/kernel-tensor-cores-h100.md): it
-# shares each K/V read among up to 8 heads where the CUDA-core kernel stops at 4; for groups of
-# 2-4 heads it is faster on caches up to TENSOR_CORES_MAX_BYTES (5-9% slower on larger ones); for
-# one head it is slower (6-12%), except on tiny caches with a cold L2, where a warm L2 (the
-# seed's protocol) turns the gain into a loss.
+# Where the tensor-core kernel is the faster one (measured: bench/results/kernel-tensor-cores-h100.md):
+# always for groups of 5-8 heads (it shares each K/V read among up to 8 heads where the CUDA-core
+# kernel stops at 4); for groups of 2-4 heads on caches up to TENSOR_CORES_MAX_BYTES; never for
+# one head (on tiny caches it wins with a cold L2 only, and loses where the cache stays in L2, as
+# in the original FFA release's protocol).
 TENSOR_CORES_MAX_BYTES = 128 << 20
 # One-head CUDA-core blocks do not split caches this short: one 256-thread block per head (the
 # default launch's shape) beats 64-position splits and their combine.
 ONE_HEAD_UNSPLIT = 256
 # Nor do they run unsplit over longer rows than this, even when the grid fills the GPU without
-# splits: pieces of LONG_ROW_SPLIT positions shorten the last wave's tail (b64 x 32 heads over
-# 8192 positions: 4-5% faster; the seed's protocol at batch 16 from 16k positions: 10%).
+# splits: pieces of LONG_ROW_SPLIT positions shorten the last wave's tail (measured:
+# bench/results/kernel-targets-h100.md).
 ONE_HEAD_MAX_UNSPLIT = 4096
 LONG_ROW_SPLIT = 2048
 

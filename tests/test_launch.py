@@ -62,8 +62,8 @@ def test_choices_measured_on_an_h100():
     # longer ones than 4096 positions are split in pieces of 2048 even when the grid fills the GPU
     assert heuristic(64, 32, 1, 8192, h100) == LaunchConfig(256, 1, 2048)
     assert heuristic(32, 32, 1, 4096, h100) == LaunchConfig(256, 1, 0)
-    # one-head caches of up to 256 positions are not split: the default launch's shape (a
-    # 64-position split cost 1.28-1.41x the default launch in the seed's protocol at x = 256)
+    # one-head caches of up to 256 positions are not split: the default launch's shape (faster
+    # than 64-position splits in the original FFA release's protocol at x = 256)
     assert heuristic(1, 32, 1, 256, h100) == heuristic(4, 32, 1, 200, h100) == LaunchConfig(256, 1, 0)
     assert heuristic(16, 32, 1, 256, h100) == LaunchConfig(128, 1, 0)  # 512 blocks: no split anyway
     assert heuristic(1, 32, 1, 512, h100).split_len == 64
@@ -86,12 +86,12 @@ def test_tensor_core_choices():
             assert c.threads == (256 if c.split_len == 0 else 128)
             assert not heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=False).tensor_cores
     h100 = 132
-    # a group of 8 reads K/V once for all 8 heads, on tensor cores (1.5x faster than 4-head CUDA-core blocks)
+    # a group of 8 reads K/V once for all 8 heads, on tensor cores (faster than 4-head CUDA-core blocks)
     assert heuristic(32, 4, 8, 4096, h100, 128, True) == LaunchConfig(256, 8, 0, True)
-    # groups of 4 on a 1 GB cache stay on CUDA cores (the tensor-core kernel is 5-9% slower there)
+    # groups of 4 on a 1 GB cache stay on CUDA cores (the tensor-core kernel is slower there)
     assert heuristic(64, 8, 4, 8192, h100, 128, True) == heuristic(64, 8, 4, 8192, h100)
     # one head per kv head: CUDA cores (tiny caches too: faster on tensor cores with a cold L2
-    # only, 1.7x slower in the seed's protocol, where the cache stays in L2)
+    # only, slower in the original FFA release's protocol, where the cache stays in L2)
     assert heuristic(8, 32, 1, 4096, h100, 64, True) == heuristic(8, 32, 1, 4096, h100)
     assert heuristic(1, 32, 1, 256, h100, 64, True) == heuristic(1, 32, 1, 256, h100)
     # batch 1, 8 kv heads of 4 over 64k positions: 16 splits of 4096 (128 blocks)
