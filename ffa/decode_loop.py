@@ -4,7 +4,7 @@ Why: in transformers' loop the GPU idles between decode steps. Per token, `gener
 logits processors and stopping criteria in Python and then waits for the GPU (it reads
 `unfinished_sequences.max() == 0` on the host) before it queues the next step: 0.28 s of a
 0.66 s `generate` at batch 10 on OPT-1.3b even with the step compiled (H100,
-bench/results/hf-generate-h100.md); eager steps are worse, bound by Python launching each op.
+bench/results/h100/hf-generate-h100.md); eager steps are worse, bound by Python launching each op.
 
 Here one decode step is: the model's forward (as it is, or under torch.compile with
 enable(..., compile=True)), the token choice and the end-of-sequence bookkeeping, all on the

@@ -60,7 +60,7 @@ def round_up(x, m):
 
 # Blocks of 128 threads an H100 SM keeps resident in practice (registers and shared memory):
 # one wave of the grid is RESIDENT_* x SM count blocks. Measured, with the rest of the
-# heuristic, against every tuned candidate (bench/results/kernel-targets-h100.md).
+# heuristic, against every tuned candidate (bench/results/h100/kernel-targets-h100.md).
 RESIDENT_ONE_HEAD = 5
 RESIDENT_MULTI_HEAD = 4
 CUDA_CORE_MAX_HEADS_PER_BLOCK = 4  # 8-head CUDA-core blocks measured slower than 4-head ones
@@ -68,7 +68,7 @@ MIN_SPLIT = 64
 # Tensor-core blocks want about one block per SM, and splits of at least 512 positions (a warp
 # streams 16-position tiles through a 3-stage ring, and the pipeline needs a run of tiles).
 MIN_SPLIT_TENSOR_CORES = 512
-# Where the tensor-core kernel is the faster one (measured: bench/results/kernel-tensor-cores-h100.md):
+# Where the tensor-core kernel is the faster one (measured: bench/results/h100/kernel-tensor-cores-h100.md):
 # always for groups of 5-8 heads (it shares each K/V read among up to 8 heads where the CUDA-core
 # kernel stops at 4); for groups of 2-4 heads on caches up to TENSOR_CORES_MAX_BYTES; never for
 # one head (on tiny caches it wins with a cold L2 only, and loses where the cache stays in L2, as
@@ -79,7 +79,7 @@ TENSOR_CORES_MAX_BYTES = 128 << 20
 ONE_HEAD_UNSPLIT = 256
 # Nor do they run unsplit over longer rows than this, even when the grid fills the GPU without
 # splits: pieces of LONG_ROW_SPLIT positions shorten the last wave's tail (measured:
-# bench/results/kernel-targets-h100.md).
+# bench/results/h100/kernel-targets-h100.md).
 ONE_HEAD_MAX_UNSPLIT = 4096
 LONG_ROW_SPLIT = 2048
 
@@ -87,7 +87,7 @@ LONG_ROW_SPLIT = 2048
 def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
     """Whether the heuristic picks the tensor-core kernel for this shape (fp16/bf16 bytes);
     `prune`: p > 0, where only tensor-core blocks of several heads skip V reads to any gain
-    (bench/results/kernel-tensor-cores-h100.md)."""
+    (bench/results/h100/kernel-tensor-cores-h100.md)."""
     kv_bytes = 2 * batch * kv_heads * length * head_dim * 2
     if largest_heads_per_block(group) > heads_per_block_options(group, CUDA_CORE_MAX_HEADS_PER_BLOCK)[-1]:
         return True

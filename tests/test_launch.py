@@ -1,5 +1,5 @@
 """The launch heuristic (ffa.launch.heuristic): its invariants over a grid of shapes, the
-choices the H100 measurements behind it picked (bench/results/kernel-targets-h100.md), and the
+choices the H100 measurements behind it picked (bench/results/h100/kernel-targets-h100.md), and the
 length FastForwardAttn hands it."""
 
 import itertools
@@ -71,7 +71,7 @@ def test_choices_measured_on_an_h100():
 
 def test_tensor_core_choices():
     """With tensor cores available the heuristic uses them where the H100 measured them faster
-    (bench/results/kernel-tensor-cores-h100.md), with about one block per SM, splits of at least
+    (bench/results/h100/kernel-tensor-cores-h100.md), with about one block per SM, splits of at least
     MIN_SPLIT_TENSOR_CORES positions, 256 threads when unsplit; never where they do not apply."""
     for batch, kv_heads, group, length, sms in SHAPES:
         for head_dim in (64, 128):
@@ -109,7 +109,7 @@ def test_attention_asks_for_the_bucket_but_never_beyond_the_cache():
 
 def test_pruning_steps_of_grouped_heads_take_tensor_cores():
     """p > 0 skips V reads to any gain only in tensor-core blocks of several heads (CUDA-core
-    blocks of 2-4 heads are bound by instructions, bench/results/kernel-tensor-cores-h100.md):
+    blocks of 2-4 heads are bound by instructions, bench/results/h100/kernel-tensor-cores-h100.md):
     FastForwardAttn picks the heuristic's tensor-core launch for such steps, even past the
     cache size where p = 0 stays on CUDA cores, and keeps one-head groups as they are."""
     h100 = 132

@@ -115,7 +115,7 @@ class Table:
 # How far (sum of log2 distances) a tuned bucket serves other sizes; beyond, the heuristic,
 # which is computed for the size itself, does better: over the launch benchmark's 61 shapes the
 # tuned launch is 1.025x of the best candidate with 1 octave, 1.039x with no limit, 1.031x with
-# exact buckets only (bench/results/kernel-tensor-cores-h100.md).
+# exact buckets only (bench/results/h100/kernel-tensor-cores-h100.md).
 MAX_OCTAVES = 1
 
 
