@@ -1,6 +1,8 @@
-"""Packaging: how setup.py finds nvcc and picks architectures, the `python -m ffa` report, and
-(run by scripts/build_wheel.sh with FFA_EXPECT_INSTALLED=1) the installed wheel itself."""
+"""Packaging: how setup.py finds nvcc and picks architectures, the `python -m ffa` report, the
+test extra, and (run by scripts/build_wheel.sh with FFA_EXPECT_INSTALLED=1) the installed wheel
+itself."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -13,11 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
 import ffa
 from ffa import _lib
 from ffa.info import report
 
-SETUP_PY = Path(__file__).resolve().parent.parent / "setup.py"
+ROOT = Path(__file__).resolve().parent.parent
+SETUP_PY = ROOT / "setup.py"
 PYPI_PARTS = ("nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime")
 
 
@@ -210,3 +218,37 @@ def test_every_python_file_compiles_on_this_python():
         except SyntaxError as e:
             failures.append(f"{path.relative_to(root)}:{e.lineno}: {e.msg}")
     assert len(files) > 20 and not failures, failures
+
+
+def distribution_name(requirement):
+    """'transformers==5.17.0' -> 'transformers'; names compared as PEP 503 normalizes them."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+
+
+def test_the_test_extra_lists_every_package_the_tests_import():
+    """The test suite's packages are listed in one place, pyproject.toml's test extra: every module
+    that tests/ imports (and setup.py, which these tests import) is the standard library's, this
+    repository's, or comes from a distribution that the extra or the package's own dependencies name.
+    A package that only arrives as another's dependency would vanish with that dependency."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    named = {distribution_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    files = sorted((ROOT / "tests").glob("*.py")) + ([SETUP_PY] if SETUP_PY.is_file() else [])
+    own = {p.stem for p in files} | {"ffa", "ff_attention"}
+    standard = set(sys.stdlib_module_names) | {"tomllib"}  # tomli stands in for it before Python 3.11
+    imported = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                imported.setdefault(module.split(".")[0], path.name)
+    providers = metadata.packages_distributions()
+    missing = [f"{module} (imported by {where}; installed by {sorted(providers.get(module, [])) or 'nothing'})"
+               for module, where in sorted(imported.items())
+               if module not in standard | own and not {distribution_name(d) for d in providers.get(module, [])} & named]
+    assert {"transformers", "hypothesis", "numpy"} <= set(imported) and not missing, missing
+
