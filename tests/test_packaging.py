@@ -1,6 +1,6 @@
 """Packaging: how setup.py finds nvcc and picks architectures, the `python -m ffa` report, the
-test extra, and (run by scripts/build_wheel.sh with FFA_EXPECT_INSTALLED=1) the installed wheel
-itself."""
+test extra and the README commands that CI runs, and (run by scripts/build_wheel.sh with
+FFA_EXPECT_INSTALLED=1) the installed wheel itself."""
 
 import ast
 import importlib.util
@@ -252,3 +252,39 @@ def test_the_test_extra_lists_every_package_the_tests_import():
                if module not in standard | own and not {distribution_name(d) for d in providers.get(module, [])} & named]
     assert {"transformers", "hypothesis", "numpy"} <= set(imported) and not missing, missing
 
+
+def readme_commands():
+    """scripts/readme_commands.py, which .ci/run runs to get the README's commands."""
+    path = ROOT / "scripts" / "readme_commands.py"
+    if not path.is_file():
+        pytest.skip("the repository is not beside tests/ (testing an installed wheel)")
+    spec = importlib.util.spec_from_file_location("readme_commands", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ci_runs_the_readme_commands_which_install_the_test_extra():
+    """.ci/run takes the README's two Quick start commands from scripts/readme_commands.py, so they
+    cannot drift apart; the first installs this source tree, the second its test extra."""
+    module = readme_commands()
+    install, tests = module.quick_start_commands((ROOT / "README.md").read_text())
+    assert re.match(r"pip install \. &&", install) and "python example.py" in install
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.match(r'pip install "\.\[test\]" &&', tests) and "test" in extras
+    assert "python -m pytest -q tests" in tests
+    assert "scripts/readme_commands.py" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_commands_refuses_a_quick_start_it_cannot_read():
+    module = readme_commands()
+    with pytest.raises(ValueError, match="no '## Quick start' section"):
+        module.quick_start_commands("# FFA\n")
+    three = "## Quick start\n" + "```bash\npip install .\n```\n" * 3 + "## Next\n"
+    with pytest.raises(ValueError, match="two bash blocks of one line each"):
+        module.quick_start_commands(three)
+    two_lines = "## Quick start\n```bash\npip install .\npython example.py\n```\n```bash\npytest\n```\n"
+    with pytest.raises(ValueError, match="two bash blocks of one line each"):
+        module.quick_start_commands(two_lines)
+    after = "## Quick start\n```bash\na\n```\n```bash\nb\n```\n## Layout\n```bash\nc\n```\n"
+    assert module.quick_start_commands(after) == ["a", "b"]  # blocks of later sections are not commands
