@@ -29,15 +29,21 @@ SETUP_PY = ROOT / "setup.py"
 PYPI_PARTS = ("nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime")
 
 
-@pytest.fixture(scope="module")
-def setup_module():
-    """setup.py imported as a module (its setup() call only runs as __main__)."""
-    if not SETUP_PY.is_file():
-        pytest.skip("setup.py is not beside tests/ (testing an installed wheel)")
-    spec = importlib.util.spec_from_file_location("ffa_setup", SETUP_PY)
+def repository_module(path, name):
+    """A program of the repository imported as module `name`; skipped when an installed wheel is
+    tested (only tests/ and pyproject.toml are there)."""
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not beside tests/ (testing an installed wheel)")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def setup_module():
+    """setup.py imported as a module (its setup() call only runs as __main__)."""
+    return repository_module(SETUP_PY, "ffa_setup")
 
 
 def fake_executable(path):
@@ -255,13 +261,7 @@ def test_the_test_extra_lists_every_package_the_tests_import():
 
 def readme_commands():
     """scripts/readme_commands.py, which .ci/run runs to get the README's commands."""
-    path = ROOT / "scripts" / "readme_commands.py"
-    if not path.is_file():
-        pytest.skip("the repository is not beside tests/ (testing an installed wheel)")
-    spec = importlib.util.spec_from_file_location("readme_commands", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return repository_module(ROOT / "scripts" / "readme_commands.py", "readme_commands")
 
 
 def test_ci_runs_the_readme_commands_which_install_the_test_extra():
