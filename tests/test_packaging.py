@@ -1,6 +1,8 @@
-"""Packaging: how setup.py finds nvcc and picks architectures, the `python -m ffa` report, and
-(run by scripts/build_wheel.sh with FFA_EXPECT_INSTALLED=1) the installed wheel itself."""
+"""Packaging: how setup.py finds nvcc and picks architectures, the `python -m ffa` report, the
+test extra and the README commands that CI runs, and (run by scripts/build_wheel.sh with
+FFA_EXPECT_INSTALLED=1) the installed wheel itself."""
 
+import ast
 import importlib.util
 import json
 import os
@@ -13,23 +15,35 @@ from pathlib import Path
 import pytest
 import torch
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
+
 import ffa
 from ffa import _lib
 from ffa.info import report
 
-SETUP_PY = Path(__file__).resolve().parent.parent / "setup.py"
+ROOT = Path(__file__).resolve().parent.parent
+SETUP_PY = ROOT / "setup.py"
 PYPI_PARTS = ("nvidia-cuda-nvcc", "nvidia-nvvm", "nvidia-cuda-crt", "nvidia-cuda-runtime")
+
+
+def repository_module(path, name):
+    """A program of the repository imported as module `name`; skipped when an installed wheel is
+    tested (only tests/ and pyproject.toml are there)."""
+    if not path.is_file():
+        pytest.skip(f"{path.name} is not beside tests/ (testing an installed wheel)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def setup_module():
     """setup.py imported as a module (its setup() call only runs as __main__)."""
-    if not SETUP_PY.is_file():
-        pytest.skip("setup.py is not beside tests/ (testing an installed wheel)")
-    spec = importlib.util.spec_from_file_location("ffa_setup", SETUP_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return repository_module(SETUP_PY, "ffa_setup")
 
 
 def fake_executable(path):
@@ -210,3 +224,67 @@ def test_every_python_file_compiles_on_this_python():
         except SyntaxError as e:
             failures.append(f"{path.relative_to(root)}:{e.lineno}: {e.msg}")
     assert len(files) > 20 and not failures, failures
+
+
+def distribution_name(requirement):
+    """'transformers==5.17.0' -> 'transformers'; names compared as PEP 503 normalizes them."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", requirement).group()).lower()
+
+
+def test_the_test_extra_lists_every_package_the_tests_import():
+    """The test suite's packages are listed in one place, pyproject.toml's test extra: every module
+    that tests/ imports (and setup.py, which these tests import) is the standard library's, this
+    repository's, or comes from a distribution that the extra or the package's own dependencies name.
+    A package that only arrives as another's dependency would vanish with that dependency."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    named = {distribution_name(r) for r in project["dependencies"] + project["optional-dependencies"]["test"]}
+    files = sorted((ROOT / "tests").glob("*.py")) + ([SETUP_PY] if SETUP_PY.is_file() else [])
+    own = {p.stem for p in files} | {"ffa", "ff_attention"}
+    standard = set(sys.stdlib_module_names) | {"tomllib"}  # tomli stands in for it before Python 3.11
+    imported = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                imported.setdefault(module.split(".")[0], path.name)
+    providers = metadata.packages_distributions()  # installed ones; tomli is not, from Python 3.11 on
+    missing = [f"{module} (imported by {where}; installed by {sorted(providers.get(module, [])) or 'nothing'})"
+               for module, where in sorted(imported.items()) if module not in standard | own
+               and not {distribution_name(d) for d in providers.get(module, [module])} & named]
+    assert {"transformers", "hypothesis", "numpy"} <= set(imported) and not missing, missing
+
+
+def readme_commands():
+    """scripts/readme_commands.py, which .ci/run runs to get the README's commands."""
+    return repository_module(ROOT / "scripts" / "readme_commands.py", "readme_commands")
+
+
+def test_ci_runs_the_readme_commands_which_install_the_test_extra():
+    """.ci/run takes the README's two Quick start commands from scripts/readme_commands.py, so they
+    cannot drift apart; the first installs this source tree, the second its test extra."""
+    module = readme_commands()
+    install, tests = module.quick_start_commands((ROOT / "README.md").read_text())
+    assert re.match(r"pip install \. &&", install) and "python example.py" in install
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert re.match(r'pip install "\.\[test\]" &&', tests) and "test" in extras
+    assert "python -m pytest -q tests" in tests
+    assert "scripts/readme_commands.py" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_commands_refuses_a_quick_start_it_cannot_read():
+    module = readme_commands()
+    with pytest.raises(ValueError, match="no '## Quick start' section"):
+        module.quick_start_commands("# FFA\n")
+    three = "## Quick start\n" + "```bash\npip install .\n```\n" * 3 + "## Next\n"
+    with pytest.raises(ValueError, match="two bash blocks of one line each"):
+        module.quick_start_commands(three)
+    two_lines = "## Quick start\n```bash\npip install .\npython example.py\n```\n```bash\npytest\n```\n"
+    with pytest.raises(ValueError, match="two bash blocks of one line each"):
+        module.quick_start_commands(two_lines)
+    after = "## Quick start\n```bash\na\n```\n```bash\nb\n```\n## Layout\n```bash\nc\n```\n"
+    assert module.quick_start_commands(after) == ["a", "b"]  # blocks of later sections are not commands

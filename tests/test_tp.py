@@ -10,12 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import accelerate  # noqa: F401 (transformers loads a tensor-parallel model only with it installed)
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-import ffa  # noqa: E402
-import ffa.transformers as fft  # noqa: E402
+import ffa
+import ffa.transformers as fft
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "tp_generate.py"
@@ -23,9 +24,6 @@ KV_HEADS, HEADS = 2, 4  # the script's "tiny" shape
 TIMEOUT_S = 300  # compiling on two GPUs takes a minute or two; a hang takes forever
 
 needs_script = pytest.mark.skipif(not SCRIPT.exists(), reason="bench/ is not beside tests/ (installed-wheel run)")
-needs_accelerate = pytest.mark.skipif(
-    not transformers.utils.is_accelerate_available(),
-    reason="transformers loads a tensor-parallel model only with the accelerate package installed")
 
 
 def tp_generate(tmp_path, processes, *flags):
@@ -67,7 +65,6 @@ def check(record, processes, backend):
 
 
 @needs_script
-@needs_accelerate
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
 def test_tp_two_processes_gloo(tmp_path, compile):
     flags = ["--device", "cpu"] + (["--compile"] if compile else [])
@@ -96,7 +93,6 @@ def test_cache_takes_its_heads_from_the_kv_it_gets():
 
 @pytest.mark.gpu
 @needs_script
-@needs_accelerate
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compile"])
 def test_tp_two_gpus_nccl(tmp_path, compile):

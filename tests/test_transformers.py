@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DynamicCache
 
-transformers = pytest.importorskip("transformers")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
-
-import ffa  # noqa: E402
-import ffa.transformers as fft  # noqa: E402
+import ffa
+import ffa.transformers as fft
 
 transformers.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parent.parent
