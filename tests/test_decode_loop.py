@@ -1,5 +1,5 @@
-"""FFA's decode loop (ffa/decode_loop.py) against transformers' own loop: the same returned ids
-for every architecture, with left padding, EOS and early stops, minimum lengths and inferred
+"""FFA's decode loop (ffa/transformers/loop.py) against transformers' own loop: the same returned
+ids for every architecture, with left padding, EOS and early stops, minimum lengths and inferred
 masks, and for sampling the same draws; other decoding modes keep transformers' loop. CPU: the
 loop's steps run eagerly; GPU (marked): replayed from a CUDA graph, eager or compiled."""
 
@@ -8,7 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 import ffa.transformers as fft  # noqa: E402
-from ffa import decode_loop  # noqa: E402
+from ffa.transformers import loop as decode_loop  # noqa: E402
+from ffa.transformers.binding import binding_of  # noqa: E402
 from test_transformers import ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -20,7 +21,7 @@ def both(model, ids, **kw):
     fft.enable(model)
     try:
         got = model.generate(ids, do_sample=False, **kw)
-        ran = model._ffa_binding.decode_step is not None
+        ran = binding_of(model).decode_step is not None
     finally:
         fft.disable(model)
     return expected, got, ran
@@ -136,7 +137,7 @@ def test_sampling_draws_what_transformers_draws(arch):
         fft.enable(model)
         torch.manual_seed(7)
         got = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=pad, **kw)
-        assert model._ffa_binding.decode_step.warpers is not None
+        assert binding_of(model).decode_step.warpers is not None
         fft.disable(model)
         assert torch.equal(got, expected), kw
     # The draws are random: another seed gives other tokens.
@@ -172,7 +173,7 @@ def test_other_decoding_modes_keep_transformers_loop():
         torch.manual_seed(0)
         with counting_ffa_calls() as calls:
             got = model.generate(ids, **common, **kw)
-        assert model._ffa_binding.decode_step is None, kw
+        assert binding_of(model).decode_step is None, kw
         assert calls, kw  # transformers' loop, still with FFA's attention
         fft.disable(model)
         if isinstance(expected, torch.Tensor):
@@ -187,7 +188,7 @@ def test_other_decoding_modes_keep_transformers_loop():
     # decode_loop=False hands greedy search back to transformers' loop.
     fft.enable(model, compile=True, decode_loop=False)
     model.generate(ids, **common)
-    assert model._ffa_binding.decode_step is None
+    assert binding_of(model).decode_step is None
     with pytest.raises(TypeError, match="decode_loop"):
         fft.enable(model, decode_loop=1)
 
@@ -197,11 +198,11 @@ def test_the_step_is_reused_while_its_cache_and_batch_hold():
     ids, mask = prompts(model)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id)
     first = model.generate(ids, attention_mask=mask, **kw)
-    step = model._ffa_binding.decode_step
+    step = binding_of(model).decode_step
     assert torch.equal(model.generate(ids, attention_mask=mask, **kw), first)
-    assert model._ffa_binding.decode_step is step
+    assert binding_of(model).decode_step is step
     single = model.generate(ids[:1], attention_mask=mask[:1], **kw)
-    assert model._ffa_binding.decode_step is not step  # another batch size: another step
+    assert binding_of(model).decode_step is not step  # another batch size: another step
     assert torch.equal(single, first[:1])
 
 
@@ -225,17 +226,17 @@ def test_gpu_graph_loop_equals_transformers(arch, compile):
     torch._dynamo.reset()
     for kw, want in zip(cases + cases, expected + expected):
         got = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **kw)
-        assert model._ffa_binding.decode_step.graph is not None
+        assert binding_of(model).decode_step.graph is not None
         assert torch.equal(got, want), kw
     assert expected[1].shape[1] <= PROMPT + 4  # the early stop happened
     single = model.generate(ids[:1], attention_mask=mask[:1], do_sample=False, pad_token_id=pad, **cases[0])
     assert torch.equal(single, expected[0][:1])
     # A dtype change reallocates the cache at the next prefill: the graph is captured again.
     model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0])
-    graph = model._ffa_binding.decode_step.graph
+    graph = binding_of(model).decode_step.graph
     model.half()
     halves = [model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]) for _ in range(2)]
-    assert model._ffa_binding.decode_step.graph is not graph
+    assert binding_of(model).decode_step.graph is not graph
     fft.enable(model, compile=compile)  # forgets every step and cache: a fresh capture
     assert torch.equal(halves[0], halves[1])
     assert torch.equal(model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]),
@@ -254,7 +255,7 @@ def test_gpu_sampling_in_the_graph(compile):
     fft.enable(model, compile=compile)
     torch._dynamo.reset()
     assert torch.equal(model.generate(ids, do_sample=True, top_k=1, **kw), greedy_ids)
-    assert model._ffa_binding.decode_step.graph is not None
+    assert binding_of(model).decode_step.graph is not None
     runs = {}
     for seed in (3, 4, 3):
         torch.manual_seed(seed)

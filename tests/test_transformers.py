@@ -16,6 +16,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import ffa  # noqa: E402
 import ffa.transformers as fft  # noqa: E402
+from ffa.transformers.binding import binding_of  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,9 +136,9 @@ def test_compileable_cache_gives_the_same_tokens(arch):
     fft.enable(model, compile=True)
     with counting_ffa_calls() as calls:
         got, logits = greedy(model, ids, mask, with_logits=True)
-    assert model._ffa_binding.generate_cache.is_compileable
+    assert binding_of(model).generate_cache.is_compileable
     assert len(calls) == (NEW - 1) * 2  # decode steps only: preparing at prefill calls no attention
-    layers = model._ffa_binding.generate_cache.layers
+    layers = binding_of(model).generate_cache.layers
     assert all(layer.attn._configs for layer in layers)  # each layer's launch was fixed at prefill
     assert torch.equal(got, expected)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
@@ -214,10 +215,10 @@ def test_generate_reuses_its_cache_across_calls():
     model = fft.enable(tiny("opt"))
     ids, mask = prompts(model)
     first = greedy(model, ids, mask)
-    cache = model._ffa_binding.generate_cache
+    cache = binding_of(model).generate_cache
     pointers = [t.data_ptr() for layer in cache.layers for t in layer.attn.get_cache()]
     again = greedy(model, ids, mask)
-    assert model._ffa_binding.generate_cache is cache
+    assert binding_of(model).generate_cache is cache
     assert [t.data_ptr() for layer in cache.layers for t in layer.attn.get_cache()] == pointers
     assert torch.equal(first, again)
 

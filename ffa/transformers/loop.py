@@ -244,22 +244,21 @@ class DecodeStep:
         forward and allocate FFA's split workspaces). The warm-up steps change the state and
         write K/V past the prompt; the state is restored, and those positions are written
         again by the real steps before anything reads them."""
-        fill = self.cache._fill
         state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished,
-                 self.tokens, fill.length]
-        saved, host_length = [x.clone() for x in state], fill.host_length
+                 self.tokens]
+        saved, written = [x.clone() for x in state], self.cache.checkpoint()
         rng = torch.cuda.get_rng_state()  # the warm-up steps' draws must not move a seeded sequence
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                fill.host_length = host_length  # eager steps count on the host: keep it below max_len
+                self.cache.restore(written)  # eager steps count on the host: keep it below max_len
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.step()
-        fill.host_length = host_length
+        self.cache.restore(written)
         torch.cuda.set_rng_state(rng)
         for x, value in zip(state, saved):
             x.copy_(value)
@@ -274,7 +273,7 @@ class DecodeStep:
         else:
             self.run_until_finished(steps)
         length = min(plan.new_tokens, int(self.live_steps) + 1)
-        self.cache._fill.host_length = plan.input_ids.shape[1] + length - 1
+        self.cache.count_written(plan.input_ids.shape[1] + length - 1)
         return torch.cat([plan.input_ids, self.tokens[:, :length]], dim=-1)
 
     def advance(self):
