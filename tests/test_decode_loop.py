@@ -10,7 +10,7 @@ transformers = pytest.importorskip("transformers")
 import ffa.transformers as fft  # noqa: E402
 from ffa.transformers import loop as decode_loop  # noqa: E402
 from ffa.transformers.binding import binding_of  # noqa: E402
-from test_transformers import ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny  # noqa: E402
+from test_transformers import ARCH_DTYPES, ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -46,8 +46,7 @@ def eos_ending_row_0(model, ids, mask, new):
     return next(t for t in tokens[0].tolist() if t not in others)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
 def test_same_ids_as_transformers(arch, dtype):
     model = tiny(arch).to(dtype)
     ids, mask = prompts(model)

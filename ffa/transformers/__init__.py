@@ -29,11 +29,15 @@ How it fits into transformers 5.x without touching any modeling file:
     attention sees only its shard of the heads, so every cache layer takes its head counts and
     device from the K/V it is given, never from the config; nothing else changes.
 
-Architectures: OPT, GPT-2, Llama, Mistral, Qwen2 (through AttentionInterface) and GPT-J, whose
-attention module does not use AttentionInterface: its `_attn` method is wrapped per instance
-(prefill keeps the model's own eager attention). Left padding only; beam search works (the
-cache reorders in place); assisted decoding, chunked prefill and continuing a filled cache
-with several new tokens are refused with a ValueError.
+Architectures: any decoder-only model whose attention goes through AttentionInterface with
+full or sliding-window layers (each layer's window, softmax scale and softcap reach FFA through
+the mask and attention functions); GPT-J, whose attention module does not use
+AttentionInterface, has its `_attn` method wrapped per instance (prefill keeps its own eager
+attention). What FFA cannot run (latent attention, sinks, cross-attention, non-causal
+attention, other layer types, a head_dim the kernel lacks) is refused by enable() with a
+ValueError naming the feature. Left padding only; beam search works (the cache reorders in
+place); assisted decoding, chunked prefill and continuing a filled cache with several new
+tokens are refused with a ValueError.
 
 The package: cache.py (FFACache), attention.py (the "ffa" attention and mask functions),
 enable.py (enable / disable and the wrapped generate), loop.py (FFA's decode loop) and

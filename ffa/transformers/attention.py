@@ -5,11 +5,14 @@ int64 tensor [2, batch, 1, 1] holding (first valid position, write position t), 
 transformers hands to every layer untouched. The first valid position comes from the 2-D
 attention mask (left padding) and, for sliding-window layers, from the window (transformers
 passes a layer type's window as the mask function's `local_size`). The attention function
-hands q, k, v and that window to the layer's FastForwardAttn. Any other call (prefill) runs
-the prefill attention, SDPA.
+hands q, k, v and that window to the layer's FastForwardAttn, with the layer's own softmax
+scale (`scaling`: Gemma's query_pre_attn_scalar, Granite's attention multiplier) and softcap
+(Gemma 2). Any other call (prefill) runs the prefill attention: SDPA, or, for a layer with a
+softcap, which SDPA lacks, the eager attention of the model's own modeling file.
 """
 
 import math
+import sys
 
 import torch
 from transformers import AttentionInterface
@@ -48,7 +51,7 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atte
         attention_mask=attention_mask, local_size=local_size, config=config, device=device, **kwargs)
 
 
-def _decode(module, query, key, value, window, scaling, dropout):
+def _decode(module, query, key, value, window, scaling, dropout, softcap=None):
     """One decode step of one layer through FastForwardAttn; returns [batch, heads, head_dim]."""
     binding = find_binding(module)
     if binding is None:
@@ -63,7 +66,7 @@ def _decode(module, query, key, value, window, scaling, dropout):
     # .to is a no-op unless the model spans several devices; view + unbind costs a third of
     # indexing the window twice, and this runs for every layer of every step.
     start, t = window.to(query.device).view(2, -1).unbind()
-    return attn.attention(query, key, value, scaling, t, start=start)
+    return attn.attention(query, key, value, scaling, t, start=start, softcap=softcap)
 
 
 def _refuse_unwindowed_decode(module, query, key):
@@ -76,14 +79,42 @@ def _refuse_unwindowed_decode(module, query, key):
                          "pass a 2-D attention_mask (custom 4-D masks are not supported)")
 
 
-def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """The "ffa" attention function: FFA for a decode step, SDPA otherwise.
+def _eager_attention(module):
+    """The eager attention function of the module's modeling file (transformers defines one per
+    model, holding all of that model's features), or None."""
+    return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+
+
+def _additive(mask, query, key):
+    """A prefill mask made for SDPA (boolean, or None for plain causal attention) as eager
+    attention adds it to the logits: 0 where attended, the dtype's minimum elsewhere."""
+    if mask is None:
+        q, k = query.shape[2], key.shape[2]
+        mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
+
+
+def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                       s_aux=None, **kwargs):
+    """The "ffa" attention function: FFA for a decode step, the prefill attention otherwise.
     Returns [batch, q_len, heads, head_dim] and no weights, as transformers expects."""
+    if s_aux is not None:  # enable() refuses models with sinks; this catches one it did not recognize
+        raise ValueError(f"{type(module).__name__} passes attention sinks (s_aux), which FFA does not support")
     if is_window(attention_mask):
         if scaling is None:
             scaling = 1.0 / math.sqrt(query.shape[-1])
-        return _decode(module, query, key, value, attention_mask, scaling, dropout).unsqueeze(1), None
+        return _decode(module, query, key, value, attention_mask, scaling, dropout, softcap).unsqueeze(1), None
     _refuse_unwindowed_decode(module, query, key)
+    if softcap is not None:
+        eager = _eager_attention(module)
+        if eager is None:
+            raise ValueError(f"{type(module).__name__} caps its logits (softcap) and its modeling file has no "
+                             "eager_attention_forward for FFA's prefill (SDPA has no softcap)")
+        return eager(module, query, key, value, _additive(attention_mask, query, key), scaling=scaling,
+                     dropout=dropout, softcap=softcap, **kwargs)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
 

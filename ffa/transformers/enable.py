@@ -12,44 +12,76 @@ from .attention import NAME, OWN_ATTENTION_MODEL_TYPES, own_attn, register
 from .binding import Binding, binding_of, find_binding
 from .cache import FFACache
 
-SUPPORTED_MODEL_TYPES = ("opt", "gpt2", "llama", "mistral", "qwen2", "gptj")
+# Attention layer types (config.layer_types) that are a window over the cache.
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def is_enabled(model):
     return find_binding(model) is not None
 
 
+def _refuse(config, feature):
+    raise ValueError(f"FFA cannot run this model ({config.model_type}): {feature}")
+
+
 def _attention_modules(model):
-    """The self-attention modules by layer index (class name ending in Attention, with a layer_idx)."""
-    found = {}
+    """The self-attention modules of layers 0 .. n-1 (class name ending in Attention, with an
+    int layer_idx), one per layer of the model."""
+    config, found = model.config, {}
     for module in model.modules():
         idx = getattr(module, "layer_idx", None)
         if type(module).__name__.endswith("Attention") and isinstance(idx, int):
+            if getattr(module, "is_cross_attention", False):
+                _refuse(config, f"it has cross-attention ({type(module).__name__} of layer {idx})")
             if idx in found:
-                raise ValueError(f"two attention modules claim layer {idx}; model not supported")
+                _refuse(config, f"two attention modules claim layer {idx}")
             found[idx] = module
-    if sorted(found) != list(range(len(found))) or not found:
-        raise ValueError(f"could not find the attention layers 0..n-1 (found {sorted(found)})")
-    return [found[i] for i in range(len(found))]
+    layers = getattr(config, "num_hidden_layers", None) or max(found, default=-1) + 1
+    missing = sorted(set(range(layers)) - set(found))
+    if missing or not found:
+        _refuse(config, f"layers {', '.join(map(str, missing))} of {layers} have no self-attention module "
+                        "(recurrent or linear-attention layers?)")
+    return [found[i] for i in range(layers)]
 
 
-def _head_counts(config):
-    """(query heads, kv heads, head_dim) of the whole model, as its config gives them."""
+def _group(config, modules):
+    """Query heads per kv head: the attention modules' own count, else the config's head counts."""
+    group = getattr(modules[0], "num_key_value_groups", None)
+    if isinstance(group, int) and group > 0:
+        return group
     heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    return heads, kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads // (getattr(config, "num_key_value_heads", None) or heads)
 
 
-def _check_head_dim(config, dtype):
-    """Fail at enable() rather than at the first generate when FFA cannot hold this model's
-    K/V: probe FastForwardAttn with an empty prompt of one kv head on the CPU (only head_dim
-    and dtype matter; a tensor-parallel rank holds fewer kv heads than the config says)."""
-    _, _, head_dim = _head_counts(config)
-    empty = torch.empty(1, 1, 0, head_dim, dtype=dtype)
-    try:
-        FastForwardAttn(empty, empty, 1)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"FFA cannot run this model ({config.model_type}): {e}") from None
+def _head_dim(config, module):
+    """The head_dim of a layer's q, k and v: the module's own, else the config's."""
+    return (getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
+            or config.hidden_size // config.num_attention_heads)
+
+
+def _check_features(model, modules):
+    """Refuse, naming the feature, a model that needs what FFA cannot do. Runs before anything
+    is changed or allocated; the head_dim (and dtype) by probing FastForwardAttn with an empty
+    prompt of one kv head on the CPU (a tensor-parallel rank holds fewer kv heads than the
+    config says, so only head_dim and dtype are probed)."""
+    config = model.config
+    if config.model_type not in OWN_ATTENTION_MODEL_TYPES and not type(model).is_backend_compatible():
+        _refuse(config, "its attention does not go through transformers' attention interface (AttentionInterface)")
+    if getattr(config, "kv_lora_rank", None) is not None or any(hasattr(m, "kv_lora_rank") for m in modules):
+        _refuse(config, "multi-head latent attention (compressed K/V, as in DeepSeek-V3)")
+    if any(getattr(m, "sinks", None) is not None for m in modules):
+        _refuse(config, "attention sinks (a learned per-head logit in the softmax denominator, as in gpt-oss)")
+    if any(getattr(m, "is_causal", True) is False for m in modules):
+        _refuse(config, "non-causal (bidirectional) attention")
+    other = sorted(set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES))
+    if other:
+        _refuse(config, f"layers of type {', '.join(map(repr, other))} (FFA runs full and sliding-window attention)")
+    for module in modules:
+        empty = torch.empty(1, 1, 0, _head_dim(config, module), dtype=model.dtype)
+        try:
+            FastForwardAttn(empty, empty, 1)
+        except (TypeError, ValueError) as e:
+            _refuse(config, str(e))
 
 
 def enable(model, *, compile=False, decode_loop=True):
@@ -68,18 +100,17 @@ def enable(model, *, compile=False, decode_loop=True):
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     config = model.config
-    if getattr(config, "is_encoder_decoder", False) or config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {config.model_type!r} is not supported; FFA supports "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     if is_enabled(model):
         binding_of(model).configure(compile, decode_loop)
         return model
-    _check_head_dim(config, model.dtype)
-    register()
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        _refuse(config, "it has cross-attention (FFA runs decoder-only models)")
     modules = _attention_modules(model)
-    heads, kv_heads, _ = _head_counts(config)
+    _check_features(model, modules)
+    register()
     own_attention = config.model_type in OWN_ATTENTION_MODEL_TYPES
-    binding = Binding(modules, heads // kv_heads, config._attn_implementation, own_attention, compile, decode_loop)
+    binding = Binding(modules, _group(config, modules), config._attn_implementation, own_attention, compile,
+                      decode_loop)
     binding.attach(model)
     if own_attention:
         for module in modules:
