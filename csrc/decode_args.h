@@ -1,6 +1,7 @@
 // The arguments every decode and combine kernel receives, already validated by ffa_api.cu.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 
 namespace ffa {
@@ -16,6 +17,7 @@ struct DecodeArgs {
   int pos_is64, start_is64;
 
   float scale_log2;  // softmax_scale * log2(e): logits are kept in base-2 units
+  float cap_log2, inv_cap_log2;  // softcap * log2(e) and its inverse; 0, 0: no softcap (cap_logit)
   float prune_p;
   int heads, group, heads_per_block, max_len;
   int split_len, num_splits;  // split_len == 0: one block per sequence, no combine
@@ -28,6 +30,13 @@ struct DecodeArgs {
 __device__ __forceinline__ int64_t read_index(const void *p, int is64, int64_t scalar, int b) {
   if (p == nullptr) return scalar;
   return is64 ? static_cast<const int64_t *>(p)[b] : static_cast<const int32_t *>(p)[b];
+}
+
+// Attention-logit softcapping of a base-2 logit s: c * tanh(s / c) with c = softcap * log2(e), which is
+// softcap * tanh(s_e / softcap) in natural units (s = s_e * log2 e). Both decode kernels cap every
+// logit, the pruning bounds' first-position logits included, so those bounds stay valid.
+__device__ __forceinline__ float cap_logit(const DecodeArgs &a, float s) {
+  return a.cap_log2 > 0.f ? a.cap_log2 * tanhf(s * a.inv_cap_log2) : s;
 }
 
 // The positions sequence b attends to are [start, pos]. Returns false for a position

@@ -15,7 +15,7 @@
 //   1. logits: each key group streams its rows to its lanes with many loads in flight
 //      (row_stream.cuh), dots them with q held in registers, reduces over its TPK lanes with
 //      shuffles (all G heads at once, RowSums in reduce.cuh) and writes the logits to shared
-//      memory (base-2 units: q is prescaled by softmax_scale * log2 e);
+//      memory (base-2 units: q is prescaled by softmax_scale * log2 e; softcapped by cap_logit);
 //   2. softmax: block-wide max and sum of the sub-chunk update the running max/sum (online
 //      softmax), logits become unnormalized weights, the accumulators are rescaled;
 //   3. values: each key group streams the V rows of its positions and accumulates weight * v.
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       dot[g] = row_sum<TPK>(dot[g]);
-      if (tid == 0) first_logit[g] = needed ? dot[g] : -INFINITY;
+      if (tid == 0) first_logit[g] = needed ? cap_logit(a, dot[g]) : -INFINITY;
     }
   }
 
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
       Sums::reduce(dot, lane_k);
       if (i < n && Sums::stores(lane_k))
 #pragma unroll
-        for (int k = 0; k < Sums::kKept; ++k) logits[(Sums::first_head(lane_k) + k) * SUB + i] = dot[k];
+        for (int k = 0; k < Sums::kKept; ++k) logits[(Sums::first_head(lane_k) + k) * SUB + i] = cap_logit(a, dot[k]);
     };
     stream_rows(kbase, rows, k_src, k_use);
     __syncthreads();

@@ -16,7 +16,8 @@
 // loop has no block barrier, and keeps its own online softmax (running max and sum per head)
 // and output accumulator (O^T, D x 8 floats as mma fragments). Per tile:
 //   S^T = K Q^T        A = the K tile from ldmatrix, B = q (held in registers); D/16 k-steps;
-//                      positions >= hi masked to -inf; base-2 logits (softmax_scale * log2 e)
+//                      positions >= hi masked to -inf; base-2 logits (softmax_scale * log2 e),
+//                      softcapped by cap_logit
 //   softmax update     max per head over the 8 lanes that share it (3 shuffles); the
 //                      accumulator is rescaled by 2^(old max - new max)
 //   O^T += V^T P^T     A = V^T from ldmatrix.trans, B = P^T's transpose (movmatrix) rounded to
@@ -112,7 +113,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   };
   const auto every_row = [](int) { return true; };
 
-  // S^T = K Q^T of tile i in base-2 units, positions >= hi masked to -inf: st[0..1] = position
+  // S^T = K Q^T of tile i in base-2 units (softcapped), positions >= hi masked to -inf: st[0..1] = position
   // g, heads 2t, 2t+1; st[2..3] = position g + 8.
   auto scores = [&](int i, float (&st)[4]) {
     const uint4 *kt = k_tile(i);
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
     }
     const int64_t p0 = tile_start(i);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) st[e] = p0 + g + 8 * (e / 2) < r.hi ? st[e] * a.scale_log2 : -INFINITY;
+    for (int e = 0; e < 4; ++e) st[e] = p0 + g + 8 * (e / 2) < r.hi ? cap_logit(a, st[e] * a.scale_log2) : -INFINITY;
   };
 
   // Per lane: heads 2t and 2t+1 (t = lane % 4) of the running max and sum (the sum over this
@@ -223,7 +224,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
           }
       dot += __shfl_xor_sync(0xffffffffu, dot, 1);
       dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-      const float f = needed ? dot * a.scale_log2 : -INFINITY;
+      const float f = needed ? cap_logit(a, dot * a.scale_log2) : -INFINITY;
       first[0] = __shfl_sync(0xffffffffu, f, 8 * t4);  // heads 2t and 2t+1 live in lanes 8t, 8t+4
       first[1] = __shfl_sync(0xffffffffu, f, 8 * t4 + 4);
     }

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 4
+#define FFA_ABI_VERSION 5
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -73,6 +73,9 @@ typedef struct {
 
   double softmax_scale;
   double prune_p; /* 0 <= p < 1; positions whose softmax weight is proven below p skip V */
+  double softcap; /* 0: none. > 0: every logit s = softmax_scale * q.k becomes softcap * tanh(s / softcap)
+                     before the softmax (attention-logit softcapping); softcap * log2(e) must be a
+                     normal float32 */
 
   /* Launch configuration. split_len == 0: one block covers all positions of a sequence.
    * split_len > 0: blocks of split_len positions, combined exactly by the last block of each

@@ -1,7 +1,7 @@
 """FastForwardAttn: a preallocated KV cache and the decode step over it.
 
     ffa = FastForwardAttn(K, V, max_len, use_default_kernel_launch=False)
-    out = ffa.attention(q, k, v, softmax_scale, t, p=0.0)
+    out = ffa.attention(q, k, v, softmax_scale, t, p=0.0, softcap=None)
 
 K, V: [batch, kv_heads, prompt_len, head_dim], copied once into a cache of max_len positions.
 q: [batch, heads, 1, head_dim] (or [batch, heads, head_dim]); k, v: [batch, kv_heads, 1,
@@ -12,6 +12,8 @@ the kernel itself, so a captured CUDA graph sees their new values on every repla
 
 p is the pruning threshold: value rows whose softmax weight is below p may be skipped, which
 bounds the error of each output element by sum_{w_i < p} w_i |v_i|; p = 0 is exact.
+softcap caps the attention logits before the softmax: s becomes softcap * tanh(s / softcap)
+(Gemma 2's attention-logit softcapping); None: no cap. reference.py is the specification.
 """
 
 import math
@@ -26,6 +28,8 @@ GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = GPU_DTYPES + (torch.float64,)
 HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 KERNELS = ("ffa", "sdpa")  # what computes a step: FFA's kernel, or two cache copies + torch's SDPA
+# softcap values the kernel holds in float32 after its base-2 conversion (csrc/ffa_api.cu).
+SOFTCAP_RANGE = (1e-30, 1e30)
 
 
 def _expect_tensor(name, x, ndim_options):
@@ -115,6 +119,16 @@ def _check_start_before_t(start, t):
             raise ValueError(f"start={s_b} is beyond t={t_b} for sequence {b}")
     elif beyond:
         raise ValueError(f"start={start} is beyond t={t}")
+
+
+def _softcap(softcap):
+    """The softcap as the library takes it: a float in SOFTCAP_RANGE, or 0.0 for None."""
+    if softcap is None:
+        return 0.0
+    low, high = SOFTCAP_RANGE
+    if not _is_real(softcap) or not low <= softcap <= high:
+        raise ValueError(f"softcap must be None or a number in [{low:g}, {high:g}], got {softcap!r}")
+    return float(softcap)
 
 
 def _mark_static(*tensors):
@@ -231,9 +245,10 @@ class FastForwardAttn:
         self._workspace_for(heads, config)
         return config
 
-    def attention(self, q, k, v, softmax_scale=None, t=None, p=0.0, *, start=0, out=None):
+    def attention(self, q, k, v, softmax_scale=None, t=None, p=0.0, *, start=0, out=None, softcap=None):
         """Append k, v at position t and attend q over start .. t; returns [batch, heads, head_dim]
-        (written into `out` when given: a contiguous tensor of that shape and q's dtype)."""
+        (written into `out` when given: a contiguous tensor of that shape and q's dtype). softcap:
+        logits s become softcap * tanh(s / softcap) before the softmax (None: not capped)."""
         _expect_tensor("q", q, (3, 4))
         heads = q.shape[1]
         if heads == 0 or heads % self.kv_heads:
@@ -252,6 +267,7 @@ class FastForwardAttn:
         _check_start_before_t(start_host, t_host)
         if not _is_real(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
+        cap = _softcap(softcap)
 
         shape = (self.batch, heads, self.head_dim)
         if out is None:
@@ -265,19 +281,20 @@ class FastForwardAttn:
         length = self.max_len if pos is not None else pos_int + 1
         scale, p = float(softmax_scale), float(p)
         if self.kernel == "sdpa":
-            if p > 0:
-                raise ValueError(f"p={p}: pruning needs FFA's kernel (kernel='ffa'), not kernel='sdpa'")
+            if p > 0 or cap:
+                raise ValueError(f"p={p}, softcap={softcap}: pruning and softcapping need FFA's kernel (kernel='ffa'), "
+                                 "not kernel='sdpa'")
             ops.sdpa_decode_into(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos,
                                  pos_int, start_t, start_int, scale)
             return out
         config = self.launch_config(heads, length, p > 0)
         if self._cuda and not torch.compiler.is_compiling():  # the eager fast path: no op, no views
             ops.cuda_decode(self._launch_params(heads, config), out, q, k, v, pos, pos_int, start_t, start_int,
-                            scale, p)
+                            scale, p, cap)
             return out
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
         op(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos, pos_int, start_t,
-           start_int, scale, p, config.threads, config.heads_per_block, config.split_len, config.tensor_cores,
+           start_int, scale, p, cap, config.threads, config.heads_per_block, config.split_len, config.tensor_cores,
            self._workspace_for(heads, config))
         return out
 

@@ -60,7 +60,7 @@ def launch_params(k_cache, v_cache, heads, config, workspace):
     return params
 
 
-def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p):
+def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap):
     """Queue one decode step on the current stream of q's device: a copy of `fixed` (from
     launch_params) completed with this step's tensors and numbers. A copy, not `fixed` itself:
     the library call releases the GIL, and another thread's step must not rewrite the struct
@@ -77,7 +77,7 @@ def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, sca
         P.pos_ptr, P.pos_bits = pos.data_ptr(), pos.element_size() * 8
     if start is not None:
         P.start_ptr, P.start_bits = start.data_ptr(), start.element_size() * 8
-    P.pos_scalar, P.start_scalar, P.softmax_scale, P.prune_p = pos_int, start_int, scale, p
+    P.pos_scalar, P.start_scalar, P.softmax_scale, P.prune_p, P.softcap = pos_int, start_int, scale, p, softcap
     # torch's raw bindings, as Inductor's generated code uses them: torch.cuda.current_stream
     # builds a Stream object, which costs microseconds per call.
     device = q.get_device()
@@ -91,19 +91,20 @@ def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, sca
 
 def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, pos: Optional[torch.Tensor], pos_int: int,
-                start: Optional[torch.Tensor], start_int: int, scale: float, p: float,
+                start: Optional[torch.Tensor], start_int: int, scale: float, p: float, softcap: float,
                 threads: int, heads_per_block: int, split_len: int, tensor_cores: bool,
                 workspace: torch.Tensor) -> None:
-    """One decode step (see reference.py for the semantics), written into `out` [batch, heads, head_dim]."""
+    """One decode step (see reference.py for the semantics; softcap 0: none), written into `out`
+    [batch, heads, head_dim]."""
     if q.is_cuda:
         config = LaunchConfig(threads, heads_per_block, split_len, tensor_cores)
         fixed = launch_params(k_cache, v_cache, q.shape[1], config, workspace)
-        cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p)
+        cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap)
         return
     batch = q.shape[0]
     out.copy_(decode_reference(q, new_k, new_v, k_cache, v_cache,
                                _positions(pos, pos_int, batch, q.device),
-                               _positions(start, start_int, batch, q.device), scale, p))
+                               _positions(start, start_int, batch, q.device), scale, p, softcap))
 
 
 # SDPA backends in the order sdpa_decode_into tries them: a boolean mask rules flash attention out.
@@ -139,7 +140,7 @@ decode = torch.library.custom_op("ffa::decode", decode_into, mutates_args=("out"
 
 
 @decode.register_fake
-def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p,
+def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p, softcap,
       threads, heads_per_block, split_len, tensor_cores, workspace):
     return None
 

@@ -9,7 +9,9 @@ written for clarity, not speed: every shape and rule is visible here.
   pos, start: int64 [batch]
 
 Step: write new_k/new_v at cache position pos[b]; then for every query head
-  w = softmax(scale * q . K[start[b] .. pos[b]])       (accumulated in float32, or float64)
+  s = scale * q . K[start[b] .. pos[b]]                (accumulated in float32, or float64)
+  s = softcap * tanh(s / softcap)                      (attention-logit softcapping; softcap = 0: none)
+  w = softmax(s)
   out = sum_i w_i * V_i, where rows with w_i < p may be skipped (the reference skips exactly
         those; the kernel skips a subset of them), so |out - exact| <= sum_{w_i < p} w_i |V_i|.
 """
@@ -21,7 +23,7 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p):
+def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p, softcap=0.0):
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -35,6 +37,8 @@ def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p):
     values = v_cache[:, :, :length].to(acc)
     qg = q.to(acc).view(batch, kv_heads, group, head_dim)
     logits = torch.einsum("bkgd,bkld->bkgl", qg, keys) * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     positions = torch.arange(length, device=q.device)
     outside = (positions < start[:, None]) | (positions > pos[:, None])  # [batch, length]
     logits = logits.masked_fill(outside[:, None, None, :], float("-inf"))

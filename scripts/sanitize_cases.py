@@ -3,10 +3,10 @@
 Every kernel family runs at least once: default (unsplit) and split launches (whose last
 block to finish combines the splits), every dtype, every head_dim, MHA/GQA/MQA, every compiled
 heads-per-block template (1, 2, 4, 8, and a partial block), 64/128/256 threads, ragged t as
-int32 and int64 device tensors, left padding, p > 0 and p near 1, several sub-chunks per
-block, 63 splits to combine, one workspace reused by launches of every shape (its split
-counters must come back to zero), t = 0 on an empty prompt, t = max_len - 1, and device
-positions out of range (NaN rows, no cache write). Each case is checked against the float64
+int32 and int64 device tensors, left padding, a sliding window with softcapped logits, p > 0
+and p near 1, several sub-chunks per block, 63 splits to combine, one workspace reused by
+launches of every shape (its split counters must come back to zero), t = 0 on an empty prompt,
+t = max_len - 1, and device positions out of range (NaN rows, no cache write). Each case is checked against the float64
 reference as tests/test_gpu_kernel.py does. A plain program rather than pytest, and small,
 because the sanitizer slows every launch down; it reads back only memory that was written, so
 that initcheck flags only what the library does.
@@ -89,6 +89,11 @@ def matrix():
         *[Run(f"p near 1, {name}", Case(batch=2, heads=8, kv_heads=2, head_dim=128, prompt_len=300, max_len=320,
                                          dtype=f16, p=math.nextafter(1.0, 0.0)), launch)
           for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 4, 64)))],
+        *[Run(f"softcap, a window of 50 of 301 rows, {name}", Case(
+            batch=3, heads=8, kv_heads=2, head_dim=128, prompt_len=300, max_len=320, dtype=f16, ragged=True,
+            window=50, softcap=1.0, p=p), launch)
+          for name, launch, p in (("default", LaunchConfig(256, 1, 0), 0.0),
+                                  ("split", LaunchConfig(128, 4, 64), 0.01))],
     ]
     for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16))):
         runs += [
@@ -118,20 +123,20 @@ def check(run, seed):
     valid = [b for b in range(c.batch) if b not in run.invalid]
     scale = 1 / math.sqrt(c.head_dim)
     ref, kc, vc = exact(K[valid], V[valid], q[valid], k[valid], v[valid], t[valid], start[valid], scale,
-                        c.max_len)
+                        c.max_len, c.softcap)
     if c.p > 0:  # the pruned output may differ from the exact one by this much
-        allowed = pruning_bound(q[valid], kc, vc, t[valid], start[valid], scale, c.p)
+        allowed = pruning_bound(q[valid], kc, vc, t[valid], start[valid], scale, c.p, c.softcap)
         allowed += 4 * TOL[c.dtype] * ref.abs().max()
 
     dev = lambda x: x.to("cuda", c.dtype)
     f = FastForwardAttn(dev(K), dev(V), c.max_len)
     before = [x.cpu() for x in f.get_cache()] if run.invalid else None
     tt = t.to("cuda", run.index_dtype) if c.ragged or explicit else int(t[0])
-    st = start.to("cuda", run.index_dtype) if c.padded or explicit else 0
+    st = start.to("cuda", run.index_dtype) if c.padded or c.window or explicit else 0
     for launch in [run.launch, *run.then]:
         f.launch = launch
         out = dev(torch.full((c.batch, c.heads, c.head_dim), math.nan))
-        f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out)
+        f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out, softcap=c.softcap or None)
         torch.cuda.synchronize()
         out = out.cpu()
 

@@ -19,7 +19,9 @@ class Case:
     device: str = "cpu"
     ragged: bool = False  # each sequence at its own position
     padded: bool = False  # per-sequence start offsets (left padding)
+    window: int = 0       # > 0: a sliding window, start = t - window + 1 where that is past the start
     p: float = 0.0
+    softcap: float = 0.0  # > 0: logits capped to softcap * tanh(s / softcap)
 
 
 def make_inputs(c, generator=None):
@@ -41,27 +43,31 @@ def make_inputs(c, generator=None):
         start = (torch.rand(c.batch, generator=g) * (t + 1).double()).long()
     else:
         start = torch.zeros(c.batch, dtype=torch.long)
+    if c.window:
+        start = torch.maximum(start, t - (c.window - 1))
     return K, V, q, k, v, t, start
 
 
-def exact(K, V, q, k, v, t, start, scale, max_len):
-    """Float64 attention over start..t (p = 0) and the per-row weights, from the reference."""
+def exact(K, V, q, k, v, t, start, scale, max_len, softcap=0.0):
+    """Float64 attention over start..t (p = 0) from the reference, and its caches."""
     b, kvh, _, d = K.shape
     kc = torch.zeros(b, kvh, max_len, d, dtype=torch.float64)
     vc = torch.zeros_like(kc)
     kc[:, :, : K.shape[2]] = K
     vc[:, :, : V.shape[2]] = V
-    out = decode_reference(q[:, :, 0], k[:, :, 0], v[:, :, 0], kc, vc, t, start, scale, 0.0)
+    out = decode_reference(q[:, :, 0], k[:, :, 0], v[:, :, 0], kc, vc, t, start, scale, 0.0, softcap)
     return out, kc, vc
 
 
-def pruning_bound(q, kc, vc, t, start, scale, p):
+def pruning_bound(q, kc, vc, t, start, scale, p, softcap=0.0):
     """sum over rows with weight < p of w_i * |v_i|, per output element [batch, heads, d]."""
     b, h, _, d = q.shape
     kvh = kc.shape[1]
     g = h // kvh
     length = int(t.max()) + 1
     logits = torch.einsum("bkgd,bkld->bkgl", q[:, :, 0].reshape(b, kvh, g, d), kc[:, :, :length]) * scale
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     pos = torch.arange(length)
     outside = (pos < start[:, None]) | (pos > t[:, None])
     w = torch.softmax(logits.masked_fill(outside[:, None, None], float("-inf")), -1)

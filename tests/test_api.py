@@ -11,10 +11,13 @@ from ffa import FastForwardAttn, LaunchConfig, _lib, ops
 from ffa.launch import tensor_cores_apply
 
 
-def naive(K, V, q, scale):
-    """softmax(q K^T * scale) V per (batch, head), float64, K/V already expanded to q's heads."""
-    w = torch.softmax(torch.einsum("bhd,bhld->bhl", q, K) * scale, -1)
-    return torch.einsum("bhl,bhld->bhd", w, V)
+def naive(K, V, q, scale, softcap=None):
+    """softmax(q K^T * scale) V per (batch, head), float64, K/V already expanded to q's heads;
+    with softcap, the logits s are capped to softcap * tanh(s / softcap) first."""
+    s = torch.einsum("bhd,bhld->bhl", q, K) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    return torch.einsum("bhl,bhld->bhd", torch.softmax(s, -1), V)
 
 
 def test_original_api_and_import_line():
@@ -74,6 +77,31 @@ def test_sdpa_kernel_computes_the_same_step():
                            b[written[:, None, :].expand(-1, c.kv_heads, -1)])
     with pytest.raises(ValueError, match="pruning"):
         sdpa.attention(q, k, v, 0.2, t, 1e-3, start=start)
+    with pytest.raises(ValueError, match="softcapping"):
+        sdpa.attention(q, k, v, 0.2, t, start=start, softcap=30.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.01])
+def test_softcap_caps_every_logit_before_the_softmax(p):
+    """Logits of order 30 under caps of 5 and 50: the capped answer equals softmax(cap * tanh(s /
+    cap)) V per sequence over its window (left padding, ragged positions), differs from the
+    uncapped one, and pruning keeps its bound on the capped weights."""
+    c = Case(batch=3, heads=4, kv_heads=2, prompt_len=40, dtype=torch.float64, ragged=True, padded=True)
+    K, V, q, k, v, t, start = make_inputs(c)
+    q = q * 4
+    for cap in (5.0, 50.0):
+        f = FastForwardAttn(K, V, c.max_len)
+        out = f.attention(q, k, v, 0.5, t, p, start=start, softcap=cap)
+        uncapped = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.5, t, start=start)
+        expected = torch.cat([naive(f.k_cache[b:b + 1, :, start[b]:t[b] + 1].repeat_interleave(2, 1),
+                                    f.v_cache[b:b + 1, :, start[b]:t[b] + 1].repeat_interleave(2, 1),
+                                    q[b:b + 1, :, 0], 0.5, cap) for b in range(c.batch)])
+        bound = pruning_bound(q, f.k_cache, f.v_cache, t, start, 0.5, p, cap) if p else 0
+        assert ((out - expected).abs() <= bound + 1e-12).all()
+        assert (out - uncapped).abs().max() > 1e-3, f"softcap={cap} changed nothing"
+        if p:
+            assert not torch.equal(out, FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.5, t, start=start,
+                                                                                 softcap=cap)), "nothing pruned"
 
 
 def test_int32_position_tensor_equals_int():
@@ -185,6 +213,13 @@ BAD_CALLS = [
     (lambda f, q, k: dict(p=True), ValueError, "p must"),
     (lambda f, q, k: dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
     (lambda f, q, k: dict(softmax_scale="0.1"), ValueError, "softmax_scale"),
+    (lambda f, q, k: dict(softcap=0.0), ValueError, "softcap"),
+    (lambda f, q, k: dict(softcap=-50.0), ValueError, "softcap"),
+    (lambda f, q, k: dict(softcap=float("inf")), ValueError, "softcap"),
+    (lambda f, q, k: dict(softcap=float("nan")), ValueError, "softcap"),
+    (lambda f, q, k: dict(softcap=1e31), ValueError, "softcap"),
+    (lambda f, q, k: dict(softcap="50"), ValueError, "softcap"),
+    (lambda f, q, k: dict(softcap=True), ValueError, "softcap"),
     (lambda f, q, k: dict(out=torch.empty(2, 4, 32)), ValueError, "out"),
     (lambda f, q, k: dict(out=torch.empty(2, 64, 4).transpose(1, 2)), ValueError, "out"),
 ]
@@ -205,7 +240,8 @@ def test_accepted_calls_let_no_bad_one_through(change, exc, word):
     then the bad one: it still raises and changes nothing, and the next good call works."""
     f, q, k = make()
     good = [dict(q=q, k=k, v=k, t=8), dict(q=q[:, :, 0], k=k[:, :, 0], v=k[:, :, 0], t=torch.tensor([9, 9])),
-            dict(q=q, k=k[:, :, 0], v=k, t=torch.tensor(10, dtype=torch.int32), start=torch.tensor([0, 2]))]
+            dict(q=q, k=k[:, :, 0], v=k, t=torch.tensor(10, dtype=torch.int32), start=torch.tensor([0, 2]),
+                 softcap=30.0)]
     for args in good:
         f.attention(softmax_scale=0.125, **args)
     cache = [c.clone() for c in f.get_cache()]
@@ -290,7 +326,7 @@ def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
         seen["fields"] = {name: getattr(P, name) for name, _ in P._fields_}
 
     monkeypatch.setattr(_lib, "decode", decode)
-    ops.cuda_decode(fixed, out, q, k, v, t, 0, None, 3, 0.125, 0.01)
+    ops.cuda_decode(fixed, out, q, k, v, t, 0, None, 3, 0.125, 0.01, 30.0)
     assert seen["q"] == seen["new_k"] == seen["new_v"] == (layout not in ("misaligned", "strided"))
     fields = seen["fields"]
     assert fields == {**fields, "abi_version": _lib.ABI_VERSION, "dtype": _lib.DTYPE_CODES["float16"], "batch": batch,
@@ -300,8 +336,8 @@ def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
                       "out": out.data_ptr(), "out_stride_b": heads * d, "out_stride_h": d,
                       "pos_ptr": t.data_ptr(), "pos_bits": 32, "pos_scalar": 0,
                       "start_ptr": None, "start_bits": 0, "start_scalar": 3, "softmax_scale": 0.125, "prune_p": 0.01,
-                      "threads": 128, "heads_per_block": 4, "split_len": 0, "tensor_cores": 1, "workspace": None,
-                      "workspace_bytes": 0, "stream": 4096}
+                      "softcap": 30.0, "threads": 128, "heads_per_block": 4, "split_len": 0, "tensor_cores": 1,
+                      "workspace": None, "workspace_bytes": 0, "stream": 4096}
 
 
 def test_library_refuses_more_head_groups_than_a_grid_holds():

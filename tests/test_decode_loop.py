@@ -1,15 +1,20 @@
-"""FFA's decode loop (ffa/decode_loop.py) against transformers' own loop: the same returned ids
-for every architecture, with left padding, EOS and early stops, minimum lengths and inferred
-masks, and for sampling the same draws; other decoding modes keep transformers' loop. CPU: the
+"""FFA's decode loop (ffa/transformers/loop.py) against transformers' own loop: the same returned
+ids for every architecture, with left padding, EOS ids and early stops, minimum lengths, inferred
+masks, repetition penalties and stop strings, the same tokens handed to streamers, and for
+sampling the same draws; other decoding modes keep transformers' loop. CPU: the
 loop's steps run eagerly; GPU (marked): replayed from a CUDA graph, eager or compiled."""
+
+import string
+import threading
 
 import pytest
 import torch
 import transformers
 
 import ffa.transformers as fft
-from ffa import decode_loop
-from test_transformers import ARCHS, PROMPT, VOCAB, counting_ffa_calls, prompts, tiny
+from ffa.transformers import loop as decode_loop
+from ffa.transformers.binding import binding_of
+from test_transformers import ARCH_DTYPES, ARCHS, PROMPT, VOCAB, counting_ffa_calls, exact_dtype, prompts, tiny
 
 transformers.logging.set_verbosity_error()
 
@@ -20,7 +25,7 @@ def both(model, ids, **kw):
     fft.enable(model)
     try:
         got = model.generate(ids, do_sample=False, **kw)
-        ran = model._ffa_binding.decode_step is not None
+        ran = binding_of(model).decode_step is not None
     finally:
         fft.disable(model)
     return expected, got, ran
@@ -45,8 +50,7 @@ def eos_ending_row_0(model, ids, mask, new):
     return next(t for t in tokens[0].tolist() if t not in others)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
 def test_same_ids_as_transformers(arch, dtype):
     model = tiny(arch).to(dtype)
     ids, mask = prompts(model)
@@ -136,7 +140,7 @@ def test_sampling_draws_what_transformers_draws(arch):
         fft.enable(model)
         torch.manual_seed(7)
         got = model.generate(ids, attention_mask=mask, do_sample=True, max_new_tokens=10, pad_token_id=pad, **kw)
-        assert model._ffa_binding.decode_step.warpers is not None
+        assert binding_of(model).decode_step.warpers is not None
         fft.disable(model)
         assert torch.equal(got, expected), kw
     # The draws are random: another seed gives other tokens.
@@ -163,16 +167,16 @@ def test_other_decoding_modes_keep_transformers_loop():
     model = tiny("opt").double()
     ids, mask = prompts(model)
     common = dict(attention_mask=mask, max_new_tokens=5, pad_token_id=model.config.pad_token_id)
-    for kw in (dict(num_beams=2), dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
-               dict(return_dict_in_generate=True), dict(stop_strings=None, max_time=10.0),
-               dict(do_sample=True, min_p=0.1), dict(do_sample=True, typical_p=0.9)):
+    for kw in (dict(num_beams=2), dict(no_repeat_ngram_size=2), dict(return_dict_in_generate=True),
+               dict(stop_strings=None, max_time=10.0), dict(do_sample=True, min_p=0.1),
+               dict(do_sample=True, typical_p=0.9)):
         torch.manual_seed(0)
         expected = model.generate(ids, **common, **kw)
         fft.enable(model, compile=True)
         torch.manual_seed(0)
         with counting_ffa_calls() as calls:
             got = model.generate(ids, **common, **kw)
-        assert model._ffa_binding.decode_step is None, kw
+        assert binding_of(model).decode_step is None, kw
         assert calls, kw  # transformers' loop, still with FFA's attention
         fft.disable(model)
         if isinstance(expected, torch.Tensor):
@@ -187,7 +191,7 @@ def test_other_decoding_modes_keep_transformers_loop():
     # decode_loop=False hands greedy search back to transformers' loop.
     fft.enable(model, compile=True, decode_loop=False)
     model.generate(ids, **common)
-    assert model._ffa_binding.decode_step is None
+    assert binding_of(model).decode_step is None
     with pytest.raises(TypeError, match="decode_loop"):
         fft.enable(model, decode_loop=1)
 
@@ -197,12 +201,176 @@ def test_the_step_is_reused_while_its_cache_and_batch_hold():
     ids, mask = prompts(model)
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=model.config.pad_token_id)
     first = model.generate(ids, attention_mask=mask, **kw)
-    step = model._ffa_binding.decode_step
+    step = binding_of(model).decode_step
     assert torch.equal(model.generate(ids, attention_mask=mask, **kw), first)
-    assert model._ffa_binding.decode_step is step
+    assert binding_of(model).decode_step is step
     single = model.generate(ids[:1], attention_mask=mask[:1], **kw)
-    assert model._ffa_binding.decode_step is not step  # another batch size: another step
+    assert binding_of(model).decode_step is not step  # another batch size: another step
     assert torch.equal(single, first[:1])
+
+
+def test_several_eos_ids_each_end_their_rows():
+    """EOS ids [a, b]: row 0 ends at a, the other rows at b or later; ids as transformers gives them."""
+    model = tiny("llama").double()
+    ids, mask = prompts(model)
+    tokens = plain_tokens(model, ids, mask, 12)
+    first = eos_ending_row_0(model, ids, mask, 12)
+    second = next(t for t in tokens[1].tolist() if t != first)
+    expected, got, ran = both(model, ids, attention_mask=mask, pad_token_id=model.config.pad_token_id,
+                              eos_token_id=[first, second], max_new_tokens=12)
+    assert ran and torch.equal(got, expected)
+    generated = expected[:, PROMPT:]
+    assert (generated[0] == first).any() and (generated[1] == second).any()
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama", "gemma2"])
+def test_repetition_penalty_equals_transformers(arch):
+    """Penalties above and below 1, over the prompt (padding included) and the tokens so far,
+    in greedy search and sampling, with EOS ids and minimum lengths."""
+    model = tiny(arch).to(exact_dtype(arch))
+    ids, mask = prompts(model)
+    pad = model.config.pad_token_id
+    all_stop = eos_ending_all(model, ids, mask, 5)
+    plain = plain_tokens(model, ids, mask, 10)
+    for kw in (dict(repetition_penalty=1.5), dict(repetition_penalty=0.7), dict(repetition_penalty=3.0, top_k=4),
+               dict(repetition_penalty=1.2, eos_token_id=all_stop, min_new_tokens=3)):
+        sample = "top_k" in kw
+        common = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=pad, do_sample=sample, **kw)
+        torch.manual_seed(3)
+        expected = model.generate(ids, **common)
+        fft.enable(model)
+        torch.manual_seed(3)
+        got = model.generate(ids, **common)
+        assert binding_of(model).decode_step.penalty == kw["repetition_penalty"], kw
+        fft.disable(model)
+        assert torch.equal(got, expected), kw
+    assert not torch.equal(expected[:, PROMPT:], plain)  # the penalty changed the tokens
+    fft.enable(model)
+    with pytest.raises(ValueError, match="penalty"):  # transformers' own check of the value
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, repetition_penalty=-1.0)
+
+
+def char_tokenizer():
+    """A tokenizer of VOCAB ids: pad, bos, eos, then one printable character each."""
+    from tokenizers import Tokenizer, decoders, models
+    chars = (string.ascii_letters + string.digits + string.punctuation)[:VOCAB - 3]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.decoder = decoders.Fuse()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>")
+
+
+def test_stop_strings_end_rows_as_in_transformers():
+    """Stop strings of two generated tokens, of one token, and one across the end of the prompt;
+    with and without EOS ids (without, finished rows are not padded); greedy and sampling."""
+    model = tiny("llama").double()
+    tokenizer = char_tokenizer()
+    ids, mask = prompts(model)
+    tokens = plain_tokens(model, ids, mask, 12)
+    two = tokenizer.decode(tokens[0, 4:6])
+    one = tokenizer.decode(tokens[1, 7:8])
+    across = tokenizer.decode([ids[2, -1], tokens[2, 0]])
+    pad = model.config.pad_token_id
+    cases = [([two], {}), ([two, one], dict(eos_token_id=None)), ([across], {}), ([two, one, across], {}),
+             (two, dict(do_sample=True, top_k=3)), ([one], dict(eos_token_id=eos_ending_row_0(model, ids, mask, 12)))]
+    lengths = []
+    for stop, kw in cases:
+        common = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=pad, stop_strings=stop,
+                      tokenizer=tokenizer, do_sample=False)
+        common.update(kw)
+        torch.manual_seed(5)
+        expected = model.generate(ids, **common)
+        fft.enable(model)
+        torch.manual_seed(5)
+        got = model.generate(ids, **common)
+        assert binding_of(model).decode_step.stop is not None, stop
+        fft.disable(model)
+        assert torch.equal(got, expected), (stop, kw)
+        lengths.append(expected.shape[1] - PROMPT)
+    assert lengths[3] <= 8  # with all three strings every row stopped early
+    fft.enable(model)
+    with pytest.raises(ValueError, match="tokenizer"):  # transformers' loop says what is missing
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, stop_strings="ab")
+
+
+class RecordingStreamer(transformers.generation.streamers.BaseStreamer):
+    """Every put (a copy of the ids) and end, in order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def same_calls(a, b):
+    return len(a) == len(b) and all(x == y if isinstance(x, str) else isinstance(y, torch.Tensor) and
+                                    x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(eos="all"), dict(eos="row 0", repetition_penalty=1.3)], ids=str)
+def test_streamer_gets_what_transformers_gives_it(kw):
+    """The prompt, then each step's tokens (finished rows' padding included, none after the
+    last step of the output), then end(); a batch of 3 with left padding."""
+    model = tiny("opt").double()
+    ids, mask = prompts(model)
+    kw = dict(kw)
+    eos = kw.pop("eos", None)
+    if eos is not None:
+        kw["eos_token_id"] = eos_ending_all(model, ids, mask, 4) if eos == "all" else eos_ending_row_0(model, ids,
+                                                                                                        mask, 10)
+    common = dict(attention_mask=mask, max_new_tokens=10, pad_token_id=model.config.pad_token_id, do_sample=False,
+                  **kw)
+    theirs, ours = RecordingStreamer(), RecordingStreamer()
+    expected = model.generate(ids, streamer=theirs, **common)
+    fft.enable(model)
+    got = model.generate(ids, streamer=ours, **common)
+    assert binding_of(model).decode_step is not None
+    assert torch.equal(got, expected)
+    assert same_calls(ours.calls, theirs.calls), (len(ours.calls), len(theirs.calls))
+    assert len(theirs.calls) == 1 + (expected.shape[1] - PROMPT) + 1
+
+
+def test_text_iterator_streamer_yields_the_generated_text():
+    """TextIteratorStreamer yields the text of the generated tokens to another thread, as with
+    transformers' loop."""
+    model = tiny("llama").double()
+    tokenizer = char_tokenizer()
+    ids = prompts(model, pads=(0,))[0]
+    common = dict(max_new_tokens=10, do_sample=False, pad_token_id=model.config.pad_token_id, eos_token_id=None)
+
+    def iterated(model):
+        streamer = transformers.TextIteratorStreamer(tokenizer, skip_prompt=True)
+        pieces = []
+        reader = threading.Thread(target=lambda: pieces.extend(streamer))
+        reader.start()
+        out = model.generate(ids, streamer=streamer, **common)
+        reader.join(timeout=60)
+        return out, "".join(pieces)
+
+    expected, expected_text = iterated(model)
+    fft.enable(model)
+    got, text = iterated(model)
+    assert binding_of(model).decode_step is not None
+    assert torch.equal(got, expected) and text == expected_text
+    assert text == tokenizer.decode(expected[0, PROMPT:]) and len(text) == 10
+
+
+def test_text_streamer_prints_the_generated_text(capsys):
+    model = tiny("llama").double()
+    tokenizer = char_tokenizer()
+    ids = prompts(model, pads=(0,))[0]
+    common = dict(max_new_tokens=10, do_sample=False, pad_token_id=model.config.pad_token_id, eos_token_id=None)
+    expected = model.generate(ids, streamer=transformers.TextStreamer(tokenizer, skip_prompt=True), **common)
+    expected_text = capsys.readouterr().out
+    fft.enable(model)
+    got = model.generate(ids, streamer=transformers.TextStreamer(tokenizer, skip_prompt=True), **common)
+    assert torch.equal(got, expected) and capsys.readouterr().out == expected_text
+    assert expected_text.strip() == tokenizer.decode(expected[0, PROMPT:])
 
 
 GPU_CASES = [(arch, False) for arch in ARCHS] + [("opt", True), ("llama", True)]
@@ -225,17 +393,17 @@ def test_gpu_graph_loop_equals_transformers(arch, compile):
     torch._dynamo.reset()
     for kw, want in zip(cases + cases, expected + expected):
         got = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **kw)
-        assert model._ffa_binding.decode_step.graph is not None
+        assert binding_of(model).decode_step.graph is not None
         assert torch.equal(got, want), kw
     assert expected[1].shape[1] <= PROMPT + 4  # the early stop happened
     single = model.generate(ids[:1], attention_mask=mask[:1], do_sample=False, pad_token_id=pad, **cases[0])
     assert torch.equal(single, expected[0][:1])
     # A dtype change reallocates the cache at the next prefill: the graph is captured again.
     model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0])
-    graph = model._ffa_binding.decode_step.graph
+    graph = binding_of(model).decode_step.graph
     model.half()
     halves = [model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]) for _ in range(2)]
-    assert model._ffa_binding.decode_step.graph is not graph
+    assert binding_of(model).decode_step.graph is not graph
     fft.enable(model, compile=compile)  # forgets every step and cache: a fresh capture
     assert torch.equal(halves[0], halves[1])
     assert torch.equal(model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **cases[0]),
@@ -254,10 +422,73 @@ def test_gpu_sampling_in_the_graph(compile):
     fft.enable(model, compile=compile)
     torch._dynamo.reset()
     assert torch.equal(model.generate(ids, do_sample=True, top_k=1, **kw), greedy_ids)
-    assert model._ffa_binding.decode_step.graph is not None
+    assert binding_of(model).decode_step.graph is not None
     runs = {}
     for seed in (3, 4, 3):
         torch.manual_seed(seed)
         runs.setdefault(seed, []).append(model.generate(ids, do_sample=True, temperature=1.5, **kw))
     assert torch.equal(runs[3][0], runs[3][1])
     assert not torch.equal(runs[3][0], runs[4][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_gpu_graph_loop_penalty_stop_strings_and_streamer(compile):
+    """In the CUDA graph: repetition penalty, stop strings (with and without EOS ids) and a
+    streamer give transformers' ids and streamer calls (float32)."""
+    model = tiny("llama").cuda()
+    tokenizer = char_tokenizer()
+    ids, mask = (x.cuda() for x in prompts(model))
+    tokens = plain_tokens(model, ids, mask, 16)
+    two, across = tokenizer.decode(tokens[0, 4:6]), tokenizer.decode([ids[2, -1], tokens[2, 0]])
+    pad = model.config.pad_token_id
+    cases = [dict(repetition_penalty=1.4), dict(stop_strings=[two, across], tokenizer=tokenizer),
+             dict(stop_strings=[two], tokenizer=tokenizer, eos_token_id=None, repetition_penalty=0.8),
+             dict(eos_token_id=eos_ending_all(model, ids, mask, 6)), dict()]
+    expected = []
+    for kw in cases:
+        streamer = RecordingStreamer()
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=pad,
+                             streamer=streamer, **kw)
+        expected.append((out, streamer.calls))
+    fft.enable(model, compile=compile)
+    torch._dynamo.reset()
+    for kw, (want, want_calls) in zip(cases + cases, expected + expected):  # again: the graphs are reused
+        streamer = RecordingStreamer()
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=pad,
+                             streamer=streamer, **kw)
+        assert binding_of(model).decode_step.graph is not None
+        assert torch.equal(got, want), kw
+        assert same_calls(streamer.calls, want_calls), kw
+
+
+@pytest.mark.gpu
+def test_gpu_streamed_tokens_arrive_a_few_steps_late_without_a_wait_per_token(monkeypatch):
+    """Token j reaches the streamer once the host has queued STOP_CHECK_LAG more steps (the
+    host never waits for the step it has just queued), and the last ones right after the last
+    step; the prompt comes first and end() last."""
+    model = fft.enable(tiny("llama").cuda())
+    ids = prompts(model, pads=(0,))[0].cuda()
+    replays = []
+    original = torch.cuda.CUDAGraph.replay
+
+    def counted(graph):
+        replays.append(None)
+        return original(graph)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", counted)
+
+    class Timed(RecordingStreamer):
+        def put(self, value):
+            super().put(value)
+            self.calls.append(len(replays))
+
+    common = dict(max_new_tokens=16, do_sample=False, pad_token_id=model.config.pad_token_id, eos_token_id=None)
+    model.generate(ids, **common)  # captures the graph
+    replays.clear()
+    streamer = Timed()
+    model.generate(ids, streamer=streamer, **common)
+    at = streamer.calls[1:-1:2]  # replays queued when each put came: the prompt's, then tokens 0 .. 15
+    steps, lag = 15, decode_loop.STOP_CHECK_LAG
+    assert at == [0] + [min(j + lag, steps) for j in range(steps + 1)], at
+    assert streamer.calls[-1] == "end" and len(replays) == steps

@@ -2,7 +2,7 @@
 (non-contiguous, misaligned, overlapping expand() views, the 3-D form), values (NaN and inf
 in q/k/v and the prompt, logits of +-1e4), empty batches and prompts, positions of every form
 (int, numpy int, int32/int64 tensors on either device, 0-dim tensors, ragged, at both ends),
-p at its edges, and one bad argument at a time.
+p at its edges, softcaps from none to 1e-30, and one bad argument at a time.
 
 Every call either matches a float64 model of the decode step or raises a ValueError or
 TypeError whose message names the bad argument, and a rejected call changes nothing. The model
@@ -172,7 +172,7 @@ class Model:
         self.v[:, :, :s.prompt_len] = V.double().cpu()
         self.filled = torch.full((s.batch,), s.prompt_len)  # rows 0 .. filled-1 hold data
 
-    def step(self, q, k, v, scale, t, start, p, valid):
+    def step(self, q, k, v, scale, t, start, p, softcap, valid):
         """Writes the new rows of the valid sequences; returns (expected output, allowed error,
         rows that may be anything) for q [b, h, d], t and start int64 [b], valid bool [b]."""
         s, rows = self.s, valid.nonzero()[:, 0]
@@ -194,7 +194,8 @@ class Model:
         clean_k = keys.masked_fill(~attended[:, None, :, None], 0)  # the reference's inputs
         clean_v = values.masked_fill(~attended[:, None, :, None], 0)
         qr = q[rows]
-        expected[rows] = decode_reference(qr, k[rows], v[rows], clean_k.clone(), clean_v.clone(), tv, sv, scale, p)
+        expected[rows] = decode_reference(qr, k[rows], v[rows], clean_k.clone(), clean_v.clone(), tv, sv, scale, p,
+                                          softcap or 0.0)
 
         bad_rows = ~(keys.isfinite().all(-1) & values.isfinite().all(-1)) & attended[:, None]
         tainted = bad_rows.any(-1).repeat_interleave(s.group, 1) | ~qr.isfinite().all(-1)
@@ -205,7 +206,8 @@ class Model:
         bound = vmax * (TOL[s.dtype] + LOGIT_TOL[s.dtype] * abs_logit)
         allowed[rows] = bound[..., None].expand(-1, -1, s.head_dim)
         if p > 0:  # rows whose weight is within 0.1% of p may go either way
-            allowed[rows] += pruning_bound(qr[:, :, None], clean_k, clean_v, tv, sv, scale, p * (1 + 1e-3))
+            allowed[rows] += pruning_bound(qr[:, :, None], clean_k, clean_v, tv, sv, scale, p * (1 + 1e-3),
+                                           softcap or 0.0)
         return expected, allowed, free
 
 
@@ -281,6 +283,9 @@ def step_calls(draw, s, model):
         scale = (1e4 if "+" in scale else -1e4) / largest_dot(args, s, model, t, start)
     if scale is not None:
         args["softmax_scale"] = scale
+    softcap = draw(st.sampled_from([None, None, None, 30.0, 1.0, 1e-30]))
+    if softcap is not None:  # capping is a contraction: the logits' error bound holds for capped logits
+        args["softcap"] = softcap
     if draw(st.booleans()):
         args["out"] = torch.full((s.batch, s.heads, s.head_dim), math.nan, dtype=s.dtype, device=s.device)
     device_positions = on_device(args["t"]) or on_device(args.get("start"))
@@ -370,6 +375,7 @@ BAD_CALLS = [
     bad("start length", "start", lambda s, x: torch.zeros(s.batch + 2, dtype=torch.long), ValueError),
     *each("start", "start", (-1, 2**40), ValueError),
     *each("p", "p", (1.0, -1e-9, math.nan, math.inf, True, None, "0.1", torch.tensor(0.1)), ValueError),
+    *each("softcap", "softcap", (0.0, -1.0, math.nan, math.inf, 1e31, "30", True), ValueError),
     bad("out shape", "out", lambda s, x: torch.empty(s.batch, s.heads, s.head_dim + 1, dtype=s.dtype,
                                                       device=s.device), ValueError),
     bad("out dtype", "out", lambda s, x: torch.empty(s.batch, s.heads, s.head_dim, dtype=other_dtype(s),
@@ -455,7 +461,7 @@ def run_session(data, device):
 
         q, k, v = (rows3(args[n]) for n in "qkv")
         scale = args.get("softmax_scale", 1 / math.sqrt(s.head_dim))
-        expected, allowed, free = model.step(q, k, v, scale, t, start, args["p"], valid)
+        expected, allowed, free = model.step(q, k, v, scale, t, start, args["p"], args.get("softcap"), valid)
         out = f.attention(**args)
         if "out" in args:
             assert out is args["out"]

@@ -44,16 +44,17 @@ def rows64(x):
     return (x[:, :, 0] if x.dim() == 4 else x).double().cpu()
 
 
-def expected(f, q, k, v, scale, t, start):
+def expected(f, q, k, v, scale, t, start, softcap):
     """The float64 reference of one step on copies of f's caches: (out, k_cache, v_cache)."""
     kc, vc = (c.double().cpu() for c in f.get_cache())
-    out = decode_reference(rows64(q), rows64(k), rows64(v), kc, vc, as_vector(t), as_vector(start), scale, 0.0)
+    out = decode_reference(rows64(q), rows64(k), rows64(v), kc, vc, as_vector(t), as_vector(start), scale, 0.0,
+                           softcap or 0.0)
     return out, kc, vc
 
 
 def random_step(f, rng, gen):
     """Keyword arguments of one valid call with a random head count, launch, layout per tensor,
-    position form and output buffer; sets f.launch (as the tuner does)."""
+    position form, softcap and output buffer; sets f.launch (as the tuner does)."""
     heads = rng.choice(HEADS)
     launch = rng.choice(LAUNCHES)
     f.launch = launch if launch is None or (heads // KV_HEADS) % launch.heads_per_block == 0 else None
@@ -65,7 +66,8 @@ def random_step(f, rng, gen):
                     torch.tensor(ts[0], device="cuda"), torch.tensor(ts)])
     start = rng.choice([0, rng.randrange(0, PROMPT), torch.tensor([rng.randrange(0, PROMPT) for _ in range(BATCH)],
                                                                   device="cuda")])
-    args = dict(q=q, k=k, v=v, softmax_scale=rng.choice([None, 0.05, 0.1]), t=t, start=start)
+    args = dict(q=q, k=k, v=v, softmax_scale=rng.choice([None, 0.05, 0.1]), t=t, start=start,
+                softcap=rng.choice([None, None, 0.5, 30.0]))  # kept launches must not keep a softcap
     if rng.random() < 0.5:
         args["out"] = torch.full((BATCH, heads, HEAD_DIM), float("nan"), dtype=dtype, device="cuda")
     return args
@@ -79,7 +81,7 @@ def test_changing_calls_on_one_cache_match_the_reference(dtype):
     for step in range(60):
         args = random_step(f, rng, gen)
         scale = args["softmax_scale"] or HEAD_DIM ** -0.5
-        ref, kc, vc = expected(f, args["q"], args["k"], args["v"], scale, args["t"], args["start"])
+        ref, kc, vc = expected(f, args["q"], args["k"], args["v"], scale, args["t"], args["start"], args["softcap"])
         out = f.attention(**args)
         torch.cuda.synchronize()
         where = f"seed {seed}, step {step}, launch {f.launch}"
@@ -114,8 +116,9 @@ def test_fast_path_equals_the_op_path(p):
         config = f.launch_config(q.shape[1], MAX_LEN if pos is not None else t_int + 1)
         op = torch.full_like(fast, float("nan"))
         ops.decode_into(op, q, k, v, f.k_cache, f.v_cache, pos, t_int, start, start_int,
-                        args["softmax_scale"] or HEAD_DIM ** -0.5, p, config.threads, config.heads_per_block,
-                        config.split_len, config.tensor_cores, f._workspace_for(q.shape[1], config))
+                        args["softmax_scale"] or HEAD_DIM ** -0.5, p, args["softcap"] or 0.0, config.threads,
+                        config.heads_per_block, config.split_len, config.tensor_cores,
+                        f._workspace_for(q.shape[1], config))
         where = f"seed {seed}, step {step}, launch {config}"
         assert torch.equal(fast, op), where
         assert all(torch.equal(c, a) for c, a in zip(f.get_cache(), after)), where
@@ -132,7 +135,7 @@ def test_head_counts_and_split_lengths_alternate_on_one_cache():
         f.launch = LaunchConfig(128, 1, split_len)
         q = torch.randn(BATCH, heads, 1, HEAD_DIM, generator=gen).to("cuda", torch.float16)
         k, v = (torch.randn(BATCH, KV_HEADS, 1, HEAD_DIM, generator=gen).to("cuda", torch.float16) for _ in range(2))
-        ref, _, _ = expected(f, q, k, v, 0.1, PROMPT, 0)
+        ref, _, _ = expected(f, q, k, v, 0.1, PROMPT, 0, None)
         out = f.attention(q, k, v, 0.1, PROMPT)
         assert rel_l2(out, ref) < TOL[torch.float16], (heads, split_len)
         for (h, _), params in f._params.items():
@@ -156,6 +159,7 @@ def bad_calls(good):
         ("t float", dict(t=torch.full((BATCH,), float(PROMPT), device="cuda")), TypeError, "int32 or int64"),
         ("start beyond t", dict(start=PROMPT + 1), ValueError, "start"),
         ("p", dict(p=1.0), ValueError, "p must"),
+        ("softcap", dict(softcap=-1.0), ValueError, "softcap"),
         ("out on the CPU", dict(out=torch.empty(BATCH, q.shape[1], HEAD_DIM, dtype=q.dtype)), ValueError, "out"),
         ("out strided", dict(out=torch.empty(BATCH, HEAD_DIM, q.shape[1], dtype=q.dtype, device="cuda")
                               .transpose(1, 2)), ValueError, "out"),
@@ -174,7 +178,7 @@ def test_bad_input_between_good_calls_is_rejected():
             f.attention(**{**good, **change})
         torch.cuda.synchronize()
         assert all(torch.equal(c, b) for c, b in zip(f.get_cache(), before)), label
-    ref, _, _ = expected(f, good["q"], good["k"], good["v"], 0.1, PROMPT, 0)
+    ref, _, _ = expected(f, good["q"], good["k"], good["v"], 0.1, PROMPT, 0, None)
     assert rel_l2(f.attention(**good), ref) < TOL[torch.float16]
 
 
@@ -185,7 +189,7 @@ def test_cache_on_another_device_than_the_current_one():
                      for n, length in ((KV_HEADS, PROMPT), (KV_HEADS, PROMPT), (8, 1), (KV_HEADS, 1), (KV_HEADS, 1)))
     dev = lambda x: x.to("cuda:1", torch.float16)
     f = FastForwardAttn(dev(K), dev(V), MAX_LEN)
-    ref, _, _ = expected(f, q, k, v, 0.1, PROMPT, 0)
+    ref, _, _ = expected(f, q, k, v, 0.1, PROMPT, 0, None)
     assert torch.cuda.current_device() == 0
     out = f.attention(dev(q), dev(k), dev(v), 0.1, torch.full((BATCH,), PROMPT, device="cuda:1"))
     assert out.device == torch.device("cuda:1") and rel_l2(out, ref) < TOL[torch.float16]

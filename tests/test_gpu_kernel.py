@@ -41,15 +41,15 @@ def run_case(c, launch_name, seed):
     rounded = [x.to(c.dtype).double() for x in (K, V, q, k, v)]  # what the kernel sees
     K, V, q, k, v = rounded
     scale = 1 / math.sqrt(c.head_dim)
-    ref, kc, vc = exact(K, V, q, k, v, t, start, scale, c.max_len)
+    ref, kc, vc = exact(K, V, q, k, v, t, start, scale, c.max_len, c.softcap)
 
     dev = lambda x: x.to("cuda", c.dtype)
     f = FastForwardAttn(dev(K), dev(V), c.max_len, launch_name == "default",
                         launch=launch_for(launch_name, c.heads, c.kv_heads))
     out = torch.full((c.batch, c.heads, c.head_dim), float("nan"), dtype=c.dtype, device="cuda")
     tt = t.cuda() if c.ragged else int(t[0])
-    st = start.cuda() if c.padded else 0
-    f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out)
+    st = start.cuda() if c.padded or c.window else 0
+    f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out, softcap=c.softcap or None)
     torch.cuda.synchronize()
 
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
@@ -60,7 +60,7 @@ def run_case(c, launch_name, seed):
         err = rel_l2(out, ref)
         assert err < TOL[c.dtype], f"relative L2 error {err:.3g}"
     else:
-        bound = pruning_bound(q, kc, vc, t, start, scale, c.p)
+        bound = pruning_bound(q, kc, vc, t, start, scale, c.p, c.softcap)
         slack = 4 * TOL[c.dtype] * ref.abs().max()
         excess = ((out.double().cpu() - ref).abs() - bound - slack).max()
         assert excess <= 0, f"pruning error exceeds its bound by {excess:.3g}"
@@ -75,6 +75,41 @@ def test_matrix(dtype, head_dim, heads, launch, shape, p):
     c = Case(batch=3, heads=h, kv_heads=kvh, head_dim=head_dim, prompt_len=300, max_len=400,
              dtype=dtype, ragged=shape != "plain", padded=shape != "plain", p=p)
     run_case(c, launch, seed=torch.randint(0, 2**31, ()).item())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.01])
+@pytest.mark.parametrize("dtype,head_dim,launch", kernel_matrix(), ids=str)
+def test_softcap_and_sliding_window(dtype, head_dim, launch, p):
+    """A Gemma 2 layer's step: logits capped (softcap 1 bends logits of order 1: the capped answer
+    is far from the uncapped one), a sliding window of 50 of up to 301 positions (split blocks
+    wholly before it read nothing), grouped heads, ragged positions."""
+    c = Case(batch=3, heads=8, kv_heads=2, head_dim=head_dim, prompt_len=300, max_len=400, dtype=dtype,
+             ragged=True, window=50, softcap=1.0, p=p)
+    seed = torch.randint(0, 2**31, ()).item()
+    K, V, q, k, v, t, start = make_inputs(c, torch.Generator().manual_seed(seed))
+    assert int((t - start + 1).max()) == 50 and int(start.max()) > 200  # the window cuts the sequence
+    scale = 1 / math.sqrt(head_dim)
+    capped, uncapped = (exact(K, V, q, k, v, t, start, scale, c.max_len, cap)[0] for cap in (1.0, 0.0))
+    assert rel_l2(uncapped, capped) > 10 * TOL[dtype]
+    run_case(c, launch, seed)
+
+
+def test_library_rejects_a_softcap_out_of_float_range():
+    """The library's own check (for callers of the C ABI): a softcap that is negative, not a
+    number, or whose base-2 value is no normal float32 is a ValueError naming it."""
+    from ffa import ops
+    K = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.float16)
+    f = FastForwardAttn(K, K.clone(), 8)
+    q = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
+    params = ops.launch_params(f.k_cache, f.v_cache, 1, LaunchConfig(128, 1, 0), f._no_workspace)
+    out = torch.empty_like(q)
+    for softcap in (-1.0, float("nan"), float("inf"), 1e-39, 1e39):
+        with pytest.raises(ValueError, match="softcap"):
+            ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, softcap)
+    ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, 1e-30)  # SOFTCAP_RANGE's ends pass
+    ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, 1e30)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("dtype,head_dim,launch", [m for m in kernel_matrix() if m[1] == 128], ids=str)

@@ -1,9 +1,11 @@
-"""ffa.transformers on tiny random-weight models of every supported architecture (CPU reference
-path; GPU cases marked): FFA's greedy tokens equal Hugging Face's, padded batches equal single
-sequences, and a decode step touches the cache only through FFA's fused append."""
+"""ffa.transformers on tiny random-weight models of every named architecture (CPU reference path;
+GPU cases marked): FFA's greedy tokens equal Hugging Face's, padded batches equal single
+sequences, each layer's window, softmax scale and softcap reach FFA, models FFA cannot run are
+refused before any work, and a decode step touches the cache only through FFA's fused append."""
 
 import contextlib
 import importlib.util
+import inspect
 import json
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from transformers import DynamicCache
 
 import ffa
 import ffa.transformers as fft
+from ffa.transformers.binding import binding_of
 
 transformers.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,33 +25,86 @@ VOCAB = 96
 PROMPT, NEW = 12, 8
 
 
-def tiny(arch):
-    """A 2-layer model of `arch` with random weights (head_dim 32; GQA for the Llama family;
-    Mistral with a sliding window shorter than prompt + new tokens)."""
+WINDOW = 10  # sliding windows shorter than prompt + new tokens
+SOFTCAP = 2.0  # Gemma 2's attention softcap; its tiny model's weights are large enough for the cap to bend logits
+PRE_ATTN_SCALAR = 64  # Gemma's query_pre_attn_scalar: softmax scale 1/8, not head_dim's 1/sqrt(32)
+GRANITE_SCALE = 0.5  # Granite's attention multiplier: the softmax scale
+
+
+def tiny_config(arch):
+    """The config of a 2-layer model of `arch`: head_dim 32, grouped-query heads where the
+    architecture has them; sliding-window layers (all of them,
+    or alternating with full layers) shorter than the sequence; Gemma's and Granite's own
+    softmax scales, Gemma 2's softcap."""
     t = transformers
-    llama_like = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                      eos_token_id=2)
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+    alternating = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+    moe = dict(num_experts_per_tok=2)
     configs = {
-        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(
+        "opt": lambda: t.OPTConfig(
             vocab_size=VOCAB, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2)),
-        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(
+            num_attention_heads=2, max_position_embeddings=128, pad_token_id=1, bos_token_id=2, eos_token_id=2),
+        "gpt2": lambda: t.GPT2Config(
             vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0,
-            pad_token_id=0)),
-        "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(
+            pad_token_id=0),
+        "gptj": lambda: t.GPTJConfig(
             vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=2, rotary_dim=16, n_positions=128, bos_token_id=0,
-            eos_token_id=0, pad_token_id=0)),
-        "llama": lambda: t.LlamaForCausalLM(t.LlamaConfig(num_key_value_heads=2, **llama_like)),
-        "mistral": lambda: t.MistralForCausalLM(
-            t.MistralConfig(num_key_value_heads=2, sliding_window=10, **llama_like)),
-        "qwen2": lambda: t.Qwen2ForCausalLM(t.Qwen2Config(num_key_value_heads=1, **llama_like)),
+            eos_token_id=0, pad_token_id=0),
+        "llama": lambda: t.LlamaConfig(**common),
+        "mistral": lambda: t.MistralConfig(sliding_window=WINDOW, **common),
+        "qwen2": lambda: t.Qwen2Config(**{**common, "num_key_value_heads": 1}),
+        # layer 0 full, layer 1 sliding (layers from max_window_layers on slide)
+        "qwen3": lambda: t.Qwen3Config(head_dim=32, use_sliding_window=True, sliding_window=WINDOW,
+                                       max_window_layers=1, **common),
+        "qwen3_moe": lambda: t.Qwen3MoeConfig(head_dim=32, num_experts=4, moe_intermediate_size=64, **moe, **common),
+        "gemma": lambda: t.GemmaConfig(head_dim=32, **common),
+        "gemma2": lambda: t.Gemma2Config(head_dim=32, query_pre_attn_scalar=PRE_ATTN_SCALAR,
+                                         attn_logit_softcapping=SOFTCAP, initializer_range=0.2, **alternating,
+                                         **common),
+        "gemma3_text": lambda: t.Gemma3TextConfig(head_dim=32, query_pre_attn_scalar=PRE_ATTN_SCALAR, **alternating,
+                                                  **common),
+        "phi3": lambda: t.Phi3Config(sliding_window=WINDOW, **common),
+        "mixtral": lambda: t.MixtralConfig(num_local_experts=4, **moe, **common),
+        "olmo2": lambda: t.Olmo2Config(**common),
+        "granite": lambda: t.GraniteConfig(attention_multiplier=GRANITE_SCALE, embedding_multiplier=2.0,
+                                           residual_multiplier=0.5, logits_scaling=2.0, **common),
+        "smollm3": lambda: t.SmolLM3Config(**common),
     }
+    return configs[arch]()
+
+
+# Architectures whose prefill reference must be transformers' eager attention: SDPA skips Gemma
+# 2's softcap (FFA's prefill then runs the model's eager attention as well).
+EAGER_REFERENCE = ("gemma2",)
+
+
+def tiny(arch):
+    """A model of tiny_config(arch) with random weights (seeded), in eval mode, on transformers'
+    attention that computes what the model defines (EAGER_REFERENCE, else SDPA)."""
     torch.manual_seed(0)
-    return configs[arch]().eval()
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+    if arch in EAGER_REFERENCE:
+        model.set_attn_implementation("eager")
+    return model
 
 
-ARCHS = ["opt", "gpt2", "gptj", "llama", "mistral", "qwen2"]
+ARCHS = ["opt", "gpt2", "gptj", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+         "phi3", "mixtral", "olmo2", "granite", "smollm3"]
+# Where transformers' own code fixes the dtype at float32: its MoE experts (grouped_mm takes no
+# float64), and eager attention, whose float32 softmax turns the fully masked rows of left
+# padding into NaN in a float64 model.
+FLOAT32_ONLY = ("qwen3_moe", "mixtral", "gemma2")
+
+
+def exact_dtype(arch):
+    """The most precise dtype the architecture runs in on the CPU."""
+    return torch.float32 if arch in FLOAT32_ONLY else torch.float64
+
+
+ARCH_DTYPES = [(arch, dtype) for arch in ARCHS for dtype in (torch.float32, torch.float64)
+               if dtype == torch.float32 or exact_dtype(arch) == torch.float64]
 
 
 def logits_tolerance(arch, dtype):
@@ -79,12 +135,18 @@ def greedy(model, ids, mask=None, new=NEW, with_logits=False, **kw):
 
 @contextlib.contextmanager
 def counting_ffa_calls():
-    """Counts FastForwardAttn.attention calls (proves the decode steps went through FFA)."""
+    """Records FastForwardAttn.attention calls (proves the decode steps went through FFA): each
+    as (the FastForwardAttn, its arguments by name, positions copied as they were then)."""
     calls = []
     original = ffa.FastForwardAttn.attention
+    signature = inspect.signature(original)
 
     def counted(self, *args, **kwargs):
-        calls.append(self)
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        for name in ("t", "start"):  # views of counters the next step advances
+            if isinstance(arguments.get(name), torch.Tensor):
+                arguments[name] = arguments[name].clone()
+        calls.append((self, arguments))
         return original(self, *args, **kwargs)
 
     ffa.FastForwardAttn.attention = counted
@@ -94,8 +156,7 @@ def counting_ffa_calls():
         ffa.FastForwardAttn.attention = original
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
 def test_greedy_tokens_equal_hugging_face(arch, dtype):
     model = tiny(arch).to(dtype)
     ids, mask = prompts(model)
@@ -110,16 +171,68 @@ def test_greedy_tokens_equal_hugging_face(arch, dtype):
     torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_sdpa_kernel_in_ffa_cache_gives_the_same_tokens(arch):
+    """enable(model, kernel="sdpa"), the A/B of bench/hf_generate.py's ffa_sdpa path: FFA's cache
+    and loop with SDPA attending instead of FFA's kernel give transformers' tokens; a kernel
+    FastForwardAttn lacks is refused."""
+    model = tiny(arch).double()
+    ids, mask = prompts(model)
+    expected = greedy(model, ids, mask)
+    fft.enable(model, kernel="sdpa")
+    assert torch.equal(greedy(model, ids, mask), expected)
+    with pytest.raises(ValueError, match="kernel"):
+        fft.enable(model, kernel="cudnn")
+
+
+# What each tiny model's layers pass to FFA: softmax scale, softcap, and which layers slide.
+LAYER_FACTS = {
+    "llama": (32 ** -0.5, None, "full"), "mistral": (32 ** -0.5, None, "all sliding"),
+    "phi3": (32 ** -0.5, None, "all sliding"), "qwen3": (32 ** -0.5, None, "layer_types"),
+    "gemma2": (PRE_ATTN_SCALAR ** -0.5, SOFTCAP, "layer_types"),
+    "gemma3_text": (PRE_ATTN_SCALAR ** -0.5, None, "layer_types"), "granite": (GRANITE_SCALE, None, "full"),
+}
+
+
+@pytest.mark.parametrize("arch", list(LAYER_FACTS))
+def test_each_layer_gets_its_window_scale_and_softcap(arch):
+    """Layer by layer, FFA attends where the model's attention would: a sliding layer from t -
+    window + 1 on (or from its left padding), a full layer from its padding on, with the model's
+    own softmax scale (Gemma's query_pre_attn_scalar, Granite's attention multiplier) and softcap."""
+    scale, softcap, sliding = LAYER_FACTS[arch]
+    model = fft.enable(tiny(arch).to(exact_dtype(arch)))
+    ids, mask = prompts(model)
+    with counting_ffa_calls() as calls:
+        greedy(model, ids, mask)
+    layers = binding_of(model).generate_cache.layers
+    types = model.config.layer_types if sliding == "layer_types" else [sliding] * len(layers)
+    padding = (mask == 0).sum(-1)
+    cut = 0
+    for attn, args in calls:
+        layer = next(i for i, cache_layer in enumerate(layers) if cache_layer.attn is attn)
+        t = args["t"].expand(len(padding))
+        first = padding
+        if types[layer] in ("sliding_attention", "all sliding"):
+            first = torch.maximum(padding, t - WINDOW + 1)
+            cut += int((first > padding).sum())
+        assert torch.equal(args["start"], first), (layer, args["start"], first)
+        assert args["softmax_scale"] == pytest.approx(scale, rel=1e-12), layer
+        assert args.get("softcap") == softcap, layer
+    assert len(calls) == (NEW - 1) * len(layers)
+    assert cut > 0 or sliding == "full", "no window was shorter than the sequence"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padded_batch_equals_single_sequences(arch):
-    model = fft.enable(tiny(arch).double())
+    dtype = exact_dtype(arch)
+    model = fft.enable(tiny(arch).to(dtype))
     pads = (0, 4)
     ids, mask = prompts(model, pads)
     batch, batch_logits = greedy(model, ids, mask, with_logits=True)
     for row, pad in enumerate(pads):
         single, logits = greedy(model, ids[row:row + 1, pad:], with_logits=True)
         assert torch.equal(single[0], batch[row]), f"row {row} (left padding {pad})"
-        tolerance = logits_tolerance(arch, torch.float64)
+        tolerance = logits_tolerance(arch, dtype)
         torch.testing.assert_close(logits[:, 0], batch_logits[:, row], rtol=tolerance, atol=tolerance)
 
 
@@ -134,9 +247,9 @@ def test_compileable_cache_gives_the_same_tokens(arch):
     fft.enable(model, compile=True)
     with counting_ffa_calls() as calls:
         got, logits = greedy(model, ids, mask, with_logits=True)
-    assert model._ffa_binding.generate_cache.is_compileable
+    assert binding_of(model).generate_cache.is_compileable
     assert len(calls) == (NEW - 1) * 2  # decode steps only: preparing at prefill calls no attention
-    layers = model._ffa_binding.generate_cache.layers
+    layers = binding_of(model).generate_cache.layers
     assert all(layer.attn._configs for layer in layers)  # each layer's launch was fixed at prefill
     assert torch.equal(got, expected)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
@@ -213,10 +326,10 @@ def test_generate_reuses_its_cache_across_calls():
     model = fft.enable(tiny("opt"))
     ids, mask = prompts(model)
     first = greedy(model, ids, mask)
-    cache = model._ffa_binding.generate_cache
+    cache = binding_of(model).generate_cache
     pointers = [t.data_ptr() for layer in cache.layers for t in layer.attn.get_cache()]
     again = greedy(model, ids, mask)
-    assert model._ffa_binding.generate_cache is cache
+    assert binding_of(model).generate_cache is cache
     assert [t.data_ptr() for layer in cache.layers for t in layer.attn.get_cache()] == pointers
     assert torch.equal(first, again)
 
@@ -264,15 +377,79 @@ def test_bad_use_is_refused_with_clear_errors():
         fft.FFACache(tiny("gpt2"), 8)
     with pytest.raises(TypeError, match="model"):
         fft.enable(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="not supported"):
-        fft.enable(transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)))
-    odd = transformers.OPTForCausalLM(transformers.OPTConfig(
-        vocab_size=VOCAB, hidden_size=48, word_embed_proj_dim=48, ffn_dim=64, num_hidden_layers=1,
-        num_attention_heads=2))
-    with pytest.raises(ValueError, match="head_dim 24"):
-        fft.enable(odd)
-    assert not fft.is_enabled(odd)
+
+
+def unsupported_models():
+    """(label, model builder, words the refusal must hold): one per feature FFA cannot run."""
+    t = transformers
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64)
+    causal = t.AutoModelForCausalLM.from_config
+    return [
+        ("latent attention", lambda: causal(t.DeepseekV3Config(**small)), "multi-head latent attention"),
+        ("attention sinks", lambda: causal(t.GptOssConfig(head_dim=32, num_local_experts=2, num_experts_per_tok=1,
+                                                          **small)), "attention sinks"),
+        ("bidirectional", lambda: causal(t.Gemma3TextConfig(head_dim=32, use_bidirectional_attention=True, **small)),
+         "non-causal"),
+        ("encoder-decoder", lambda: t.AutoModelForSeq2SeqLM.from_config(t.BartConfig(
+            vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2)), "cross-attention"),
+        ("cross-attention layers", lambda: causal(t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
+                                                               add_cross_attention=True)), "cross-attention"),
+        ("chunked attention", lambda: causal(t.Llama4TextConfig(head_dim=32, num_local_experts=1,
+                                                                intermediate_size_mlp=64, **small)),
+         "'chunked_attention'"),
+        ("recurrent layers", lambda: causal(t.RecurrentGemmaConfig(
+            vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=64, lru_width=64)), "layers 0, 1 of 3 have no self-attention"),
+        ("no attention interface (ALiBi)", lambda: causal(t.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1,
+                                                                        n_head=2)), "attention interface"),
+        ("head_dim 24", lambda: causal(t.OPTConfig(vocab_size=VOCAB, hidden_size=48, word_embed_proj_dim=48,
+                                                   ffn_dim=64, num_hidden_layers=1, num_attention_heads=2)),
+         "head_dim 24"),
+    ]
+
+
+@pytest.mark.parametrize("label,build,words", unsupported_models(), ids=[m[0] for m in unsupported_models()])
+def test_models_ffa_cannot_run_are_refused_before_any_work(label, build, words):
+    """One ValueError naming the model type and the feature, at enable(), and the model as it was."""
+    torch.manual_seed(0)
+    model = build().eval()
+    before = model.config._attn_implementation
+    with pytest.raises(ValueError, match=f"FFA cannot run this model \\({model.config.model_type}\\): .*{words}"):
+        fft.enable(model)
+    assert not fft.is_enabled(model) and "generate" not in vars(model)
+    assert model.config._attn_implementation == before
+    assert not any(hasattr(m, "_ffa_binding") for m in model.modules())
+
+
+# Architectures that no one named: decoder-only models whose attention goes through transformers'
+# attention interface with the usual (query, key, value) layout take the generic path as they are.
+UNNAMED = {
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=128, pad_token_id=0),
+    "starcoder2": lambda: transformers.Starcoder2Config(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, pad_token_id=0),
+    "cohere2": lambda: transformers.Cohere2Config(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("arch", list(UNNAMED))
+def test_unnamed_architectures_take_the_generic_path(arch):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(UNNAMED[arch]()).eval().double()
+    ids, mask = prompts(model)
+    expected, expected_logits = greedy(model, ids, mask, with_logits=True)
+    fft.enable(model)
+    with counting_ffa_calls() as calls:
+        got, logits = greedy(model, ids, mask, with_logits=True)
+    assert len(calls) == (NEW - 1) * 2
+    assert torch.equal(got, expected)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.skipif(not (ROOT / "summarize.py").exists(), reason="summarize.py is not beside tests/ (installed-wheel run)")

@@ -13,15 +13,19 @@ device and, on CUDA, captured once in a CUDA graph. The host replays the graph a
 next steps queued and never waits for Python.
 
 The loop computes exactly what transformers' loop computes: the same model inputs (prompt
-mask, position ids from it, logits of the last position only), float32 logits, EOS suppressed
+mask, position ids from it, logits of the last position only), float32 logits, the repetition
+penalty over every id of the sequence so far (prompt and padding included), EOS suppressed
 while fewer than min_new_tokens (or min_length) tokens exist, for sampling transformers' own
 temperature / top-k / top-p warpers and torch.multinomial, finished rows padded with
-pad_token_id, generation ended when every row has produced an EOS or max_new_tokens tokens
-exist, and the same returned ids (with sampling on the CPU, the same draws for the same seed;
-in a CUDA graph the draws come from the graph's own random offsets). `plan` admits only these
-cases: beams, any other logits processor or stopping criterion, streamers, dictionary outputs,
-tensor-parallel and multi-device models go through transformers' loop. On the CPU the same
-step runs eagerly (no compile, no graph).
+pad_token_id when there are EOS ids, a row finished by one of its EOS ids or a stop string
+(transformers' StopStringCriteria, on the last ids of the sequence), generation ended when
+every row has finished or max_new_tokens tokens exist, and the same returned ids (with
+sampling on the CPU, the same draws for the same seed; in a CUDA graph the draws come from the
+graph's own random offsets). A streamer gets what transformers' loop gives it: the prompt,
+then each step's tokens (on the GPU with the stop flag, a few steps late), then end(). `plan`
+admits only these cases: beams, any other logits processor or stopping criterion (max_time
+included), dictionary outputs, tensor-parallel and multi-device models go through
+transformers' loop. On the CPU the same step runs eagerly (no compile, no graph).
 """
 
 import copy
@@ -29,12 +33,13 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (GenerationConfig, RepetitionPenaltyLogitsProcessor, StopStringCriteria,
+                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 # Generation settings this loop reproduces.
 HANDLED = {"max_new_tokens", "max_length", "min_new_tokens", "min_length", "eos_token_id", "pad_token_id",
            "bos_token_id", "decoder_start_token_id", "do_sample", "num_beams", "temperature", "top_k", "top_p",
-           "_from_model_config", "transformers_version"}
+           "repetition_penalty", "stop_strings", "_from_model_config", "transformers_version"}
 # Settings that may be set only to these values (values without effect on this loop's decoding).
 MUST_BE = {"use_cache": True, "output_attentions": False, "output_hidden_states": False, "output_scores": False,
            "output_logits": False, "return_dict_in_generate": False, "num_return_sequences": 1,
@@ -44,9 +49,9 @@ MUST_BE = {"use_cache": True, "output_attentions": False, "output_hidden_states"
 DEFAULTS = {"max_length": 20, "min_length": 0, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 # generate() parameters that change the decoding; any of them set sends the call to transformers.
 OWN_PARAMETERS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
-                  "assistant_model", "streamer", "negative_prompt_ids", "negative_prompt_attention_mask",
-                  "custom_generate")
-# The host reads the "finished" flag this many steps late; the GPU keeps that many steps queued.
+                  "assistant_model", "negative_prompt_ids", "negative_prompt_attention_mask", "custom_generate")
+# The host reads the "finished" flag and the streamed tokens this many steps late; the GPU
+# keeps that many steps queued.
 STOP_CHECK_LAG = 4
 
 
@@ -60,6 +65,10 @@ class Plan:
     eos: tuple                    # end-of-sequence ids (empty: generation runs to new_tokens)
     pad: int                      # written for rows that have finished
     sampling: tuple = None        # (temperature, top_k, top_p) when sampling; None: greedy search
+    repetition_penalty: float = None  # None: no penalty
+    stop_strings: tuple = None    # a row ends once its text ends with one of them (needs `tokenizer`)
+    tokenizer: object = None
+    streamer: object = None       # transformers' BaseStreamer interface: put(ids), end()
 
 
 def merged_config(model, call):
@@ -87,7 +96,7 @@ def plan(model, config, inputs, rest):
     temperature / top-k / top-p that this loop reproduces exactly, else None (transformers'
     loop then runs it)."""
     rest = dict(rest)
-    mask = rest.pop("attention_mask", None)
+    mask, streamer, tokenizer = (rest.pop(name, None) for name in ("attention_mask", "streamer", "tokenizer"))
     if any(rest.pop(name, None) is not None for name in OWN_PARAMETERS) or rest:
         return None  # another decoding, or model inputs this loop does not pass on
     if not _is_supported(config) or _is_distributed(model):
@@ -115,7 +124,18 @@ def plan(model, config, inputs, rest):
         mask = _default_mask(inputs, config.pad_token_id, eos)
     minimum = max(config.min_new_tokens or 0, setting(config, "min_length") - prompt)
     sampling = tuple(setting(config, name) for name in ("temperature", "top_k", "top_p")) if config.do_sample else None
-    return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad, sampling)
+    penalty = config.repetition_penalty
+    if penalty is not None and penalty != 1.0:
+        penalty = RepetitionPenaltyLogitsProcessor(penalty=penalty).penalty  # transformers' checks of the value
+    else:
+        penalty = None
+    stop_strings = config.stop_strings
+    if stop_strings is not None:
+        if tokenizer is None:
+            return None  # transformers' loop says what is missing
+        stop_strings = (stop_strings,) if isinstance(stop_strings, str) else tuple(stop_strings)
+    return Plan(inputs, mask.to(inputs.device, torch.long), new, minimum, eos, pad, sampling, penalty, stop_strings,
+                tokenizer, streamer)
 
 
 def _warpers(sampling):
@@ -159,10 +179,13 @@ class DecodeStep:
 
     The buffers hold the state between steps: the token to feed and its position, the prompt's
     mask padded with ones to the cache length (the "ffa" mask function reads only each row's
-    first valid position from it), which rows are unfinished, how many tokens exist, and the
-    generated tokens. `pick` turns the logits of the last position into the next token; the
-    prefill's logits go through it too, so the first token follows the same rules. The EOS and
-    pad ids and the sampling settings are fixed per step (they are part of its key)."""
+    first valid position from it), which rows are unfinished, how many tokens exist, the ids
+    of the sequence (prompt, then generated tokens; with stop strings, after a margin of ids
+    that match nothing, so that the last ids are always a window of one length) and, with a
+    repetition penalty, which ids the sequence holds. `pick` turns the logits of the last
+    position into the next token; the prefill's logits go through it too, so the first token
+    follows the same rules. The EOS and pad ids, the sampling settings, the penalty and the stop
+    strings are fixed per step (they are part of its key)."""
 
     def __init__(self, model, forward, cache, plan):
         batch, eos, device = plan.input_ids.shape[0], plan.eos, model.device
@@ -177,11 +200,22 @@ class DecodeStep:
         self.minimum = torch.zeros((), **long)      # min_new_tokens
         self.live_steps = torch.zeros((), **long)   # picks after which some row was unfinished
         self.finished = torch.zeros((), dtype=torch.bool, device=device)
-        self.tokens = torch.zeros(batch, cache.max_len, **long)
         self.eos = torch.tensor(eos, **long) if eos else None
         self.eos_columns = None
         self.pad = plan.pad
         self.warpers = _warpers(plan.sampling) if plan.sampling is not None else None
+        self.penalty = plan.repetition_penalty
+        self.seen = None  # bool [batch, vocab], allocated at the first prefill (the vocabulary from its logits)
+        self.stop, self.tokenizer, margin = None, None, 0
+        if plan.stop_strings is not None:
+            self.stop, self.tokenizer = StopStringCriteria(plan.tokenizer, plan.stop_strings), plan.tokenizer
+            margin = self.stop.maximum_token_len
+            # The criterion clamps ids past its table to the table's last row, which matches nothing.
+            self.no_match = self.stop.embedding_vec.shape[0] - 1
+            self.window = torch.arange(-margin, 0, device=device)
+        self.margin = margin
+        self.ids = torch.zeros(batch, margin + cache.max_len, **long)
+        self.end = torch.zeros((), **long)          # where the next id goes in self.ids
         # Logits of the last position only, where the model can (as generate asks for them).
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.graph = None
@@ -189,13 +223,16 @@ class DecodeStep:
     @staticmethod
     def key_of(cache, plan):
         """What the captured graph depends on: the cache's buffers, the batch size, the EOS and
-        pad ids and the sampling settings."""
+        pad ids, the sampling settings, the penalty, the stop strings and their tokenizer."""
         layer = cache.layers[0]
+        stop = (plan.stop_strings, id(plan.tokenizer)) if plan.stop_strings is not None else None
         return (id(cache), layer.keys.data_ptr() if layer.is_initialized else None, plan.input_ids.shape[0],
-                plan.eos, plan.pad, plan.sampling)
+                plan.eos, plan.pad, plan.sampling, plan.repetition_penalty, stop)
 
     def start(self, plan):
         """Prefill (eager, the model's own attention), reset the state and pick the first token."""
+        if plan.streamer is not None:
+            plan.streamer.put(plan.input_ids.cpu())
         prompt = plan.input_ids.shape[1]
         position = plan.attention_mask.cumsum(-1) - 1
         position = position.masked_fill(plan.attention_mask == 0, 0)
@@ -208,12 +245,25 @@ class DecodeStep:
         self.count.zero_()
         self.live_steps.zero_()
         self.minimum.fill_(plan.min_new_tokens)
+        if self.margin:
+            self.ids[:, :self.margin].fill_(self.no_match)
+        self.ids[:, self.margin:self.margin + prompt].copy_(plan.input_ids)
+        self.end.fill_(self.margin + prompt)
+        if self.penalty is not None:
+            if self.seen is None:
+                self.seen = torch.zeros(out.logits.shape[0], out.logits.shape[-1], dtype=torch.bool,
+                                        device=self.ids.device)
+            self.seen.zero_().scatter_(1, plan.input_ids, True)
         self.pick(out.logits[:, -1])
 
     def pick(self, logits):
         """The next token and the bookkeeping, as transformers' greedy search or sampling does it:
-        EOS suppression, the warpers, then the largest score or a draw from the softmax."""
+        the repetition penalty, EOS suppression, the warpers, then the largest score or a draw
+        from the softmax; then the stopping criteria (EOS ids, stop strings)."""
         scores = logits.to(torch.float32)
+        if self.penalty is not None:  # RepetitionPenaltyLogitsProcessor's arithmetic, on the ids seen
+            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(self.seen, penalized, scores)
         if self.eos is not None:
             if self.eos_columns is None:
                 self.eos_columns = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self.eos)
@@ -226,8 +276,14 @@ class DecodeStep:
             token = torch.multinomial(scores.softmax(-1), num_samples=1).squeeze(1)
         if self.eos is not None:
             token = token * self.unfinished + self.pad * (1 - self.unfinished)
+        self.ids.index_copy_(1, self.end.view(1), token[:, None])
+        self.end.add_(1)
+        if self.seen is not None:
+            self.seen.scatter_(1, token[:, None], True)
+        if self.eos is not None:
             self.unfinished.mul_(~torch.isin(token, self.eos))
-        self.tokens.index_copy_(1, self.count.view(1), token[:, None])
+        if self.stop is not None:
+            self.unfinished.mul_(~self.stop(self.ids.index_select(1, self.end + self.window), None))
         self.count.add_(1)
         self.finished.copy_(self.unfinished.max() == 0)
         self.live_steps.add_((~self.finished).long())
@@ -244,64 +300,85 @@ class DecodeStep:
         forward and allocate FFA's split workspaces). The warm-up steps change the state and
         write K/V past the prompt; the state is restored, and those positions are written
         again by the real steps before anything reads them."""
-        fill = self.cache._fill
-        state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished,
-                 self.tokens, fill.length]
-        saved, host_length = [x.clone() for x in state], fill.host_length
+        state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished, self.ids,
+                 self.end] + ([self.seen] if self.seen is not None else [])
+        saved, written = [x.clone() for x in state], self.cache.checkpoint()
         rng = torch.cuda.get_rng_state()  # the warm-up steps' draws must not move a seeded sequence
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                fill.host_length = host_length  # eager steps count on the host: keep it below max_len
+                self.cache.restore(written)  # eager steps count on the host: keep it below max_len
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.step()
-        fill.host_length = host_length
+        self.cache.restore(written)
         torch.cuda.set_rng_state(rng)
         for x, value in zip(state, saved):
             x.copy_(value)
 
     def run(self, plan):
         """Decode plan.new_tokens - 1 steps after start(), stopping early (a few steps late on
-        the GPU, harmlessly) once every row has finished. Returns transformers' output."""
-        steps = plan.new_tokens - 1
-        if self.eos is None:
-            for _ in range(steps):
-                self.advance()
+        the GPU, harmlessly) once every row has finished, and stream the tokens of the output.
+        Returns transformers' output."""
+        steps, stops = plan.new_tokens - 1, self.eos is not None or self.stop is not None
+        if self.graph is None:
+            self.run_eager(steps, stops, plan.streamer)
         else:
-            self.run_until_finished(steps)
+            self.run_graph(steps, stops, plan.streamer)
         length = min(plan.new_tokens, int(self.live_steps) + 1)
-        self.cache._fill.host_length = plan.input_ids.shape[1] + length - 1
-        return torch.cat([plan.input_ids, self.tokens[:, :length]], dim=-1)
+        prompt = plan.input_ids.shape[1]
+        self.cache.count_written(prompt + length - 1)
+        if plan.streamer is not None:
+            plan.streamer.end()
+        return self.ids[:, self.margin:self.margin + prompt + length].clone()
 
-    def advance(self):
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.step()
-
-    def run_until_finished(self, steps):
-        if self.graph is None:  # CPU: the flag is at hand
-            for _ in range(steps):
-                if bool(self.finished):
+    def run_eager(self, steps, stops, streamer):
+        """The CPU's loop (and a GPU call of one token): the flag and the tokens are at hand."""
+        for i in range(steps + 1):
+            if i > 0:
+                if stops and bool(self.finished):
                     return
                 self.step()
+            if streamer is not None:
+                streamer.put(self.token[:, 0].clone())
+
+    def run_graph(self, steps, stops, streamer):
+        """Replays of the graph; each step's "finished" flag and token are copied to pinned
+        memory and read STOP_CHECK_LAG steps later, so the host never waits on the step it has
+        just queued. A token is streamed when its flag is read; the first flag that says every
+        row has finished ends the loop (the tokens after it are not part of the output)."""
+        if not stops and streamer is None:
+            for _ in range(steps):
+                self.graph.replay()
             return
-        flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(STOP_CHECK_LAG)]
-        events = [torch.cuda.Event() for _ in range(STOP_CHECK_LAG)]
-        for i in range(steps + 1):
-            slot = i % STOP_CHECK_LAG
-            if i >= STOP_CHECK_LAG:  # the flag copied STOP_CHECK_LAG steps ago
-                events[slot].synchronize()
-                if bool(flags[slot]):
-                    return
+        lag = STOP_CHECK_LAG
+        flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(lag)]
+        tokens = [torch.zeros(self.token.shape[0], dtype=torch.long, pin_memory=True) for _ in range(lag)]
+        events = [torch.cuda.Event() for _ in range(lag)]
+
+        def read(slot):
+            """The flag and token copied into `slot`: streams the token, returns whether to stop."""
+            events[slot].synchronize()
+            if streamer is not None:
+                streamer.put(tokens[slot].clone())
+            return stops and bool(flags[slot])
+
+        for i in range(steps + 1):  # pick i is the one copied at iteration i
+            slot = i % lag
+            if i >= lag and read(slot):  # pick i - lag
+                return
             flags[slot].copy_(self.finished, non_blocking=True)
+            if streamer is not None:
+                tokens[slot].copy_(self.token[:, 0], non_blocking=True)
             events[slot].record()
             if i < steps:
                 self.graph.replay()
+        for i in range(max(steps + 1 - lag, 0), steps + 1):  # the picks not read yet
+            if read(i % lag):
+                return
 
 
 def generate(binding, model, cache, plan):

@@ -1,0 +1,48 @@
+"""What `enable` attaches to a model and to each of its attention modules: one Binding, found
+through `binding_of` / `find_binding` by the cache, the attention function and the loop."""
+
+ATTRIBUTE = "_ffa_binding"
+
+
+class Binding:
+    """The attention modules of an enabled model, query heads per kv head, the previous
+    attention implementation, the enable() options, and the cache in use (set by
+    FFACache.update while a forward runs)."""
+
+    def __init__(self, modules, group, previous, own_attention, compile, decode_loop, kernel="ffa"):
+        self.modules = modules
+        self.group = group
+        self.num_layers = len(modules)
+        self.previous = previous
+        self.own_attention = own_attention  # modules wrapped through their `_attn` (GPT-J)
+        self.cache = None
+        self.configure(compile, decode_loop, kernel)
+
+    def configure(self, compile, decode_loop, kernel="ffa"):
+        """The options of enable(); forgets what the previous options built."""
+        self.compile = compile
+        self.decode_loop = decode_loop
+        self.kernel = kernel  # FastForwardAttn's kernel= for the caches made from now on
+        self.generate_cache = None    # the cache generate made, reused by the next call
+        self.decode_step = None       # loop.DecodeStep (and its CUDA graph) over that cache
+        self.compiled_forward = None  # the model under torch.compile, for the decode loop
+
+    def attach(self, model):
+        for obj in (model, *self.modules):
+            setattr(obj, ATTRIBUTE, self)
+
+    def detach(self, model):
+        for obj in (model, *self.modules):
+            delattr(obj, ATTRIBUTE)
+
+
+def find_binding(obj):
+    """The Binding of an enabled model or of one of its attention modules, else None."""
+    return getattr(obj, ATTRIBUTE, None)
+
+
+def binding_of(model):
+    binding = find_binding(model)
+    if binding is None:
+        raise ValueError("model was not passed through ffa.transformers.enable")
+    return binding

@@ -1,0 +1,189 @@
+"""FFACache: a transformers Cache whose layers are FastForwardAttn caches.
+
+Prefill (several tokens on an empty cache) copies the prompt's K/V into one FastForwardAttn per
+layer; a decode step (one token on a filled cache) stores nothing here: `update` returns the
+token's K/V and the FFA kernel appends them. The fill state (whether a prompt is in, and how
+many positions are written) is shared by all layers; the loop (loop.py) saves and restores it
+around warm-up steps through `checkpoint` / `restore`.
+"""
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from ..attention import FastForwardAttn
+from .binding import binding_of
+
+
+class _Fill:
+    """What a cache holds, shared by its layers: whether a prompt is in (a Python flag, fixed
+    during decoding) and how many positions are written (a device counter, so that a
+    compiled decode step reads it without recompiling)."""
+
+    def __init__(self):
+        self.filled = False
+        self.length = None
+        self.host_length = 0  # the same count on the host, kept by eager steps only
+
+    def seq_length(self):
+        return self.length if self.filled else 0
+
+
+class FFALayer(CacheLayerMixin):
+    """One attention layer's cache: a FastForwardAttn preallocated for `max_len` positions.
+
+    `keys`/`values` are FFA's own cache tensors [batch, kv_heads, max_len, head_dim] and `heads`
+    the query heads this layer serves: this rank's share under tensor parallelism, which is why
+    both come from the first K/V (times the model's query heads per kv head, `group`)."""
+
+    is_sliding = False
+
+    def __init__(self, max_len, fill, group, compileable, kernel="ffa"):
+        super().__init__()
+        self.max_len, self.kernel = max_len, kernel
+        self.fill = fill
+        self.group = group
+        self.heads = None
+        self.is_compileable = compileable
+        self.attn = None
+
+    def lazy_initialization(self, key_states, value_states):
+        self.attn = FastForwardAttn(key_states, value_states, self.max_len, kernel=self.kernel)
+        self.keys, self.values = self.attn.get_cache()
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size = key_states.shape[0]
+        self.heads = key_states.shape[1] * self.group
+        if self.is_compileable:
+            # Launch and workspace fixed before torch.compile traces a step (FastForwardAttn
+            # has marked its buffers' addresses static for CUDA graphs).
+            self.attn.prepare(self.heads)
+        self.is_initialized = True
+
+    def _fits(self, key_states):
+        return (self.is_initialized and key_states.dtype == self.dtype and key_states.device == self.device
+                and key_states.shape[:2] == self.keys.shape[:2] and key_states.shape[3] == self.keys.shape[3])
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Prefill: store the prompt and return it for the prefill attention. Decode (one token
+        on a filled cache): return the token's k/v untouched; the FFA kernel appends them."""
+        if self.fill.filled:
+            if key_states.shape[2] != 1:
+                raise ValueError(
+                    f"FFACache holds a prompt already and got {key_states.shape[2]} new tokens; FFA decodes one token "
+                    "per step (chunked prefill, assisted decoding and multi-token continuation are not supported)")
+            return key_states, value_states
+        length = key_states.shape[2]
+        if length > self.max_len:
+            raise ValueError(f"the prompt has {length} tokens, more than the cache's max_len={self.max_len}")
+        if self._fits(key_states):
+            self.keys[:, :, :length] = key_states
+            self.values[:, :, :length] = value_states
+        else:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length):
+        if self.fill.filled:
+            return self.max_len, 0
+        return query_length, 0
+
+    def get_seq_length(self):
+        return self.fill.seq_length()
+
+    def get_max_length(self):
+        return self.max_len
+
+    def reorder_cache(self, beam_idx):
+        """Beam search: permute the batch in place (the buffers keep their addresses)."""
+        if self.is_initialized:
+            index = beam_idx.to(self.device)
+            self.keys.copy_(self.keys.index_select(0, index))
+            self.values.copy_(self.values.index_select(0, index))
+
+    def crop(self, tokens_to_remove):
+        raise ValueError("FFACache cannot be cropped (assisted or speculative decoding is not supported)")
+
+    def reset(self):
+        self.fill.filled = False
+
+
+class FFACache(Cache):
+    """A transformers Cache whose layers are FastForwardAttn caches of `max_len` positions.
+
+    `FFACache(model, max_len)` for a model passed through `enable`; `generate` on an enabled
+    model makes one itself. The buffers are allocated at the first prefill (batch, heads,
+    dtype and device come from the prompt) and reused by later prefills of the same shape
+    after `reset()`."""
+
+    def __init__(self, model, max_len):
+        binding = binding_of(model)
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+        self.max_len = max_len
+        self.compileable = binding.compile
+        self._binding = binding
+        self._fill = _Fill()
+        layers = [FFALayer(max_len, self._fill, binding.group, binding.compile, binding.kernel)
+                  for _ in range(binding.num_layers)]
+        super().__init__(layers=layers)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        # The attention function finds this cache through the model's binding.
+        self._binding.cache = self
+        filled = self._fill.filled
+        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        if layer_idx == 0:
+            if filled:
+                self._count_step()
+            else:
+                self._start_fill(key_states)
+        if layer_idx == len(self.layers) - 1 and not filled:
+            self._fill.filled = True  # every layer holds the prompt: from now on, one token per step
+        return keys, values
+
+    def _start_fill(self, key_states):
+        length = key_states.shape[2]
+        if self._fill.length is None or self._fill.length.device != key_states.device:
+            self._fill.length = torch.zeros((), dtype=torch.int64, device=key_states.device)
+            if self.compileable:
+                torch._dynamo.mark_static_address(self._fill.length, guard=False)
+        self._fill.length.fill_(length)
+        self._fill.host_length = length
+
+    def _count_step(self):
+        # Eager steps also count on the host and refuse to run past max_len (the GPU kernel
+        # would return NaN there); compiled steps skip this, so the host count can only lag.
+        if not torch.compiler.is_compiling():
+            if self._fill.host_length >= self.max_len:
+                raise ValueError(f"FFACache is full: max_len={self.max_len} positions are written")
+            self._fill.host_length += 1
+        self._fill.length.add_(1)
+
+    def reset(self):
+        """Forget the contents and keep the buffers, for the next prompt."""
+        self._fill.filled = False
+
+    def checkpoint(self):
+        """A copy of how many positions are written (on the device and on the host), for
+        `restore`: steps run and then undone (a CUDA graph's warm-up) leave no count behind."""
+        return self._fill.length.clone(), self._fill.host_length
+
+    def restore(self, checkpoint):
+        """Back to a `checkpoint()`, in place (a captured graph keeps reading the same counter)."""
+        length, host_length = checkpoint
+        self._fill.length.copy_(length)
+        self._fill.host_length = host_length
+
+    def count_written(self, length):
+        """The host's count of written positions after steps that only the device counted (a
+        CUDA graph's replays): `length` positions now hold K/V."""
+        self._fill.host_length = length
+
+    @property
+    def is_filled(self):
+        return self._fill.filled
+
+    def get_seq_length(self, layer_idx=0):
+        return self._fill.seq_length()
+
+    def get_max_length(self, layer_idx=None):
+        return self.max_len
