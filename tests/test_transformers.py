@@ -439,12 +439,19 @@ def test_unnamed_architectures_take_the_generic_path(arch):
     torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.skipif(not (ROOT / "summarize.py").exists(), reason="summarize.py is not beside tests/ (installed-wheel run)")
-def test_summarize_smoke(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # as when run as a script: bench/ beside it is importable
+def summarize_module(monkeypatch):
+    """summarize.py as a module, imported as when it runs as a script (bench/ beside it is importable)."""
+    if not (ROOT / "summarize.py").exists():
+        pytest.skip("summarize.py is not beside tests/ (installed-wheel run)")
+    monkeypatch.syspath_prepend(str(ROOT))
     spec = importlib.util.spec_from_file_location("summarize", ROOT / "summarize.py")
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
+    return summarize
+
+
+def test_summarize_smoke(tmp_path, capsys, monkeypatch):
+    summarize = summarize_module(monkeypatch)
     out = tmp_path / "summary"
     summarize.main(["--hf_model_name", "tiny-opt", "--max_ite", "3", "--output_len", "4", "--prompt_len", "16",
                     "--batch_sizes", "2", "1", "--data_type", "fp32", "--device", "cpu", "--out", str(out)])
