@@ -157,9 +157,8 @@ def counting_ffa_calls():
         ffa.FastForwardAttn.attention = original
 
 
-@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
-def test_greedy_tokens_equal_hugging_face(arch, dtype):
-    model = tiny(arch).to(dtype)
+def assert_ffa_gives_hugging_face_tokens(model, tolerance):
+    """Greedy tokens of a 2-layer model with FFA enabled equal its own, the logits within tolerance."""
     ids, mask = prompts(model)
     expected, expected_logits = greedy(model, ids, mask, with_logits=True)
     fft.enable(model)
@@ -168,8 +167,12 @@ def test_greedy_tokens_equal_hugging_face(arch, dtype):
     # NEW - 1 decode steps (the prompt's forward yields the first token) in each of 2 layers.
     assert len(calls) == (NEW - 1) * 2
     assert torch.equal(got, expected)
-    tolerance = logits_tolerance(arch, dtype)
     torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
+def test_greedy_tokens_equal_hugging_face(arch, dtype):
+    assert_ffa_gives_hugging_face_tokens(tiny(arch).to(dtype), logits_tolerance(arch, dtype))
 
 
 # What each tiny model's layers pass to FFA: softmax scale, softcap, and which layers slide.
@@ -429,14 +432,7 @@ UNNAMED = {
 def test_unnamed_architectures_take_the_generic_path(arch):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(UNNAMED[arch]()).eval().double()
-    ids, mask = prompts(model)
-    expected, expected_logits = greedy(model, ids, mask, with_logits=True)
-    fft.enable(model)
-    with counting_ffa_calls() as calls:
-        got, logits = greedy(model, ids, mask, with_logits=True)
-    assert len(calls) == (NEW - 1) * 2
-    assert torch.equal(got, expected)
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
+    assert_ffa_gives_hugging_face_tokens(model, 1e-10)
 
 
 def summarize_module(monkeypatch):
