@@ -13,7 +13,7 @@ Paths:
   hf            Hugging Face default: SDPA, dynamic cache
   hf_static     cache_implementation="static": generate compiles the decode step (CUDA graphs)
   ffa           ffa.transformers.enable(model): FFA's decode loop replays the eager decode step
-                from a CUDA graph (ffa/decode_loop.py)
+                from a CUDA graph (ffa/transformers/loop.py)
   ffa_compiled  ffa.transformers.enable(model, compile=True): the same loop, the step compiled
   ffa_hf_loop   enable(model, decode_loop=False): transformers' loop, FFA's eager decode steps
   ffa_compiled_hf_loop

