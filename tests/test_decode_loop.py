@@ -376,6 +376,11 @@ def test_text_streamer_prints_the_generated_text(capsys):
 GPU_CASES = [(arch, False) for arch in ARCHS] + [("opt", True), ("llama", True)]
 
 
+# Models whose decode step cannot be captured in a CUDA graph: transformers' grouped-GEMM
+# mixture-of-experts layers copy expert offsets from pageable host memory.
+UNCAPTURABLE = ("qwen3_moe", "mixtral")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch,compile", GPU_CASES, ids=[f"{a}-{'compiled' if c else 'eager'}" for a, c in GPU_CASES])
 def test_gpu_graph_loop_equals_transformers(arch, compile):
@@ -393,8 +398,14 @@ def test_gpu_graph_loop_equals_transformers(arch, compile):
     torch._dynamo.reset()
     for kw, want in zip(cases + cases, expected + expected):
         got = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=pad, **kw)
-        assert binding_of(model).decode_step.graph is not None
+        step = binding_of(model).decode_step
+        if arch in UNCAPTURABLE:  # the loop says why and runs the step eagerly
+            assert step.graph is None and "graph capture" in step.uncapturable
+        else:
+            assert step.graph is not None and step.uncapturable is None
         assert torch.equal(got, want), kw
+    if arch in UNCAPTURABLE:
+        return
     assert expected[1].shape[1] <= PROMPT + 4  # the early stop happened
     single = model.generate(ids[:1], attention_mask=mask[:1], do_sample=False, pad_token_id=pad, **cases[0])
     assert torch.equal(single, expected[0][:1])

@@ -219,6 +219,7 @@ class DecodeStep:
         # Logits of the last position only, where the model can (as generate asks for them).
         self.extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
         self.graph = None
+        self.uncapturable = None  # why the step cannot be captured, once a capture has failed
 
     @staticmethod
     def key_of(cache, plan):
@@ -299,7 +300,10 @@ class DecodeStep:
         """Capture one step in a CUDA graph, after two warm-up steps (which compile a compiled
         forward and allocate FFA's split workspaces). The warm-up steps change the state and
         write K/V past the prompt; the state is restored, and those positions are written
-        again by the real steps before anything reads them."""
+        again by the real steps before anything reads them. A step that cannot be captured (a
+        model operation that copies from pageable host memory, as transformers' grouped-GEMM
+        mixture-of-experts layers do) leaves `graph` None and says why in `uncapturable`: the
+        loop then runs the step eagerly, with the same results."""
         state = [self.token, self.position, self.unfinished, self.count, self.live_steps, self.finished, self.ids,
                  self.end] + ([self.seen] if self.seen is not None else [])
         saved, written = [x.clone() for x in state], self.cache.checkpoint()
@@ -312,12 +316,16 @@ class DecodeStep:
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.step()
-        self.cache.restore(written)
-        torch.cuda.set_rng_state(rng)
-        for x, value in zip(state, saved):
-            x.copy_(value)
+        try:
+            with torch.cuda.graph(self.graph):
+                self.step()
+        except RuntimeError as e:
+            self.graph, self.uncapturable = None, str(e).splitlines()[0]
+        finally:
+            self.cache.restore(written)
+            torch.cuda.set_rng_state(rng)
+            for x, value in zip(state, saved):
+                x.copy_(value)
 
     def run(self, plan):
         """Decode plan.new_tokens - 1 steps after start(), stopping early (a few steps late on
@@ -398,7 +406,7 @@ def generate(binding, model, cache, plan):
     key = DecodeStep.key_of(cache, plan)
     if key != step.key:
         step.graph, step.key = None, key
-    if plan.new_tokens > 1 and step.graph is None and on_gpu:
+    if plan.new_tokens > 1 and step.graph is None and step.uncapturable is None and on_gpu:
         step.capture()
     binding.decode_step = step
     return step.run(plan)
