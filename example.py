@@ -1,5 +1,5 @@
-"""The seed's example: batch 10, 32 heads, head_dim 64, a 1,024-token prompt and 128 decode
-steps, every step checked against PyTorch's own attention over the same keys and values.
+"""The original FFA release's example: batch 10, 32 heads, head_dim 64, a 1,024-token prompt and
+128 decode steps, every step checked against PyTorch's own attention over the same keys and values.
 
     python example.py                 # on the GPU if there is one, else the CPU reference path
     python example.py --steps 16      # shorter

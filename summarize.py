@@ -1,4 +1,5 @@
-"""The seed's experiment: summarization-style generation with FFA against default Hugging Face.
+"""The original FFA release's experiment (FasterTransformer-based): summarization-style
+generation with FFA against default Hugging Face.
 
     python summarize.py --max_ite 100 --hf_model_name facebook/opt-1.3b --data_type fp16 --output_len 256
 
