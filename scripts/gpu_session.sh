@@ -17,7 +17,7 @@ repo=$(pwd)
 OUT=${OUT:-$repo/gpu-out}
 mkdir -p "$OUT"
 source scripts/device_env.sh
-export FFA_TUNER_CACHE_DIR=${FFA_TUNER_CACHE_DIR:-$repo/.ffa-tuner}
+export FFA_TUNER_CACHE_DIR=${FFA_TUNER_CACHE_DIR:-$repo/build/ffa-tuner}
 run_dir=$repo
 if compgen -G ".whl-ffa/*.whl" >/dev/null; then
   python3 -m pip install -q --no-deps --no-index --target /tmp/ffa-wheel .whl-ffa/*.whl
