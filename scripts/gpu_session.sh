@@ -6,11 +6,13 @@
 # ffa` is the installed wheel), else from this checkout, building ffa/lib for sm_90 if needed.
 #
 #   scripts/gpu_session.sh check   GPU tests, example.py, python -m ffa.tuner (default sweep)
-#   scripts/gpu_session.sh bench   bench/kernels.py (uses the tuner cache in $FFA_TUNER_CACHE_DIR)
-#   scripts/gpu_session.sh hf        bench/hf_generate.py
+#   scripts/gpu_session.sh bench   bench/kernel_bench.py (uses the tuner cache in $FFA_TUNER_CACHE_DIR)
+#   scripts/gpu_session.sh hf        bench/hf_generate.py $HF_ARGS (output named $HF_NAME)
 #   scripts/gpu_session.sh sanitize  scripts/sanitize.sh (compute-sanitizer's four tools)
-# The device's copy of the tree has no .git: pass the commit as FFA_COMMIT=<hash> so that the
-# results name it.
+# The tuner cache lives in $FFA_TUNER_CACHE_DIR (default build/ffa-tuner/: the GPU machine keeps
+# git-ignored build outputs between calls, so a later stage finds it; `check` also copies it to
+# $OUT). Paths excluded only in .git/info/exclude do not stay there between calls. The device's
+# copy of the tree has no .git: pass the commit as FFA_COMMIT=<hash> so that the results name it.
 set -euo pipefail
 stage=${1:?usage: scripts/gpu_session.sh check|bench|hf|sanitize}
 repo=$(pwd)
@@ -39,10 +41,11 @@ check)
   (cd $run_dir && python3 example.py --default-launch) | tee -a "$OUT/example.log"
   (cd /tmp && time python3 -m ffa.tuner 2>&1) 2>&1 | tee "$OUT/tuner.log" | tail -25
   cp "$FFA_TUNER_CACHE_DIR"/*.json "$OUT/" || true
+  cp "$FFA_TUNER_CACHE_DIR"/*.json "$OUT/" || true
   ;;
 bench)
-  (cd $run_dir && python3 bench/kernels.py --out "$OUT/kernels.json" ${BENCH_ARGS:-}) 2>&1 |
-    grep -v -i warn | tee "$OUT/kernels.log" | tail -90
+  (cd $run_dir && python3 bench/kernel_bench.py --out "$OUT/kernel-bench.json" ${BENCH_ARGS:-}) 2>&1 |
+    grep -v -i warn | tee "$OUT/kernel-bench.log" | tail -90
   ;;
 hf)
   (cd $run_dir && python3 bench/hf_generate.py --out "$OUT/${HF_NAME:-hf_generate}.json" ${HF_ARGS:-}) 2>&1 |
