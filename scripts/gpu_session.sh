@@ -41,7 +41,6 @@ check)
   (cd $run_dir && python3 example.py --default-launch) | tee -a "$OUT/example.log"
   (cd /tmp && time python3 -m ffa.tuner 2>&1) 2>&1 | tee "$OUT/tuner.log" | tail -25
   cp "$FFA_TUNER_CACHE_DIR"/*.json "$OUT/" || true
-  cp "$FFA_TUNER_CACHE_DIR"/*.json "$OUT/" || true
   ;;
 bench)
   (cd $run_dir && python3 bench/kernel_bench.py --out "$OUT/kernel-bench.json" ${BENCH_ARGS:-}) 2>&1 |
