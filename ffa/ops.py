@@ -13,6 +13,7 @@ that protects memory.
 from typing import Optional
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _lib
 from .launch import LaunchConfig
@@ -60,7 +61,7 @@ def launch_params(k_cache, v_cache, heads, config, workspace):
     return params
 
 
-def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap=0.0):
+def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap):
     """Queue one decode step on the current stream of q's device: a copy of `fixed` (from
     launch_params) completed with this step's tensors and numbers. A copy, not `fixed` itself:
     the library call releases the GIL, and another thread's step must not rewrite the struct
@@ -109,7 +110,8 @@ def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: 
 
 
 # SDPA backends in the order sdpa_decode_into tries them: a boolean mask rules flash attention out.
-SDPA_PRIORITY = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                 SDPBackend.MATH]
 
 
 def sdpa_decode_into(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale):
@@ -117,8 +119,8 @@ def sdpa_decode_into(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start
     kernel="sdpa"): new_k/new_v copied into the cache at each sequence's position (two
     index_put), then torch's SDPA over the whole cache with a mask of positions start .. pos,
     native grouped-query heads, the backends tried in SDPA_PRIORITY order. The same step as
-    decode_into with p = 0, within rounding; positions must lie in the cache."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    decode_into with p = 0, within rounding; positions must lie in the cache. (sdpa_kernel's
+    priority order needs a torch that has its set_priority argument.)"""
     batch, heads, head_dim = out.shape
     device = q.device
     pos, start = _positions(pos, pos_int, batch, device), _positions(start, start_int, batch, device)
@@ -127,7 +129,7 @@ def sdpa_decode_into(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start
     v_cache[rows, :, pos] = new_v
     positions = torch.arange(k_cache.shape[2], device=device)
     mask = (positions >= start[:, None]) & (positions <= pos[:, None])
-    with sdpa_kernel([getattr(SDPBackend, name) for name in SDPA_PRIORITY], set_priority=True):
+    with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
         o = torch.nn.functional.scaled_dot_product_attention(
             q.reshape(batch, heads, 1, head_dim), k_cache, v_cache, attn_mask=mask[:, None, None, :], scale=scale,
             enable_gqa=heads != k_cache.shape[1])
