@@ -21,6 +21,7 @@ struct DecodeArgs {
   float prune_p;
   int heads, group, heads_per_block, max_len;
   int split_len, num_splits;  // split_len == 0: one block per sequence, no combine
+  int stages, tile_rows;      // the TMA kernel's ring: stages of tile_rows positions (decode_tma.cuh)
   float *part_out;            // [batch, heads, num_splits, head_dim] normalized partial outputs
   float *part_lse;            // [batch, heads, num_splits] log2-sum-exp of each split
   int *counters;              // [batch, heads / heads_per_block] finished split blocks; zero between launches

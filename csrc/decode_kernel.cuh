@@ -266,22 +266,14 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
           for (int e = 0; e < VEC; ++e) red[warp * D + ch * VEC + e] = acc[g][c][e];
       }
     __syncthreads();
-    const float inv_l = 1.f / l_run[g];
-    const int h = h0 + g;
     for (int d = tid; d < D; d += nt) {
       float s = 0.f;
       for (int w = 0; w < nwarps; ++w) s += red[w * D + d];
-      if (a.split_len == 0) {
-        static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(s * inv_l);
-      } else {
-        const int64_t row = (int64_t(b) * a.heads + h) * a.num_splits + split;
-        a.part_out[row * D + d] = s * inv_l;
-        if (d == 0) a.part_lse[row] = m_run[g] + log2f(l_run[g]);
-      }
+      write_result<T, D>(a, b, h0 + g, split, d, m_run[g], l_run[g], s);
     }
     __syncthreads();  // before the next head reuses `red`
   }
-  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, start, pos, logits, red_max, red_sum);
+  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, start, pos);
 }
 
 }  // namespace ffa

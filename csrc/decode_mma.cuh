@@ -25,8 +25,8 @@
 // Rounding P to fp16/bf16 (as FlashAttention does) is the only arithmetic difference from
 // decode_kernel.cuh. With p > 0 (kPrune) a tile's V rows are copied only after its weights
 // are known, and rows that every head weighs below the bound are not read (see the loop). At
-// the end the warps' results are merged through shared memory the way combine.cuh merges split
-// blocks, and a split block hands over to combine_if_last.
+// the end the warps' results are merged through shared memory with combine.cuh's merge_partial,
+// and a split block hands over to combine_if_last.
 //
 // Shared memory. A stage holds the tile's K rows then its V rows, 16 x D elements each,
 // row-major in 16-byte chunks; chunk c of row r sits at index c ^ (r % 8), so the 8 rows that
@@ -58,11 +58,9 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   static_assert(sizeof(T) == 2 && (D == 64 || D == 128), "fp16/bf16 rows of 8 or 16 chunks");
   constexpr int VEC = 8, CPR = D / VEC;  // elements per chunk, chunks per row
   constexpr int KSTEPS = D / 16, MTILES = D / 16, STAGE = 2 * kTileRows * CPR;  // STAGE in chunks
-  static_assert(mma_smem_bytes(D, 32) >= kHeads * D * 4 && mma_smem_bytes(D, 64) >= kLogitFloats * 4,
-                "the stages are reused for the warps' outputs and combine_if_last's weights");
+  static_assert(mma_smem_bytes(D, 32) >= kHeads * D * 4, "the stages are reused for the warps' outputs");
   extern __shared__ uint4 smem[];
   __shared__ float warp_max[kMaxWarps][kHeads], warp_sum[kMaxWarps][kHeads];
-  __shared__ float red_max[kMaxWarps], red_sum[kMaxWarps];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
   const int g = lane / 4, t4 = lane % 4;  // fragment row and column pair (mma.cuh)
@@ -265,8 +263,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   }
   l_run[0] = column_sum(l_run[0]), l_run[1] = column_sum(l_run[1]);
 
-  // Merge the warps: out = sum_w 2^(m_w - M) O_w / sum_w 2^(m_w - M) l_w, M = max_w m_w
-  // (a warp without tiles has m = -inf and adds nothing).
+  // Merge the warps (merge_partial; a warp without tiles has m = -inf and adds nothing).
   __syncthreads();  // every warp is done with its stages: they now hold the warps' outputs
   float *wo = reinterpret_cast<float *>(smem);  // [warp][head][D]
   if (g == 0)
@@ -278,24 +275,12 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
     for (int e = 0; e < 4; ++e) wo[(warp * kHeads + 2 * t4 + e % 2) * D + 16 * j + g + 8 * (e / 2)] = o[j][e];
   __syncthreads();
   for (int i = tid; i < nh * D; i += blockDim.x) {
-    const int row = i / D, d = i % D, h = h0 + row;
+    const int row = i / D, d = i % D;
     float m = -INFINITY, l = 0.f, acc = 0.f;
-    for (int w = 0; w < nwarps; ++w) m = fmaxf(m, warp_max[w][row]);
-    for (int w = 0; w < nwarps; ++w) {
-      const float f = exp2f(warp_max[w][row] - m);
-      l += f * warp_sum[w][row];
-      acc += f * wo[(w * kHeads + row) * D + d];
-    }
-    if (a.split_len == 0) {
-      static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(acc / l);
-    } else {
-      const int64_t prow = (int64_t(b) * a.heads + h) * a.num_splits + split;
-      a.part_out[prow * D + d] = acc / l;
-      if (d == 0) a.part_lse[prow] = m + log2f(l);
-    }
+    for (int w = 0; w < nwarps; ++w) merge_partial(m, l, acc, warp_max[w][row], warp_sum[w][row], wo[(w * kHeads + row) * D + d]);
+    write_result<T, D>(a, b, h0 + row, split, d, m, l, acc);
   }
-  if (a.split_len > 0)
-    combine_if_last<T, D>(a, b, h0, nh, r.start, r.pos, reinterpret_cast<float *>(smem), red_max, red_sum);
+  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, r.start, r.pos);
 }
 
 }  // namespace ffa

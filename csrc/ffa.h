@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 5
+#define FFA_ABI_VERSION 6
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -36,6 +36,13 @@ typedef enum {
 } ffa_status;
 
 typedef enum { FFA_F16 = 0, FFA_BF16 = 1, FFA_F32 = 2 } ffa_dtype;
+
+/* Which decode kernel a launch runs; ffa_build_info says where each exists. */
+typedef enum {
+  FFA_KERNEL_CUDA_CORES = 0,   /* every dtype and head_dim, any GPU */
+  FFA_KERNEL_TENSOR_CORES = 1, /* mma on compute capability 8.0+, fp16/bf16 */
+  FFA_KERNEL_TMA = 2           /* bulk copy engine + mma on compute capability 9.0+, fp16/bf16 */
+} ffa_kernel;
 
 /* One decode step. Strides are in elements; the last dimension (head_dim) is contiguous.
  *   q:        [batch, heads, head_dim]
@@ -81,12 +88,16 @@ typedef struct {
    * split_len > 0: blocks of split_len positions, combined exactly by the last block of each
    * head group to finish; the grid has ceil(max_len / split_len) splits, fixed by static
    * sizes only. */
-  int64_t threads;         /* 64, 128 or 256 */
-  int64_t heads_per_block; /* query heads sharing one K/V read; divides heads/kv_heads, <= 8 */
+  int64_t threads;         /* 64, 128 or 256 (FFA_KERNEL_TMA: the consumer threads; one producer warp is added) */
+  int64_t heads_per_block; /* query heads sharing one K/V read; divides heads/kv_heads; at most
+                              max_heads_per_block of ffa_build_info for the kernel */
   int64_t split_len;       /* 0 or a multiple of 16 */
-  int64_t tensor_cores;    /* 0: CUDA cores. 1: tensor cores (mma), for fp16/bf16 with head_dim 64
-                              or 128 on compute capability 8.0+, where the block's shared memory
-                              fits the device (FFA_ERR_UNSUPPORTED otherwise) */
+  int64_t kernel;          /* ffa_kernel. A kernel that lacks this dtype or head_dim is FFA_ERR_UNSUPPORTED, as is
+                              a device that cannot run it (its compute capability, its shared memory) */
+  int64_t stages;          /* FFA_KERNEL_TMA: shared-memory ring stages, 2..8 (ignored by the others) */
+  int64_t tile_rows;       /* FFA_KERNEL_TMA: positions per stage, a multiple of 16 in 16..256 (ignored by the others) */
+  int64_t pdl;             /* FFA_KERNEL_TMA: 1 launches with programmatic dependent launch (its start overlaps the
+                              previous kernel's end on the stream), 0 not (ignored by the others) */
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One
@@ -99,7 +110,9 @@ typedef struct {
 
 FFA_API int64_t ffa_abi_version(void);
 FFA_API const char *ffa_version(void);
-/* JSON text: {"version":..., "abi":..., "archs":[...], "dtypes":[...], "head_dims":[...], ...} */
+/* JSON text: {"version":..., "abi":..., "archs":[...], "dtypes":[...], "head_dims":[...], "threads": [...],
+ * "kernels": {name: {"code": ffa_kernel, "dtypes": [...], "head_dims": [...], "compute_capability": x.y,
+ * "max_heads_per_block": n}, ...}, "tma": {"stages": [lo, hi], "tile_rows": [lo, hi, step]}, ...} */
 FFA_API const char *ffa_build_info(void);
 FFA_API const char *ffa_status_string(int status);
 FFA_API const char *ffa_last_error(void);

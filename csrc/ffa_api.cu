@@ -39,10 +39,46 @@ constexpr double kLog2e = 1.4426950408889634;  // logits are kept in base-2 unit
 
 int64_t dtype_size(int64_t dtype) { return dtype == FFA_F32 ? 4 : 2; }
 
-bool supported_head_dim(int64_t d) {
-  for (int hd : ffa::kHeadDims)
-    if (hd == d) return true;
-  return false;
+const char *dtype_name(int64_t dtype) { return dtype == FFA_F32 ? "float32" : dtype == FFA_F16 ? "float16" : "bfloat16"; }
+
+int max_heads_per_block(int64_t kernel) { return kernel == ffa::kTma ? ffa::kTmaMaxHeads : ffa::kMaxHeadsPerBlock; }
+
+// The ffa_build_info text, made once from the constants of launch.cuh and decode_tma.cuh.
+std::string json_list(std::initializer_list<int> xs) {
+  std::string s = "[";
+  for (int x : xs) s += (s.size() > 1 ? ", " : "") + std::to_string(x);
+  return s + "]";
+}
+
+template <int N>
+std::string json_list(const int (&xs)[N]) {
+  std::string s = "[";
+  for (int x : xs) s += (s.size() > 1 ? ", " : "") + std::to_string(x);
+  return s + "]";
+}
+
+std::string kernel_info(const char *name, int code, const char *dtypes, const std::string &head_dims, int capability,
+                        int heads) {
+  char cc[16];
+  snprintf(cc, sizeof cc, "%d.%d", capability / 10, capability % 10);
+  return std::string("\"") + name + "\": {\"code\": " + std::to_string(code) + ", \"dtypes\": " + dtypes +
+         ", \"head_dims\": " + head_dims + ", \"compute_capability\": " + cc +
+         ", \"max_heads_per_block\": " + std::to_string(heads) + "}";
+}
+
+std::string build_info_text() {
+  const char *all = "[\"float16\", \"bfloat16\", \"float32\"]", *half = "[\"float16\", \"bfloat16\"]";
+  return std::string("{\"version\": \"" FFA_VERSION "\", \"abi\": " FFA_STR(FFA_ABI_VERSION)
+                     ", \"archs\": [" FFA_STR(__CUDA_ARCH_LIST__) "], \"dtypes\": ") +
+         all + ", \"head_dims\": " + json_list(ffa::kHeadDims) + ", \"threads\": " + json_list({64, 128, 256}) +
+         ", \"kernels\": {" +
+         kernel_info("cuda_cores", ffa::kCudaCores, all, json_list(ffa::kHeadDims), 0, ffa::kMaxHeadsPerBlock) + ", " +
+         kernel_info("tensor_cores", ffa::kTensorCores, half, json_list(ffa::kTensorCoreHeadDims),
+                     ffa::kTensorCoreCapability, ffa::kMaxHeadsPerBlock) + ", " +
+         kernel_info("tma", ffa::kTma, half, json_list(ffa::kTmaHeadDims), ffa::kTmaCapability, ffa::kTmaMaxHeads) +
+         "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
+         ", \"tile_rows\": " + json_list({16, ffa::kTmaMaxTileRows, 16}) +
+         "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 
 int64_t num_splits(const ffa_decode_params *p) {
@@ -74,31 +110,41 @@ int check_shapes(const ffa_decode_params *p) {
   if (p->heads < 1 || p->kv_heads < 1 || p->heads % p->kv_heads != 0)
     return fail(FFA_ERR_INVALID_ARGUMENT, "heads (%lld) must be a positive multiple of kv_heads (%lld)",
                 (long long)p->heads, (long long)p->kv_heads);
-  if (!supported_head_dim(p->head_dim))
-    return fail(FFA_ERR_UNSUPPORTED, "head_dim %lld is not compiled; supported: 32, 64, 80, 96, 128, 256",
-                (long long)p->head_dim);
+  if (!ffa::listed(ffa::kHeadDims, int(p->head_dim)))
+    return fail(FFA_ERR_UNSUPPORTED, "head_dim %lld is not compiled (see ffa_build_info)", (long long)p->head_dim);
   if (p->max_len < 1 || p->max_len > (int64_t(1) << 30))
     return fail(FFA_ERR_INVALID_ARGUMENT, "max_len %lld is outside [1, 2^30]", (long long)p->max_len);
   if (p->threads != 64 && p->threads != 128 && p->threads != 256)
     return fail(FFA_ERR_INVALID_ARGUMENT, "threads %lld is not 64, 128 or 256", (long long)p->threads);
   const int64_t group = p->heads / p->kv_heads;
-  if (p->heads_per_block < 1 || p->heads_per_block > ffa::kMaxHeadsPerBlock ||
-      group % p->heads_per_block != 0)
+  if (p->kernel < ffa::kCudaCores || p->kernel > ffa::kTma)
+    return fail(FFA_ERR_INVALID_ARGUMENT, "kernel %lld is not 0 (CUDA cores), 1 (tensor cores) or 2 (TMA)",
+                (long long)p->kernel);
+  const int most = max_heads_per_block(p->kernel);
+  if (p->heads_per_block < 1 || p->heads_per_block > most || group % p->heads_per_block != 0)
     return fail(FFA_ERR_INVALID_ARGUMENT,
-                "heads_per_block %lld must divide the group size %lld and be at most %d",
-                (long long)p->heads_per_block, (long long)group, ffa::kMaxHeadsPerBlock);
+                "heads_per_block %lld must divide the group size %lld and be at most %d for kernel %lld",
+                (long long)p->heads_per_block, (long long)group, most, (long long)p->kernel);
   if (p->heads / p->heads_per_block > 65535)  // the grid's y dimension: one block per head group
     return fail(FFA_ERR_INVALID_ARGUMENT, "heads / heads_per_block = %lld is more than 65535 head groups",
                 (long long)(p->heads / p->heads_per_block));
-  if (p->split_len < 0 || (p->split_len > 0 && num_splits(p) > 8192))
-    return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld gives more than 8192 splits of max_len %lld",
+  if (p->split_len < 0 || p->split_len % 16 != 0 || (p->split_len > 0 && num_splits(p) > 8192))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld is not a multiple of 16 giving at most 8192 splits of max_len %lld",
                 (long long)p->split_len, (long long)p->max_len);
-  if (p->tensor_cores != 0 && p->tensor_cores != 1)
-    return fail(FFA_ERR_INVALID_ARGUMENT, "tensor_cores %lld is not 0 or 1", (long long)p->tensor_cores);
-  if (p->tensor_cores && !ffa::has_tensor_core_kernel(int(dtype_size(p->dtype)), int(p->head_dim)))
-    return fail(FFA_ERR_UNSUPPORTED, "tensor_cores needs float16 or bfloat16 with head_dim 64 or 128 (got %s, %lld)",
-                p->dtype == FFA_F32 ? "float32" : p->dtype == FFA_F16 ? "float16" : "bfloat16",
-                (long long)p->head_dim);
+  const int es = int(dtype_size(p->dtype)), hd = int(p->head_dim);
+  if ((p->kernel == ffa::kTensorCores && !ffa::has_tensor_core_kernel(es, hd)) ||
+      (p->kernel == ffa::kTma && !ffa::has_tma_kernel(es, hd)))
+    return fail(FFA_ERR_UNSUPPORTED, "kernel %lld has no %s kernel for head_dim %lld (see ffa_build_info)",
+                (long long)p->kernel, dtype_name(p->dtype), (long long)p->head_dim);
+  if (p->kernel == ffa::kTma) {
+    if (p->stages < ffa::kTmaMinStages || p->stages > ffa::kTmaMaxStages)
+      return fail(FFA_ERR_INVALID_ARGUMENT, "stages %lld is outside [%d, %d]", (long long)p->stages,
+                  ffa::kTmaMinStages, ffa::kTmaMaxStages);
+    if (p->tile_rows < 16 || p->tile_rows > ffa::kTmaMaxTileRows || p->tile_rows % 16 != 0)
+      return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of 16 in [16, %d]",
+                  (long long)p->tile_rows, ffa::kTmaMaxTileRows);
+    if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
+  }
   return FFA_OK;
 }
 
@@ -139,12 +185,8 @@ int64_t ffa_abi_version(void) { return FFA_ABI_VERSION; }
 const char *ffa_version(void) { return FFA_VERSION; }
 
 const char *ffa_build_info(void) {
-  return "{\"version\": \"" FFA_VERSION "\", \"abi\": " FFA_STR(FFA_ABI_VERSION)
-         ", \"archs\": [" FFA_STR(__CUDA_ARCH_LIST__)
-         "], \"dtypes\": [\"float16\", \"bfloat16\", \"float32\"]"
-         ", \"head_dims\": [32, 64, 80, 96, 128, 256], \"threads\": [64, 128, 256]"
-         ", \"max_heads_per_block\": 8, \"tensor_cores\": {\"dtypes\": [\"float16\", \"bfloat16\"]"
-         ", \"head_dims\": [64, 128], \"compute_capability\": 8.0}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
+  static const std::string text = build_info_text();
+  return text.c_str();
 }
 
 const char *ffa_status_string(int status) {
@@ -277,6 +319,7 @@ int ffa_decode(const ffa_decode_params *p) {
   a.heads = int(p->heads), a.group = int(p->heads / p->kv_heads);
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
+  a.stages = int(p->stages), a.tile_rows = int(p->tile_rows);
   if (need > 0) {
     a.counters = static_cast<int *>(p->workspace);
     a.part_out = reinterpret_cast<float *>(static_cast<char *>(p->workspace) + counter_bytes(p));
@@ -288,19 +331,28 @@ int ffa_decode(const ffa_decode_params *p) {
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "cudaGetDevice: %s", cudaGetErrorString(err));
   cudaStream_t stream = static_cast<cudaStream_t>(p->stream);
   const int hd = int(p->head_dim), batch = int(p->batch), kvh = int(p->kv_heads), threads = int(p->threads);
-  const bool tc = p->tensor_cores != 0;
+  const int kernel = int(p->kernel);
+  const bool pdl = p->pdl != 0;
   err = [&] {
     switch (p->dtype) {
-      case FFA_F16: return ffa::launch_decode<__half>(a, hd, batch, kvh, threads, tc, stream);
-      case FFA_BF16: return ffa::launch_decode<__nv_bfloat16>(a, hd, batch, kvh, threads, tc, stream);
-      default: return ffa::launch_decode<float>(a, hd, batch, kvh, threads, tc, stream);
+      case FFA_F16: return ffa::launch_decode<__half>(a, hd, batch, kvh, threads, kernel, pdl, stream);
+      case FFA_BF16: return ffa::launch_decode<__nv_bfloat16>(a, hd, batch, kvh, threads, kernel, pdl, stream);
+      default: return ffa::launch_decode<float>(a, hd, batch, kvh, threads, kernel, pdl, stream);
     }
   }();
-  if (err == cudaErrorNotSupported && tc)  // launch_decode_mma's answer
+  if (err == cudaErrorNotSupported && kernel == ffa::kTensorCores)  // launch_decode_mma's answer
     return fail(FFA_ERR_UNSUPPORTED,
                 "tensor_cores: device %d cannot run this launch (it needs compute capability 8.0+ and "
                 "%d bytes of shared memory per block for %d threads of head_dim %d)",
                 device, ffa::mma_smem_bytes(hd, threads), threads, hd);
+  if (err == cudaErrorNotSupported && kernel == ffa::kTma)  // launch_decode_tma's answer
+    return fail(FFA_ERR_UNSUPPORTED,
+                "tma: device %d cannot run this launch (it needs compute capability 9.0+, %d bytes of shared memory "
+                "per block for %d threads, %lld stages of %lld rows of head_dim %d, and cache strides the bulk copy "
+                "engine accepts)",
+                device, ffa::tma_smem_bytes(hd, int(dtype_size(p->dtype)), threads, int(p->stages), int(p->tile_rows),
+                                            int(p->heads_per_block)),
+                threads, (long long)p->stages, (long long)p->tile_rows, hd);
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
     return fail_no_kernel_image(device);
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "kernel launch on device %d: %s", device, cudaGetErrorString(err));

@@ -3,17 +3,22 @@
 //
 // Compiled shapes: head_dim in kHeadDims, heads-per-block template G in {1, 2, 4, 8} (a block
 // with fewer heads uses the next G up) on CUDA cores (decode_kernel.cuh); on tensor cores
-// (decode_mma.cuh, one kernel for up to 8 heads) fp16 / bf16 with head_dim 64 or 128. Each
-// dtype's instantiations live in their own file under instantiate/ so that nvcc compiles them
-// in parallel.
+// (decode_mma.cuh, one kernel for up to 8 heads) fp16 / bf16 with head_dim 64 or 128; on the
+// bulk copy engine and tensor cores (decode_tma.cuh, up to 32 heads, compute capability 9.0+)
+// fp16 / bf16 with head_dim 64, 128 or 256, its caches described by tensor maps made here per
+// launch. Each dtype's instantiations live in their own file under instantiate/ so that nvcc
+// compiles them in parallel.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <atomic>
 
 #include "decode_kernel.cuh"
 #include "decode_mma.cuh"
+#include "decode_tma.cuh"
 
 namespace ffa {
 
@@ -27,9 +32,24 @@ inline int template_group(int heads_per_block) {
   return heads_per_block <= 1 ? 1 : heads_per_block <= 2 ? 2 : heads_per_block <= 4 ? 4 : 8;
 }
 
-constexpr bool has_tensor_core_kernel(int dtype_bytes, int head_dim) {
-  return dtype_bytes == 2 && (head_dim == 64 || head_dim == 128);
+// The kernels of the kernel field (ffa.h's ffa_kernel) and where each one exists. These, kHeadDims
+// and the limits below are what ffa_build_info reports; Python reads them from there.
+enum Kernel { kCudaCores = 0, kTensorCores = 1, kTma = 2 };
+constexpr int kTensorCoreHeadDims[] = {64, 128};
+constexpr int kTmaHeadDims[] = {64, 128, 256};
+constexpr int kTensorCoreCapability = 80, kTmaCapability = 90;  // compute capability x 10
+constexpr int kTmaThreads = 32;  // the producer warp, on top of the launch's (consumer) threads
+
+template <int N>
+constexpr bool listed(const int (&list)[N], int x) {
+  for (int v : list)
+    if (v == x) return true;
+  return false;
 }
+constexpr bool has_tensor_core_kernel(int dtype_bytes, int head_dim) {
+  return dtype_bytes == 2 && listed(kTensorCoreHeadDims, head_dim);
+}
+constexpr bool has_tma_kernel(int dtype_bytes, int head_dim) { return dtype_bytes == 2 && listed(kTmaHeadDims, head_dim); }
 
 // The most dynamic shared memory a tensor-core block may use on the current device, -1 where
 // the device has no mma.m16n8k16 (compute capability below 8.0) or the kernel's code was built
@@ -67,10 +87,93 @@ cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, cudaS
   return cudaGetLastError();
 }
 
+// The most dynamic shared memory a TMA block may use on the current device, -1 where the device
+// is older than compute capability 9.0 or the kernel was built for an older one (as mma_smem_limit).
 template <typename T, int D>
-cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int threads, bool tensor_cores, cudaStream_t stream) {
+cudaError_t tma_smem_limit(int device, int &limit) {
+  static std::atomic<int> known[kMaxDevices];
+  if (device < kMaxDevices && (limit = known[device].load()) != 0) return cudaSuccess;
+  const auto kernel = decode_tma_kernel<T, D>;
+  int major = 0, optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaFuncAttributes attr;
+  if (err == cudaSuccess && major * 10 >= kTmaCapability) err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  limit = major * 10 >= kTmaCapability && attr.ptxVersion >= kTmaCapability ? optin - int(attr.sharedSizeBytes) : -1;
+  if (limit > 0) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+  if (err == cudaSuccess && device < kMaxDevices) known[device].store(limit);
+  return err;
+}
+
+// The driver's tensor-map encoder (found once through the runtime: the library links no libcuda).
+inline cudaError_t tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000 &encode) {
+  static std::atomic<PFN_cuTensorMapEncodeTiled_v12000> found{nullptr};
+  if ((encode = found.load())) return cudaSuccess;
+  void *fn = nullptr;
+  cudaDriverEntryPointQueryResult status;
+  cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status);
+  if (err == cudaSuccess && (status != cudaDriverEntryPointSuccess || !fn)) err = cudaErrorNotSupported;
+  if (err != cudaSuccess) return err;
+  encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  found.store(encode);
+  return cudaSuccess;
+}
+
+// The tensor map of one cache [batch, kv_heads, max_len, D] (strides in elements) whose boxes are
+// decode_tma.cuh's: kBoxBytes of a row x `rows` rows, 128-byte swizzled, zeros past max_len. A
+// dimension of size 1 gets a contiguous stride (its stride is never used). cudaErrorNotSupported:
+// the driver refused the strides.
+template <typename T, int D>
+cudaError_t cache_tensor_map(CUtensorMap &map, const void *cache, int64_t max_len, int kv_heads, int batch,
+                             int64_t ss, int64_t sh, int64_t sb, int rows) {
+  PFN_cuTensorMapEncodeTiled_v12000 encode;
+  if (cudaError_t err = tensor_map_encoder(encode)) return err;
+  const cuuint64_t es = sizeof(T);
+  const cuuint64_t dims[4] = {cuuint64_t(D), cuuint64_t(max_len), cuuint64_t(kv_heads), cuuint64_t(batch)};
+  cuuint64_t strides[3] = {cuuint64_t(ss) * es, cuuint64_t(sh) * es, cuuint64_t(sb) * es};
+  if (kv_heads == 1) strides[1] = strides[0] * dims[1];
+  if (batch == 1) strides[2] = strides[1] * dims[2];
+  const cuuint32_t box[4] = {cuuint32_t(kBoxBytes / es), cuuint32_t(rows), 1, 1}, unit[4] = {1, 1, 1, 1};
+  const CUresult res = encode(&map, std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                              4, const_cast<void *>(cache), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
+}
+
+// cudaErrorNotSupported: the device or the caches' strides do not allow this TMA launch (reported
+// by ffa_api.cu as FFA_ERR_UNSUPPORTED).
+template <typename T, int D>
+cudaError_t launch_decode_tma(const DecodeArgs &a, dim3 grid, int batch, int kv_heads, int threads, bool pdl,
+                              cudaStream_t stream) {
+  int device = 0, limit = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = tma_smem_limit<T, D>(device, limit);
+  if (err != cudaSuccess) return err;
+  const int bytes = tma_smem_bytes(D, sizeof(T), threads, a.stages, a.tile_rows, a.heads_per_block);
+  if (bytes > limit) return cudaErrorNotSupported;
+  CUtensorMap kmap, vmap;
+  if ((err = cache_tensor_map<T, D>(kmap, a.k_cache, a.max_len, kv_heads, batch, a.k_ss, a.k_sh, a.k_sb, a.tile_rows)) ||
+      (err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows)))
+    return err;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid, config.blockDim = dim3(threads + kTmaThreads), config.dynamicSmemBytes = bytes;
+  config.stream = stream, config.attrs = attr, config.numAttrs = 1;
+  err = cudaLaunchKernelEx(&config, decode_tma_kernel<T, D>, a, kmap, vmap);
+  return err == cudaSuccess ? cudaGetLastError() : err;
+}
+
+template <typename T, int D>
+cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int batch, int kv_heads, int threads, int kernel,
+                            bool pdl, cudaStream_t stream) {
+  if constexpr (has_tma_kernel(sizeof(T), D))
+    if (kernel == kTma) return launch_decode_tma<T, D>(a, grid, batch, kv_heads, threads, pdl, stream);
   if constexpr (has_tensor_core_kernel(sizeof(T), D))
-    if (tensor_cores)
+    if (kernel == kTensorCores)
       return a.prune_p > 0.f ? launch_decode_mma<T, D, true>(a, grid, threads, stream)
                              : launch_decode_mma<T, D, false>(a, grid, threads, stream);
   switch (template_group(a.heads_per_block)) {
@@ -82,29 +185,27 @@ cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int threads, bool te
   return cudaGetLastError();
 }
 
-// Launches one decode step; `head_dim` must be one of kHeadDims, and `tensor_cores` only set
-// where has_tensor_core_kernel and the device allow it (checked by the caller).
+// Launches one decode step; `head_dim` must be one of kHeadDims, and `kernel` one that exists for
+// this dtype and head_dim (checked by the caller; the device is checked here).
 template <typename T>
-cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_heads, int threads,
-                          bool tensor_cores, cudaStream_t stream) {
-  const dim3 grid(a.split_len > 0 ? a.num_splits : 1, kv_heads * (a.group / a.heads_per_block),
-                  batch);
-  cudaError_t err;
+cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_heads, int threads, int kernel,
+                          bool pdl, cudaStream_t stream) {
+  const dim3 grid(a.split_len > 0 ? a.num_splits : 1, kv_heads * (a.group / a.heads_per_block), batch);
   switch (head_dim) {
-    case 32: err = launch_decode_d<T, 32>(a, grid, threads, tensor_cores, stream); break;
-    case 64: err = launch_decode_d<T, 64>(a, grid, threads, tensor_cores, stream); break;
-    case 80: err = launch_decode_d<T, 80>(a, grid, threads, tensor_cores, stream); break;
-    case 96: err = launch_decode_d<T, 96>(a, grid, threads, tensor_cores, stream); break;
-    case 128: err = launch_decode_d<T, 128>(a, grid, threads, tensor_cores, stream); break;
-    default: err = launch_decode_d<T, 256>(a, grid, threads, tensor_cores, stream); break;
+    case 32: return launch_decode_d<T, 32>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    case 64: return launch_decode_d<T, 64>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    case 80: return launch_decode_d<T, 80>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    case 96: return launch_decode_d<T, 96>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    case 128: return launch_decode_d<T, 128>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    default: return launch_decode_d<T, 256>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
   }
-  return err;
 }
 
 // Each dtype is instantiated once, in its own file under instantiate/ (compiled in parallel);
 // every other file only links to those instantiations instead of compiling all kernels again.
-extern template cudaError_t launch_decode<__half>(const DecodeArgs &, int, int, int, int, bool, cudaStream_t);
-extern template cudaError_t launch_decode<__nv_bfloat16>(const DecodeArgs &, int, int, int, int, bool, cudaStream_t);
-extern template cudaError_t launch_decode<float>(const DecodeArgs &, int, int, int, int, bool, cudaStream_t);
+#define FFA_LAUNCH_DECODE(T) cudaError_t launch_decode<T>(const DecodeArgs &, int, int, int, int, int, bool, cudaStream_t)
+extern template FFA_LAUNCH_DECODE(__half);
+extern template FFA_LAUNCH_DECODE(__nv_bfloat16);
+extern template FFA_LAUNCH_DECODE(float);
 
 }  // namespace ffa

@@ -22,11 +22,11 @@ import numbers
 import torch
 
 from . import _lib, ops, tuner
-from .launch import LaunchConfig, default_launch, fit_splits, heuristic, length_bucket, tensor_cores_apply
+from .launch import (LaunchConfig, default_launch, fit_splits, head_dims, heuristic, length_bucket, tensor_cores_apply,
+                     tma_applies)
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 CPU_DTYPES = GPU_DTYPES + (torch.float64,)
-HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 KERNELS = ("ffa", "sdpa")  # what computes a step: FFA's kernel, or two cache copies + torch's SDPA
 # softcap values the kernel holds in float32 after its base-2 conversion (csrc/ffa_api.cu).
 SOFTCAP_RANGE = (1e-30, 1e30)
@@ -161,8 +161,8 @@ class FastForwardAttn:
         batch, kv_heads, prompt_len, head_dim = K.shape
         if kv_heads == 0:
             raise ValueError(f"K must have at least one kv head (dim 1), got shape {tuple(K.shape)}")
-        if head_dim not in HEAD_DIMS:
-            raise ValueError(f"K has head_dim {head_dim}; supported: {', '.join(map(str, HEAD_DIMS))}")
+        if head_dim not in head_dims():
+            raise ValueError(f"K has head_dim {head_dim}; supported: {', '.join(map(str, head_dims()))}")
         if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
             raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
         if not max(prompt_len, 1) <= max_len <= 2**30:
@@ -197,6 +197,7 @@ class FastForwardAttn:
         self._sm_count = torch.cuda.get_device_properties(K.device).multi_processor_count if K.is_cuda else 1
         capability = torch.cuda.get_device_capability(K.device) if K.is_cuda else (0, 0)
         self._tensor_cores = tensor_cores_apply(self.dtype, self.head_dim, capability)
+        self._tma = tma_applies(self.dtype, self.head_dim, capability)
         self._tuned = tuner.load_table(K.device) if K.is_cuda else None
         self._workspaces = {}  # query heads -> split workspace (see _workspace_for)
         self._no_workspace = torch.empty(0, dtype=torch.uint8, device=K.device)
@@ -234,7 +235,7 @@ class FastForwardAttn:
         tuner cache has no entry."""
         group = heads // self.kv_heads
         config = heuristic(self.batch, self.kv_heads, group, min(length_bucket(length), self.max_len), self._sm_count,
-                           self.head_dim, self._tensor_cores, prune and self._tensor_cores and group > 1)
+                           self.head_dim, self._tensor_cores, prune and self._tensor_cores and group > 1, self._tma)
         return fit_splits(config, self.max_len)
 
     def prepare(self, heads, p=0.0):
@@ -294,8 +295,7 @@ class FastForwardAttn:
             return out
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
         op(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos, pos_int, start_t,
-           start_int, scale, p, cap, config.threads, config.heads_per_block, config.split_len, config.tensor_cores,
-           self._workspace_for(heads, config))
+           start_int, scale, p, cap, config.fields(), self._workspace_for(heads, config))
         return out
 
     def _launch_params(self, heads, config):

@@ -24,14 +24,15 @@ def _library_lines():
     archs = ", ".join(f"sm_{a // 10}" for a in build.get("archs", []))
     cudart = build.get("cuda_runtime")
     runtime = f"{cudart // 1000}.{cudart % 1000 // 10}" if isinstance(cudart, int) else "?"
-    tc = build.get("tensor_cores", {})
-    tensor_cores = (f"{', '.join(tc.get('dtypes', []))} at head_dim {', '.join(map(str, tc.get('head_dims', [])))} "
-                    f"on compute capability {tc.get('compute_capability')}+" if tc else "none")
+    kernels = [f"{name:<14} {', '.join(k['dtypes'])} at head_dim {', '.join(map(str, k['head_dims']))}, "
+               f"compute capability {k['compute_capability']}+, up to {k['max_heads_per_block']} heads per block"
+               for name, k in build.get("kernels", {}).items()]
     return [
         f"library        {path}",
         f"               loaded: ABI {build.get('abi')}, CUDA runtime {runtime} (static)",
         f"architectures  {archs or '?'}",
-        f"tensor cores   {tensor_cores}",
+        "kernels",
+        *(f"  {line}" for line in kernels),
     ]
 
 

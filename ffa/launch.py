@@ -1,21 +1,40 @@
 """Launch configurations: what the kernel's launch fields mean, and the heuristic choice.
 
 A LaunchConfig is the part of a launch that does not change results, only speed:
-  threads          threads per block (64, 128, 256)
+  threads          threads per block (64, 128, 256; the TMA kernel adds one producer warp)
   heads_per_block  query heads that share one read of their kv head (divides the group size)
   split_len        positions per block; 0 means one block covers the whole sequence
-  tensor_cores     the tensor-core (mma) kernel instead of the CUDA-core one: fp16 / bf16 with
-                   head_dim 64 or 128 on compute capability 8.0+ (`tensor_cores_apply`)
-The tuner (ffa.tuner) measures these per GPU; without its cache, `heuristic` decides.
+  tensor_cores     the tensor-core (mma) kernel instead of the CUDA-core one
+  tma              the bulk-copy-engine (TMA) kernel on tensor cores, compute capability 9.0+,
+                   with `stages` ring stages of `tile_rows` positions, and programmatic
+                   dependent launch when `pdl` (at most one of tensor_cores and tma)
+Which kernel exists for which dtype, head_dim and GPU is the library's to say (`library_facts`,
+`kernel_applies`). The tuner (ffa.tuner) measures these per GPU; without its cache, `heuristic`
+decides.
 """
 
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 
 import torch
 
-MAX_HEADS_PER_BLOCK = 8
+from . import _lib
+
 MAX_SPLITS = 8192  # the library's limit on ceil(max_len / split_len)
 THREADS = (64, 128, 256)
+
+
+@lru_cache(maxsize=None)
+def library_facts():
+    """What the native library says it runs (ffa_build_info in csrc/ffa_api.cu, made from the
+    kernels' own constants): "head_dims", "threads", and per kernel ("cuda_cores",
+    "tensor_cores", "tma") its "code", "dtypes", "head_dims", "compute_capability" and
+    "max_heads_per_block"; "tma" holds the ranges of its "stages" and "tile_rows"."""
+    return _lib.build_info()
+
+
+def head_dims():
+    return tuple(library_facts()["head_dims"])
 
 
 @dataclass(frozen=True)
@@ -24,23 +43,56 @@ class LaunchConfig:
     heads_per_block: int = 1
     split_len: int = 0
     tensor_cores: bool = False
+    tma: bool = False
+    stages: int = 0
+    tile_rows: int = 0
+    pdl: bool = False
+
+    @property
+    def kernel(self):
+        """The kernel's name in library_facts()["kernels"]."""
+        return "tma" if self.tma else "tensor_cores" if self.tensor_cores else "cuda_cores"
 
     def as_dict(self):
         return asdict(self)
 
+    def fields(self):
+        """The configuration as a list of ints (the custom op's argument); from_fields inverts it."""
+        return [self.threads, self.heads_per_block, self.split_len, int(self.tensor_cores), int(self.tma),
+                self.stages, self.tile_rows, int(self.pdl)]
 
-TENSOR_CORE_DTYPES = (torch.float16, torch.bfloat16)
-TENSOR_CORE_HEAD_DIMS = (64, 128)
+    @classmethod
+    def from_fields(cls, fields):
+        t, h, s, tc, tma, stages, rows, pdl = fields
+        return cls(t, h, s, bool(tc), bool(tma), stages, rows, bool(pdl))
+
+
+def max_heads_per_block(kernel="tensor_cores"):
+    """The most query heads one block of `kernel` holds."""
+    return library_facts()["kernels"][kernel]["max_heads_per_block"]
+
+
+def kernel_applies(kernel, dtype, head_dim, capability):
+    """Whether the library has `kernel` ("cuda_cores", "tensor_cores", "tma") for this dtype and
+    head_dim on a GPU of compute capability `capability` (a (major, minor) tuple)."""
+    facts = library_facts()["kernels"][kernel]
+    major, minor = divmod(round(facts["compute_capability"] * 10), 10)
+    return (str(dtype).removeprefix("torch.") in facts["dtypes"] and head_dim in facts["head_dims"]
+            and tuple(capability) >= (major, minor))
 
 
 def tensor_cores_apply(dtype, head_dim, capability):
-    """Whether the library has a tensor-core kernel for this dtype and head_dim on a GPU of
-    compute capability `capability` (a (major, minor) tuple)."""
-    return dtype in TENSOR_CORE_DTYPES and head_dim in TENSOR_CORE_HEAD_DIMS and tuple(capability) >= (8, 0)
+    return kernel_applies("tensor_cores", dtype, head_dim, capability)
 
 
-def heads_per_block_options(group, most=MAX_HEADS_PER_BLOCK):
-    """The divisors of the group size up to `most` (a block's heads share one kv head)."""
+def tma_applies(dtype, head_dim, capability):
+    return kernel_applies("tma", dtype, head_dim, capability)
+
+
+def heads_per_block_options(group, most=None):
+    """The divisors of the group size up to `most` (default: what a tensor-core block holds; a
+    block's heads share one kv head)."""
+    most = max_heads_per_block() if most is None else most
     return [d for d in range(1, min(group, most) + 1) if group % d == 0]
 
 
@@ -96,10 +148,35 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
     return group >= 2 and kv_bytes <= TENSOR_CORES_MAX_BYTES
 
 
-def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False):
-    """Fill one wave of the GPU and no more. `tensor_cores`: whether the tensor-core kernel
-    applies (tensor_cores_apply); it is then used where use_tensor_cores says it is faster
-    (`prune`: for a step with p > 0).
+# The TMA kernel's launch without a tuner entry: 4 consumer warps, a ring of TMA_STAGES stages of
+# TMA_TILE_ROWS positions (fewer stages where the ring would not fit one block: head_dim 256), and
+# splits of whole tiles that fill TMA_RESIDENT blocks per SM. First values, to be replaced by the
+# tuned ones (bench/results/kernel-bench-h200.md).
+TMA_THREADS, TMA_STAGES, TMA_TILE_ROWS, TMA_RESIDENT = 128, 4, 64, 1
+TMA_RING_BYTES = 128 << 10
+
+
+def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
+    """The TMA kernel's launch: the whole group in one block (up to max_heads_per_block("tma")
+    heads), and splits of whole tiles that fill one wave."""
+    hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
+    stages = max(2, min(TMA_STAGES, TMA_RING_BYTES // (2 * TMA_TILE_ROWS * head_dim * 2)))
+    blocks = batch * kv_heads * (group // hpb)
+    splits = (TMA_RESIDENT * sm_count) // blocks
+    split_len = 0
+    if splits > 1:
+        split_len = round_up(-(-length // splits), TMA_TILE_ROWS)
+        if split_len >= length:
+            split_len = 0
+    return LaunchConfig(threads=TMA_THREADS, heads_per_block=hpb, split_len=split_len, tma=True, stages=stages,
+                        tile_rows=TMA_TILE_ROWS)
+
+
+def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False, tma=False):
+    """Fill one wave of the GPU and no more. `tma`: whether the TMA kernel applies (tma_applies);
+    it is then used for every step with p = 0 (heuristic_tma). `tensor_cores`: whether the
+    tensor-core kernel applies (tensor_cores_apply); it is then used where use_tensor_cores says
+    it is faster (`prune`: for a step with p > 0).
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
        cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
        MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one
@@ -111,11 +188,13 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        rows of more than ONE_HEAD_MAX_UNSPLIT always (LONG_ROW_SPLIT positions per piece).
     4. Threads: 256 for one-head CUDA-core blocks over rows of 2048+ positions (unsplit or in
        LONG_ROW_SPLIT pieces) or unsplit short ones, and for unsplit tensor-core blocks, else 128."""
+    if tma and not prune:
+        return heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim)
     tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim, prune)
     min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
     pieces = max(1, length // min_split)
     # from the most heads per block down; ends at 1 when none fills a wave
-    for hpb in reversed(heads_per_block_options(group, MAX_HEADS_PER_BLOCK if tc else CUDA_CORE_MAX_HEADS_PER_BLOCK)):
+    for hpb in reversed(heads_per_block_options(group, max_heads_per_block() if tc else CUDA_CORE_MAX_HEADS_PER_BLOCK)):
         if tc:
             wave = sm_count
         else:

@@ -10,13 +10,13 @@ Arguments are assumed valid (attention.py checks them); the library re-checks ev
 that protects memory.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import _lib
-from .launch import LaunchConfig
+from .launch import LaunchConfig, library_facts
 from .reference import decode_reference
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -53,7 +53,8 @@ def launch_params(k_cache, v_cache, heads, config, workspace):
         v_cache=v_cache.data_ptr(), v_stride_b=v_cache.stride(0), v_stride_h=v_cache.stride(1),
         v_stride_s=v_cache.stride(2),
         threads=config.threads, heads_per_block=config.heads_per_block, split_len=config.split_len,
-        tensor_cores=int(config.tensor_cores),
+        kernel=library_facts()["kernels"][config.kernel]["code"], stages=config.stages, tile_rows=config.tile_rows,
+        pdl=int(config.pdl),
         workspace=workspace.data_ptr() if workspace.numel() else None,
         workspace_bytes=workspace.numel() * workspace.element_size(),
     )
@@ -94,12 +95,11 @@ def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, sca
 def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, pos: Optional[torch.Tensor], pos_int: int,
                 start: Optional[torch.Tensor], start_int: int, scale: float, p: float, softcap: float,
-                threads: int, heads_per_block: int, split_len: int, tensor_cores: bool,
-                workspace: torch.Tensor) -> None:
+                launch: List[int], workspace: torch.Tensor) -> None:
     """One decode step (see reference.py for the semantics; softcap 0: none), written into `out`
-    [batch, heads, head_dim]."""
+    [batch, heads, head_dim]; launch: LaunchConfig.fields()."""
     if q.is_cuda:
-        config = LaunchConfig(threads, heads_per_block, split_len, tensor_cores)
+        config = LaunchConfig.from_fields(launch)
         fixed = launch_params(k_cache, v_cache, q.shape[1], config, workspace)
         cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap)
         return
@@ -143,8 +143,7 @@ decode = torch.library.custom_op("ffa::decode", decode_into, mutates_args=("out"
 
 
 @decode.register_fake
-def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p, softcap,
-      threads, heads_per_block, split_len, tensor_cores, workspace):
+def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p, softcap, launch, workspace):
     return None
 
 

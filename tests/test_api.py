@@ -8,7 +8,7 @@ import torch
 
 from cases import Case, make_inputs, pruning_bound
 from ffa import FastForwardAttn, LaunchConfig, _lib, ops
-from ffa.launch import tensor_cores_apply
+from ffa.launch import kernel_applies, library_facts, tensor_cores_apply
 
 
 def naive(K, V, q, scale, softcap=None):
@@ -336,7 +336,7 @@ def test_eager_cuda_launch_describes_the_rows(layout, monkeypatch):
                       "out": out.data_ptr(), "out_stride_b": heads * d, "out_stride_h": d,
                       "pos_ptr": t.data_ptr(), "pos_bits": 32, "pos_scalar": 0,
                       "start_ptr": None, "start_bits": 0, "start_scalar": 3, "softmax_scale": 0.125, "prune_p": 0.01,
-                      "softcap": 30.0, "threads": 128, "heads_per_block": 4, "split_len": 0, "tensor_cores": 1,
+                      "softcap": 30.0, "threads": 128, "heads_per_block": 4, "split_len": 0, "kernel": 1,
                       "workspace": None, "workspace_bytes": 0, "stream": 4096}
 
 
@@ -355,29 +355,51 @@ def test_library_refuses_more_head_groups_than_a_grid_holds():
     assert _lib.workspace_bytes(params(8 * 65535, 8)) == 0  # 65535 groups: the most a launch holds
 
 
-@pytest.mark.parametrize("dtype,head_dim,supported", [("float16", 64, True), ("bfloat16", 128, True),
-                                                      ("float32", 128, False), ("float16", 80, False),
-                                                      ("bfloat16", 256, False)])
-def test_library_knows_where_tensor_cores_apply(dtype, head_dim, supported):
-    """A tensor-core launch is checked before anything touches a GPU: for a dtype or head_dim
-    without a tensor-core kernel it is an UnsupportedError (a ValueError) that says what is
-    supported; a tensor_cores field other than 0 or 1 is a ValueError. ffa.launch agrees."""
+@pytest.mark.parametrize("dtype,head_dim", [("float16", 64), ("bfloat16", 128), ("float32", 128), ("float16", 80),
+                                            ("bfloat16", 256), ("float16", 32)])
+@pytest.mark.parametrize("kernel", ["tensor_cores", "tma"])
+def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
+    """A tensor-core or TMA launch is checked before anything touches a GPU: for a dtype or head_dim
+    that kernel lacks it is an UnsupportedError (a ValueError) that names the kernel; a kernel
+    code the library does not have is a ValueError. ffa.launch reads the same facts from the
+    library (kernel_applies), and they are the ones the kernels are built for."""
     _lib.load()  # without the compiled library: FFAError, saying how to build it
+    facts = library_facts()["kernels"][kernel]
+    supported = dtype in facts["dtypes"] and head_dim in facts["head_dims"]
+    assert supported == {"tensor_cores": dtype != "float32" and head_dim in (64, 128),
+                         "tma": dtype != "float32" and head_dim in (64, 128, 256)}[kernel]
 
-    def params(tensor_cores):
+    def params(code):
         return _lib.DecodeParams(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES[dtype], batch=2, heads=8,
                                  kv_heads=2, head_dim=head_dim, max_len=256, threads=128, heads_per_block=4,
-                                 split_len=64, tensor_cores=tensor_cores)
+                                 split_len=64, kernel=code, stages=3, tile_rows=64)
 
     torch_dtype = getattr(torch, dtype)
-    assert tensor_cores_apply(torch_dtype, head_dim, (9, 0)) == supported
-    assert not tensor_cores_apply(torch_dtype, head_dim, (7, 5))
+    assert kernel_applies(kernel, torch_dtype, head_dim, (9, 0)) == supported
+    assert not kernel_applies(kernel, torch_dtype, head_dim, (7, 5))
     expected = ops.workspace_bytes(2, 8, head_dim, 256, LaunchConfig(128, 4, 64))
     if supported:
-        assert _lib.workspace_bytes(params(1)) == expected
+        assert _lib.workspace_bytes(params(facts["code"])) == expected
     else:
-        with pytest.raises(_lib.UnsupportedError,
-                           match="tensor_cores needs float16 or bfloat16 with head_dim 64 or 128"):
-            _lib.workspace_bytes(params(1))
-    with pytest.raises(ValueError, match="tensor_cores 2 is not 0 or 1"):
-        _lib.workspace_bytes(params(2))
+        with pytest.raises(_lib.UnsupportedError, match=f"kernel {facts['code']} has no {dtype} kernel for head_dim"):
+            _lib.workspace_bytes(params(facts["code"]))
+    with pytest.raises(ValueError, match="kernel 3 is not 0"):
+        _lib.workspace_bytes(params(3))
+
+
+@pytest.mark.parametrize("field,value,message", [("stages", 1, "stages 1 is outside"), ("stages", 9, "stages 9 is outside"),
+                                                 ("tile_rows", 24, "tile_rows 24 is not a multiple of 16"),
+                                                 ("tile_rows", 272, "tile_rows 272"), ("pdl", 2, "pdl 2 is not 0 or 1"),
+                                                 ("heads_per_block", 64, "at most 32 for kernel 2")])
+def test_library_checks_the_tma_launch_fields(field, value, message):
+    """The TMA kernel's ring and launch fields are range-checked by the library, each error naming
+    the field; the same values are ignored by the other kernels."""
+    _lib.load()
+    fields = dict(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES["float16"], batch=1, heads=64, kv_heads=1,
+                  head_dim=128, max_len=256, threads=128, heads_per_block=32, split_len=0, kernel=2, stages=4,
+                  tile_rows=64)
+    assert _lib.workspace_bytes(_lib.DecodeParams(**fields)) == 0
+    with pytest.raises(ValueError, match=message):
+        _lib.workspace_bytes(_lib.DecodeParams(**{**fields, field: value}))
+    if field != "heads_per_block":
+        assert _lib.workspace_bytes(_lib.DecodeParams(**{**fields, "heads_per_block": 8, "kernel": 1, field: value})) == 0

@@ -30,8 +30,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from cases import pruning_bound
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.attention import HEAD_DIMS
-from ffa.launch import THREADS
+from ffa.launch import THREADS, head_dims, tma_applies
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -136,10 +135,14 @@ def sessions(draw, device):
     launch = draw(st.one_of(st.sampled_from(["heuristic", "default"]), st.builds(
         LaunchConfig, st.sampled_from(THREADS),
         st.sampled_from([d for d in range(1, min(group, 8) + 1) if group % d == 0]),
-        st.sampled_from([0, 16, 48, 64]))))
+        st.sampled_from([0, 16, 48, 64])), st.builds(  # the TMA kernel (heuristic where it does not apply)
+        lambda threads, split, ring, pdl: LaunchConfig(threads, group, split, tma=True, stages=ring[0], tile_rows=ring[1],
+                                                       pdl=pdl),
+        st.sampled_from(THREADS), st.sampled_from([0, 16, 48, 64]), st.sampled_from([(2, 16), (3, 32), (4, 64)]),
+        st.booleans())))
     return Session(
         device=device, dtype=draw(st.sampled_from(DTYPES[device])), batch=draw(st.integers(0, 3)),
-        kv_heads=draw(st.integers(1, 3)), group=group, head_dim=draw(st.sampled_from(HEAD_DIMS)),
+        kv_heads=draw(st.integers(1, 3)), group=group, head_dim=draw(st.sampled_from(head_dims())),
         prompt_len=prompt_len, max_len=draw(st.integers(max(prompt_len, 1), prompt_len + 40)), launch=launch,
         layout=draw(st.sampled_from(LAYOUTS)), magnitude=draw(st.sampled_from([1.0, 1e-3, 30.0])),
         seed=draw(st.integers(0, 2**32 - 1)), steps=draw(st.integers(1, 3)),
@@ -154,6 +157,9 @@ def prompt(s, gen):
                         [sp for n, sp in s.specials if n == name])
         kv.append(lay_out(x, s.layout))
     launch = s.launch if isinstance(s.launch, LaunchConfig) else None
+    capability = torch.cuda.get_device_capability() if s.device == "cuda" else (0, 0)
+    if launch is not None and launch.tma and not tma_applies(s.dtype, s.head_dim, capability):
+        launch = None
     return dict(K=kv[0], V=kv[1], max_len=s.max_len, use_default_kernel_launch=s.launch == "default",
                 launch=launch)
 

@@ -11,7 +11,7 @@ import pytest
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-from ffa.attention import HEAD_DIMS
+from ffa.launch import head_dims
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -42,7 +42,7 @@ def test_smollm2_is_a_llama_whose_attention_ffa_decodes(smollm2):
     hidden = field["llama.embedding_length"]
     head_dim = hidden // heads
     assert (heads, kv_heads, head_dim) == (9, 3, 64)
-    assert head_dim in HEAD_DIMS and heads % kv_heads == 0
+    assert head_dim in head_dims() and heads % kv_heads == 0
     keys = [t for t in smollm2.tensors if t.name.endswith(".attn_k.weight")]
     assert len(keys) == field["llama.block_count"] == 30
 

@@ -116,8 +116,7 @@ def test_fast_path_equals_the_op_path(p):
         config = f.launch_config(q.shape[1], MAX_LEN if pos is not None else t_int + 1)
         op = torch.full_like(fast, float("nan"))
         ops.decode_into(op, q, k, v, f.k_cache, f.v_cache, pos, t_int, start, start_int,
-                        args["softmax_scale"] or HEAD_DIM ** -0.5, p, args["softcap"] or 0.0, config.threads,
-                        config.heads_per_block, config.split_len, config.tensor_cores,
+                        args["softmax_scale"] or HEAD_DIM ** -0.5, p, args["softcap"] or 0.0, config.fields(),
                         f._workspace_for(q.shape[1], config))
         where = f"seed {seed}, step {step}, launch {config}"
         assert torch.equal(fast, op), where

@@ -7,7 +7,8 @@ import torch
 
 from cases import Case, exact, make_inputs, pruning_bound, rel_l2
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.launch import tensor_cores_apply
+from ffa._lib import UnsupportedError
+from ffa.launch import tensor_cores_apply, tma_applies
 
 pytestmark = pytest.mark.gpu
 
@@ -17,21 +18,30 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
 LAUNCHES = ["default", "split"]
-# The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split.
+# The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split; the TMA kernel (fp16/bf16,
+# head_dim 64/128/256, compute capability 9.0+) unsplit, split, and split with programmatic
+# dependent launch.
 TENSOR_CORE_LAUNCHES = ["tensor_cores", "tensor_cores_split"]
+TMA_LAUNCHES = ["tma", "tma_split", "tma_split_pdl"]
+CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
 
 def kernel_matrix():
-    """(dtype, head_dim, launch) for every launch that applies to the dtype and head_dim."""
+    """(dtype, head_dim, launch) for every launch that applies to the dtype and head_dim on this GPU."""
     return [(dtype, d, launch) for dtype in DTYPES for d in HEAD_DIMS
-            for launch in LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, d, (8, 0)) else [])]
+            for launch in LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, d, (8, 0)) else [])
+            + (TMA_LAUNCHES if tma_applies(dtype, d, CAPABILITY) else [])]
 
 
 def launch_for(name, heads, kv_heads):
     if name == "default":
         return None
     group = heads // kv_heads
-    return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=0 if name == "tensor_cores" else 64,
+    split = 0 if name in ("tensor_cores", "tma") else 64
+    if name.startswith("tma"):  # unsplit: 4 stages of 32 rows; split: 2 tiles of 32 rows per split
+        return LaunchConfig(threads=128, heads_per_block=group, split_len=split, tma=True, stages=4 if split == 0 else 2,
+                            tile_rows=32, pdl=name.endswith("pdl"))
+    return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=split,
                         tensor_cores=name.startswith("tensor_cores"))
 
 
@@ -132,6 +142,36 @@ def test_odd_groups(heads, kv_heads, hpb):
             f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=LaunchConfig(128, hpb, split, tensor_cores))
             out = f.attention(dev(q), dev(k), dev(v), 0.125, t.cuda())
             assert rel_l2(out, ref) < TOL[torch.float16], (split, tensor_cores)
+
+
+@pytest.mark.skipif(not tma_applies(torch.float16, 64, CAPABILITY), reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("heads,kv_heads,hpb", [(32, 1, 32), (24, 1, 24), (17, 1, 17), (40, 2, 20), (16, 2, 8),
+                                                (12, 2, 3), (64, 2, 16)])
+def test_tma_head_groups(dtype, head_dim, heads, kv_heads, hpb):
+    """The TMA kernel holds any group of 1-32 heads in one block (one or two m-tiles of 16, rows
+    past the group zero), and a block may take part of a group; rings of 16 to 128 rows, 2 to 6
+    stages, 64 to 256 consumer threads, unsplit and split (splits of one tile and of several),
+    with and without programmatic dependent launch; ragged positions."""
+    c = Case(batch=2, heads=heads, kv_heads=kv_heads, head_dim=head_dim, prompt_len=700, max_len=777, dtype=dtype,
+             ragged=True, padded=True)
+    gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+    K, V, q, k, v, t, start = [x.to(dtype).double() if x.is_floating_point() else x for x in make_inputs(c, gen)]
+    ref, _, _ = exact(K, V, q, k, v, t, start, 0.125, c.max_len)
+    dev = lambda x: x.to("cuda", dtype)
+    for threads, split, stages, rows, pdl in [(128, 0, 4, 32, False), (64, 64, 2, 64, True), (256, 256, 3, 64, False),
+                                              (128, 512, 2, 128, True), (256, 0, 6, 16, False)]:
+        config = LaunchConfig(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl)
+        f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=config)
+        out = torch.full((c.batch, heads, head_dim), float("nan"), dtype=dtype, device="cuda")
+        try:
+            f.attention(dev(q), dev(k), dev(v), 0.125, t.cuda(), start=start.cuda(), out=out)
+        except UnsupportedError as e:  # a ring too large for one block's shared memory (head_dim 256)
+            assert head_dim == 256 and "shared memory" in str(e), e
+            continue
+        assert torch.isfinite(out).all(), config
+        assert rel_l2(out, ref) < TOL[dtype], config
 
 
 def test_float32_original_example_accuracy():

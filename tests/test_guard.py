@@ -19,7 +19,7 @@ import torch
 
 from cases import pruning_bound
 from ffa import LaunchConfig, ops
-from ffa.launch import tensor_cores_apply
+from ffa.launch import tensor_cores_apply, tma_applies
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -32,6 +32,9 @@ LAUNCHES = [LaunchConfig(256, 1, 0), LaunchConfig(128, 2, 0), LaunchConfig(64, 1
             LaunchConfig(128, 2, 16), LaunchConfig(256, 1, 48)]  # 48 >= MAX_LEN: one split
 TENSOR_CORE_LAUNCHES = [LaunchConfig(128, 2, 0, True), LaunchConfig(64, 2, 16, True),
                         LaunchConfig(256, 1, 48, True)]
+# The TMA kernel: one tile per stage down to 16 rows, splits of one and two tiles, both head groups.
+TMA_LAUNCHES = [LaunchConfig(128, 2, 0, tma=True, stages=2, tile_rows=16), LaunchConfig(64, 1, 32, tma=True, stages=3,
+                tile_rows=16, pdl=True), LaunchConfig(256, 2, 16, tma=True, stages=4, tile_rows=32)]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STEPS = 40
 
@@ -90,8 +93,7 @@ class Guarded:
         need = self.workspace_bytes(config)
         before = self.ws_buf.clone()
         ops.decode_into(out, q, new_k, new_v, self.k_cache, self.v_cache, pos, pos_int, start, start_int,
-                        scale, p, softcap, config.threads, config.heads_per_block, config.split_len,
-                        config.tensor_cores, self.ws_buf[256:256 + need])
+                        scale, p, softcap, config.fields(), self.ws_buf[256:256 + need])
         share = torch.zeros(self.ws_buf.shape, dtype=torch.bool, device=self.device)
         share[256:256 + need] = True
         assert torch.equal(self.ws_buf[~share], before[~share]), f"{config}: workspace bytes past its share changed"
@@ -156,10 +158,11 @@ def step_positions(step, gen):
 
 
 def launches_for(dtype, head_dim, device):
-    """Every launch shape, with the tensor-core kernel's where it applies (the CPU reference
+    """Every launch shape, with the tensor-core and TMA kernels' where they apply (the CPU reference
     ignores the launch)."""
-    capability = torch.cuda.get_device_capability() if device == "cuda" else (8, 0)
-    return LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, head_dim, capability) else [])
+    capability = torch.cuda.get_device_capability() if device == "cuda" else (9, 0)
+    return (LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, head_dim, capability) else [])
+            + (TMA_LAUNCHES if tma_applies(dtype, head_dim, capability) else []))
 
 
 def dtypes_for(device):

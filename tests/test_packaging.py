@@ -141,7 +141,8 @@ def test_report_names_version_torch_and_tuner_cache(monkeypatch, tmp_path):
     if not torch.cuda.is_available():
         assert "GPU            none (" in text
     if _lib.available():
-        assert "tensor cores   float16, bfloat16 at head_dim 64, 128 on compute capability 8.0+\n" in text
+        assert "  tensor_cores   float16, bfloat16 at head_dim 64, 128, compute capability 8.0+, up to 8 heads" in text
+        assert "  tma            float16, bfloat16 at head_dim 64, 128, 256, compute capability 9.0+, up to 32 heads" in text
 
 
 def test_report_without_tuner_cache(monkeypatch, tmp_path):

@@ -66,7 +66,8 @@ def test_tensor_core_launches_round_trip(cache_dir):
     tc = LaunchConfig(128, 4, 256, tensor_cores=True)
     assert cache.save(DEVICE, [entry(32, 4096, tc, dtype="bfloat16", head_dim=128, group=4)])
     doc = json.loads(cache.cache_file(DEVICE).read_text())
-    assert doc["entries"][0]["config"] == {"threads": 128, "heads_per_block": 4, "split_len": 256, "tensor_cores": True}
+    assert doc["entries"][0]["config"] == {"threads": 128, "heads_per_block": 4, "split_len": 256, "tensor_cores": True,
+                                           "tma": False, "stages": 0, "tile_rows": 0, "pdl": False}
     assert doc["entries"][0]["heuristic"]["tensor_cores"] is False
     cache.reset()
     assert cache.load_table(DEVICE).lookup(torch.bfloat16, 128, 4, 32, 4096) == tc
@@ -200,8 +201,8 @@ def _bad_entry(path):
     path.write_text(json.dumps(doc))
 
 
-def _config_field(name, value, dtype=None):
-    """Set (or, with value MISSING, delete) a field of the first entry's launch."""
+def _config_field(name, value, dtype=None, **others):
+    """Set (or, with value MISSING, delete) a field of the first entry's launch (and set `others`)."""
     def edit(path):
         doc = json.loads(path.read_text())
         config = doc["entries"][0]["config"]
@@ -209,6 +210,7 @@ def _config_field(name, value, dtype=None):
             del config[name]
         else:
             config[name] = value
+        config.update(others)
         if dtype:
             doc["entries"][0]["dtype"] = dtype
         path.write_text(json.dumps(doc))
@@ -239,7 +241,9 @@ BAD_FILES = {
     "tensor_cores not a bool": (_config_field("tensor_cores", 1), "tensor_cores=1 is not true or false"),
     "tensor_cores null": (_config_field("tensor_cores", None), "tensor_cores=None"),
     "tensor_cores missing": (_config_field("tensor_cores", MISSING), "malformed"),
-    "tensor cores at float32": (_config_field("tensor_cores", True, "float32"), "no kernel for at float32"),
+    "tensor cores at float32": (_config_field("tensor_cores", True, "float32"), "does not have at float32"),
+    "tma not a bool": (_config_field("tma", 0), "tma=0 is not true or false"),
+    "tma ring out of range": (_config_field("tma", True, "float16", stages=1, tile_rows=64), "stages or tile_rows"),
     "unreadable": (_directory, "could not be read"),
 }
 

@@ -17,7 +17,7 @@ import time
 import torch
 
 from .. import _lib
-from ..attention import HEAD_DIMS
+from ..launch import head_dims
 from ..launch import length_bucket
 from ..measure import RotationTimer, copies_for, l2_bytes
 from . import cache
@@ -45,8 +45,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a small grid and a shorter search")
     p.add_argument("--heads", type=_positive, help="query heads of your model (with --kv-heads)")
     p.add_argument("--kv-heads", type=_positive, help="key/value heads of your model (with --heads)")
-    p.add_argument("--head-dim", type=int, nargs="+", choices=HEAD_DIMS, metavar="D",
-                   help=f"head dims to tune (from {', '.join(map(str, HEAD_DIMS))})")
+    p.add_argument("--head-dim", type=int, nargs="+", choices=head_dims(), metavar="D",
+                   help=f"head dims to tune (from {', '.join(map(str, head_dims()))})")
     p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), metavar="DTYPE", help="dtypes to tune: fp16, bf16, fp32")
     p.add_argument("--batch", type=_positive, nargs="+", help="batch sizes to tune")
     p.add_argument("--context", type=_positive, nargs="+",

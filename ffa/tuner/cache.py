@@ -32,11 +32,11 @@ import torch
 
 from .. import _lib
 from .._version import __version__
-from ..launch import MAX_HEADS_PER_BLOCK, THREADS, LaunchConfig, round_up, tensor_cores_apply
+from ..launch import THREADS, LaunchConfig, kernel_applies, library_facts, max_heads_per_block, round_up
 
 # Bump whenever a kernel change, or a change of how candidates are timed, can move the fastest
 # configuration.
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 FORMAT = 1
 ENV_DIR = "FFA_TUNER_CACHE_DIR"
 LOCK_TIMEOUT_S = 60
@@ -166,14 +166,21 @@ def cache_file(info):
 # ---- reading -------------------------------------------------------------------------------
 
 def _config(obj, group):
-    if not isinstance(obj, dict) or set(obj) != {"threads", "heads_per_block", "split_len", "tensor_cores"}:
+    names = set(LaunchConfig.__dataclass_fields__)
+    if not isinstance(obj, dict) or set(obj) != names:
         raise CacheProblem(f"a launch configuration {obj!r} is malformed")
-    if not isinstance(obj["tensor_cores"], bool):
-        raise CacheProblem(f"tensor_cores={obj['tensor_cores']!r} is not true or false")
-    c = LaunchConfig(_int(obj, "threads"), _int(obj, "heads_per_block"), _int(obj, "split_len"), obj["tensor_cores"])
-    if c.threads not in THREADS or not 1 <= c.heads_per_block <= MAX_HEADS_PER_BLOCK \
-            or group % c.heads_per_block or c.split_len < 0 or c.split_len % 16:
+    for flag in ("tensor_cores", "tma", "pdl"):
+        if not isinstance(obj[flag], bool):
+            raise CacheProblem(f"{flag}={obj[flag]!r} is not true or false")
+    c = LaunchConfig(**{k: obj[k] if k in ("tensor_cores", "tma", "pdl") else _int(obj, k) for k in names})
+    if c.threads not in THREADS or not 1 <= c.heads_per_block <= max_heads_per_block(c.kernel) \
+            or group % c.heads_per_block or c.split_len < 0 or c.split_len % 16 or (c.tma and c.tensor_cores):
         raise CacheProblem(f"{c} is not a valid launch for group size {group}")
+    if c.tma:
+        low, high = library_facts()["tma"]["stages"]
+        if not low <= c.stages <= high or not 16 <= c.tile_rows <= library_facts()["tma"]["tile_rows"][1] \
+                or c.tile_rows % 16:
+            raise CacheProblem(f"{c} has stages or tile_rows out of range")
     return c
 
 
@@ -202,9 +209,9 @@ def _entry(obj):
     if min(head_dim, group, bkv, length) < 1 or length & (length - 1):
         raise CacheProblem(f"entry sizes {head_dim, group, bkv, length} are out of range")
     config, heur = _config(obj.get("config"), group), _config(obj.get("heuristic"), group)
-    for c in (config, heur):
-        if c.tensor_cores and not tensor_cores_apply(DTYPE_BY_NAME[obj["dtype"]], head_dim, (8, 0)):
-            raise CacheProblem(f"{c} uses tensor cores, which FFA has no kernel for at {obj['dtype']} d{head_dim}")
+    for c in (config, heur):  # (at the kernel's own compute capability: the file is per device)
+        if c.kernel != "cuda_cores" and not kernel_applies(c.kernel, DTYPE_BY_NAME[obj["dtype"]], head_dim, (99, 0)):
+            raise CacheProblem(f"{c} uses the {c.kernel} kernel, which FFA does not have at {obj['dtype']} d{head_dim}")
     return Entry(obj["dtype"], head_dim, group, bkv, length, config, _time(obj, "time_us"), heur,
                  _time(obj, "heuristic_us", optional=True))
 

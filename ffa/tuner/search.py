@@ -21,14 +21,14 @@ on the GPU), are parameters, so tests run the whole search on CPU tensors with a
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
 from ..launch import (THREADS, LaunchConfig, heads_per_block_options, heuristic, largest_heads_per_block,
-                      tensor_cores_apply)
+                      max_heads_per_block, tensor_cores_apply, tma_applies)
 from ..measure import Progress
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
@@ -47,24 +47,43 @@ def split_options(length):
 
 
 def kernels(tensor_cores):
-    """The kernels to try: CUDA cores, and tensor cores where they apply."""
+    """The mma kernels to try: CUDA cores, and tensor cores where they apply."""
     return (False, True) if tensor_cores else (False,)
 
 
-def candidates(group, length, tensor_cores=False):
+# The TMA kernel's rings (stages, tile_rows) and consumer threads: the coarse stage tries the first
+# ring at 128 threads, the refine stage all of them (a ring that does not fit one block's shared
+# memory is noted as unsupported), and programmatic dependent launch on the best ring.
+TMA_RINGS = ((4, 64), (3, 64), (2, 128), (4, 32), (6, 32), (2, 64))
+TMA_THREADS = (128, 256)
+
+
+def tma_launch(group, split_len, threads=128, ring=TMA_RINGS[0], pdl=False):
+    """A TMA launch whose block holds the whole group (or its largest divisor that fits)."""
+    hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
+    return LaunchConfig(threads, hpb, split_len, tma=True, stages=ring[0], tile_rows=ring[1], pdl=pdl)
+
+
+def candidates(group, length, tensor_cores=False, tma=False):
     """The whole candidate space of one workload."""
-    return [LaunchConfig(t, h, s, tc) for s in split_options(length)
-            for t in THREADS for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
+    space = [LaunchConfig(t, h, s, tc) for s in split_options(length)
+             for t in THREADS for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
+    if tma:
+        space += [tma_launch(group, s, t, ring, pdl) for s in split_options(length) for t in TMA_THREADS
+                  for ring in TMA_RINGS for pdl in (False, True)]
+    return space
 
 
-def coarse_candidates(group, length, tensor_cores=False):
+def coarse_candidates(group, length, tensor_cores=False, tma=False):
     hpb = largest_heads_per_block(group)
-    return [LaunchConfig(128, hpb, s, tc) for s in split_options(length) for tc in kernels(tensor_cores)]
+    coarse = [LaunchConfig(128, hpb, s, tc) for s in split_options(length) for tc in kernels(tensor_cores)]
+    return coarse + ([tma_launch(group, s) for s in split_options(length)] if tma else [])
 
 
-def refine_candidates(group, split_len, tensor_cores=False):
-    return [LaunchConfig(t, h, split_len, tc) for t in THREADS for h in heads_per_block_options(group)
-            for tc in kernels(tensor_cores)]
+def refine_candidates(group, split_len, tensor_cores=False, tma=False):
+    refined = [LaunchConfig(t, h, split_len, tc) for t in THREADS for h in heads_per_block_options(group)
+               for tc in kernels(tensor_cores)]
+    return refined + ([tma_launch(group, split_len, t, ring) for t in TMA_THREADS for ring in TMA_RINGS] if tma else [])
 
 
 @dataclass(frozen=True)
@@ -210,7 +229,9 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
     `capability` (the GPU's (major, minor)) decides whether tensor-core launches are tried."""
     w = problem.workload
     tensor_cores = capability is not None and tensor_cores_apply(w.dtype, w.head_dim, capability)
-    result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count, w.head_dim, tensor_cores))
+    tma = capability is not None and tma_applies(w.dtype, w.head_dim, capability)
+    result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count, w.head_dim, tensor_cores,
+                                 tma=tma))
 
     def measure(config):
         if config in result.timings or config in result.rejected or config in result.unsupported:
@@ -232,14 +253,17 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
                                         for copy in range(len(problem.attns))])
 
     measure(result.heuristic)
-    for config in coarse_candidates(w.group, w.length, tensor_cores):
+    for config in coarse_candidates(w.group, w.length, tensor_cores, tma):
         measure(config)
     per_split = {}
     for config, seconds in result.timings.items():
         per_split[config.split_len] = min(seconds, per_split.get(config.split_len, math.inf))
     for split_len in sorted(per_split, key=per_split.get)[:refine]:
-        for config in refine_candidates(w.group, split_len, tensor_cores):
+        for config in refine_candidates(w.group, split_len, tensor_cores, tma):
             measure(config)
+    best = result.config
+    if best is not None and best.tma:
+        measure(replace(best, pdl=True))
     return result
 
 

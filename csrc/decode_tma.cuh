@@ -1,0 +1,321 @@
+// Decode attention on Hopper's bulk copy engine (TMA) and tensor cores: fp16 / bf16 caches, head_dim
+// 64, 128 or 256, a whole group of up to 32 query heads per block, compute capability 9.0 and newer.
+// Chosen per launch (the kernel field of ffa.h, FFA_KERNEL_TMA); older GPUs run decode_kernel.cuh
+// and decode_mma.cuh.
+//
+// Algorithm. Block (split, head group, batch) takes the positions [lo, hi) of block_range
+// (decode_block.cuh) for heads h0 .. h0+nh-1 of one kv head and computes an online softmax over
+// them with mma.m16n8k16 (mma.cuh, fp32 accumulation): the query heads are the tiles' rows (M), in
+// m-tiles of 16 (MT = ceil(nh / 16) of them, rows past nh zero), so one block reads each K/V row
+// once for the whole group. Per 16 positions (a sub-tile):
+//   scores    S = Q K^T: A = Q (16 heads x 16 dims, ldmatrix), B = K^T (ldmatrix of K rows);
+//             D/16 k-steps, 2 n-tiles of 8 positions; base-2 logits (softmax_scale * log2 e),
+//             softcapped by cap_logit, positions >= hi masked to -inf
+//   softmax   running max per head over the 4 lanes of a row (2 shuffles); the output is rescaled
+//             by 2^(old max - new max)
+//   values    O += P V: A = P, which is S's accumulator fragments rounded to T (no shuffles),
+//             B = V (ldmatrix.trans of V rows); D/8 n-tiles of O
+// Rounding P to fp16/bf16 (as FlashAttention does) is the only arithmetic difference from
+// decode_kernel.cuh. No pruning: p > 0 launches another kernel (ffa.launch).
+//
+// Memory layout. Each cache [batch, kv_heads, max_len, D] is described to the copy engine by a 4-D
+// tensor map (dims D, max_len, kv_heads, batch; any 16-byte strides; launch_tma.cuh). A tile is R
+// consecutive positions of one kv head, K and V, copied as D / 64 boxes of 64 elements x R rows
+// each: a box row is 128 bytes, and its 16-byte chunk c lands at chunk c ^ (r % 8) of row r
+// (128-byte swizzling), so the 8 rows one ldmatrix reads lie in 8 different bank groups
+// (tile_offset). Rows past max_len arrive as zeros. Q sits in the same layout, one 16-row tile
+// per m-tile. The loader counts bytes, not elements: a 1-byte element type would be 128 elements
+// per box and a conversion in scores / values.
+//
+// Pipeline (warp specialization). C consumer warps (threads / 32) and one producer warp. Stage s of
+// a ring of S stages holds one tile; two mbarriers per stage hand it back and forth:
+//   producer (lane 0):  tile i: wait empty[i % S] (from the second round on), expect the tile's
+//                       bytes on full[i % S], issue its boxes (issue_tile)
+//   consumer warp w:    tile i: wait full[i % S], attend to its sub-tiles, arrive on empty[i % S]
+// Consumer warp w serves m-tile w % MT and sub-tiles w / MT, w / MT + C / MT, ... of every tile,
+// with its own running max, sum and output. The block's last tile is patched before use
+// (patch_last_tile): the row at pos gets new_k / new_v (the cache row is written in this launch),
+// V rows at or past hi become zero (a zero weight times a stale row could be NaN). At the end the
+// warps of each m-tile merge (combine.cuh's merge_partial) through the stages' memory, and a split
+// block hands over to combine_if_last.
+//
+// Bytes in flight (Little's law). 4.8 TB/s over 132 SMs is ~36 GB/s, i.e. ~36 KB per microsecond,
+// per SM; with about a microsecond of loaded latency an SM needs ~36 KB in flight and more to
+// absorb the hand-offs. A stage is 2 R D 2 bytes: R = 64, D = 128 is 32 KB, and a ring of S stages
+// keeps S - 1 of them in flight while one is consumed: S = 4 gives 96 KB per block, near the read
+// ceiling's 128 KB per SM (csrc/read.cu). The tuner picks S, R and C per shape; the measured
+// bandwidth is in bench/results/kernel-bench-h200.md.
+//
+// Programmatic dependent launch. With FFA's pdl launch field the kernel is launched with
+// programmatic stream serialization: the barriers' set-up overlaps the previous kernel's tail, and
+// grid_dependency_wait comes before anything reads global memory (q, the caches and positions may
+// all be written by the kernels before it).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (the type only: no driver call here)
+#include <math.h>
+
+#include "bulk_copy.cuh"
+#include "combine.cuh"
+#include "decode_args.h"
+#include "decode_block.cuh"
+#include "mma.cuh"
+
+namespace ffa {
+
+constexpr int kTmaMinStages = 2, kTmaMaxStages = 8;
+constexpr int kTmaMaxTileRows = 256;  // the copy engine's largest box
+constexpr int kTmaMaxHeads = 32;      // two m-tiles of 16 heads
+constexpr int kBoxBytes = 128;    // one box row: the 128-byte swizzle's span
+
+// Byte offset of 16-byte chunk c of row r in a tile of `rows` rows (D * sizeof(T) / 16 chunks per row)
+// laid out as the copy engine writes it: one 128-byte-swizzled box of `rows` x 128 bytes per 8 chunks.
+__host__ __device__ constexpr int tile_offset(int rows, int r, int c) {
+  return (c / 8) * rows * kBoxBytes + r * kBoxBytes + ((c % 8) ^ (r % 8)) * 16;
+}
+
+// The dynamic shared memory of a block: the ring (reused at the end for the warps' partials) and Q,
+// plus 1024 bytes to align the boxes.
+__host__ __device__ constexpr int tma_tile_bytes(int head_dim, int elem_bytes, int rows) { return rows * head_dim * elem_bytes; }
+__host__ __device__ constexpr int tma_partial_bytes(int head_dim, int threads) {
+  return threads / 32 * 16 * (head_dim + 2) * 4;  // [warp][16 rows] of o (D floats), m, l
+}
+__host__ __device__ constexpr int tma_smem_bytes(int head_dim, int elem_bytes, int threads, int stages, int rows,
+                                                 int heads_per_block) {
+  const int ring = stages * 2 * tma_tile_bytes(head_dim, elem_bytes, rows), partials = tma_partial_bytes(head_dim, threads);
+  return 1024 + (ring > partials ? ring : partials) + (heads_per_block + 15) / 16 * tma_tile_bytes(head_dim, elem_bytes, 16);
+}
+
+// One consumer warp's share of the softmax: rows g and g + 8 of its m-tile (g = lane / 4), as a
+// running max m, this lane's part of the running sum l, and O's fragments (dims 8j + 2t, +1).
+template <int D>
+struct WarpState {
+  float o[D / 8][4];
+  float m[2], l[2];
+};
+
+// The producer's part of tile i: K and V boxes of rows [row0, row0 + rows) into stage `stage`.
+template <typename T, int D>
+__device__ __forceinline__ void issue_tile(const void *kmap, const void *vmap, uint8_t *stage, uint64_t *full,
+                                           int rows, int64_t row0, int kvh, int b) {
+  constexpr int kBoxElems = kBoxBytes / sizeof(T), kBoxes = D / kBoxElems;
+  const int tile = tma_tile_bytes(D, sizeof(T), rows);
+  bulk_arrive_expect(full, 2 * tile);
+#pragma unroll
+  for (int x = 0; x < kBoxes; ++x) {
+    tma_load_4d(stage + x * rows * kBoxBytes, kmap, x * kBoxElems, int(row0), kvh, b, full);
+    tma_load_4d(stage + tile + x * rows * kBoxBytes, vmap, x * kBoxElems, int(row0), kvh, b, full);
+  }
+}
+
+// Q of heads h0 .. h0+nh-1 into MT 16-row tiles (rows past nh zero), by the consumer threads.
+template <typename T, int D>
+__device__ __forceinline__ void load_q(const DecodeArgs &a, int b, int h0, int nh, uint8_t *q_tiles, int consumers) {
+  constexpr int CPR = D * int(sizeof(T)) / 16;
+  const int mt = (nh + 15) / 16;
+  for (int i = threadIdx.x; i < mt * 16 * CPR; i += consumers) {
+    const int row = i / CPR, c = i % CPR;
+    const uint4 v = row < nh ? *reinterpret_cast<const uint4 *>(static_cast<const T *>(a.q) + b * a.q_sb +
+                                                               (h0 + row) * a.q_sh + c * (16 / sizeof(T)))
+                             : make_uint4(0, 0, 0, 0);
+    *reinterpret_cast<uint4 *>(q_tiles + (row / 16) * tma_tile_bytes(D, sizeof(T), 16) + tile_offset(16, row % 16, c)) = v;
+  }
+}
+
+// The block's last tile before use: row pos - row0 (if the tile holds pos) gets new_k / new_v,
+// V rows from hi - row0 on become zero. By the consumer threads, then a barrier among them.
+template <typename T, int D>
+__device__ __forceinline__ void patch_last_tile(uint8_t *k_tile, uint8_t *v_tile, int rows, int64_t row0,
+                                                const BlockRange &r, const T *knew, const T *vnew, int consumers) {
+  constexpr int CPR = D * int(sizeof(T)) / 16, VEC = 16 / sizeof(T);
+  const int valid = int(r.hi - row0), at = int(r.pos - row0);
+  if (at >= 0 && at < valid)
+    for (int c = threadIdx.x; c < 2 * CPR; c += consumers) {
+      const bool is_k = c < CPR;
+      const int ch = is_k ? c : c - CPR;
+      *reinterpret_cast<uint4 *>((is_k ? k_tile : v_tile) + tile_offset(rows, at, ch)) =
+          *reinterpret_cast<const uint4 *>((is_k ? knew : vnew) + ch * VEC);
+    }
+  for (int i = valid * CPR + threadIdx.x; i < rows * CPR; i += consumers)
+    *reinterpret_cast<uint4 *>(v_tile + tile_offset(rows, i / CPR, i % CPR)) = make_uint4(0, 0, 0, 0);
+  proxy_fence_async();  // (rule of bulk_copy.cuh: ordinary stores before any later copy into the stage)
+  asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
+}
+
+// S = Q K^T of the 16 positions at tile row r0: s[n] holds positions r0 + 8n + 2t, +1 (c0, c1 of
+// row g; c2, c3 of row g + 8).
+template <typename T, int D>
+__device__ __forceinline__ void scores(const uint8_t *q_tile, const uint8_t *k_tile, int rows, int r0, float (&s)[2][4]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t qa[4], kb[4];
+    // A: heads 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
+    ldmatrix_x4<false>(qa, q_tile + tile_offset(16, lane % 8 + 8 * ((lane / 8) % 2), 2 * ks + lane / 16));
+    // B: positions 0-7 / dims 16ks+0..7, 0-7 / +8..15, 8-15 / +0..7, 8-15 / +8..15
+    ldmatrix_x4<false>(kb, k_tile + tile_offset(rows, r0 + lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2));
+    mma_16816(s[0], qa, kb[0], kb[1], T());
+    mma_16816(s[1], qa, kb[2], kb[3], T());
+  }
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Logits in base-2 units, softcapped, positions >= hi masked; then the online softmax step: s
+// becomes the weights 2^(s - new max), and what came before is rescaled.
+template <int D>
+__device__ __forceinline__ void softmax_update(const DecodeArgs &a, WarpState<D> &w, float (&s)[2][4], int64_t p0,
+                                               int64_t hi) {
+  const int t4 = threadIdx.x % 4;
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      s[n][e] = p0 + 8 * n + 2 * t4 + e % 2 < hi ? cap_logit(a, s[n][e] * a.scale_log2) : -INFINITY;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float mx = quad_max(fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1])));
+    const float m_new = fmaxf(w.m[r], mx);
+    const float ref = m_new == -INFINITY ? 0.f : m_new;  // a row with no position yet: 2^(-inf) = 0
+    const float alpha = exp2f(w.m[r] - ref);
+    w.m[r] = m_new;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 2 * r; e < 2 * r + 2; ++e) sum += s[n][e] = exp2f(s[n][e] - ref);
+    w.l[r] = w.l[r] * alpha + sum;
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j) w.o[j][2 * r] *= alpha, w.o[j][2 * r + 1] *= alpha;
+  }
+}
+
+// O += P V for the 16 positions at tile row r0 (P: the weights from softmax_update).
+template <typename T, int D>
+__device__ __forceinline__ void values(const uint8_t *v_tile, int rows, int r0, const float (&p)[2][4], WarpState<D> &w) {
+  const int lane = threadIdx.x % 32;
+  const uint32_t pa[4] = {pack2(p[0][0], p[0][1], T()), pack2(p[0][2], p[0][3], T()), pack2(p[1][0], p[1][1], T()),
+                          pack2(p[1][2], p[1][3], T())};
+#pragma unroll
+  for (int jj = 0; jj < D / 16; ++jj) {
+    uint32_t vb[4];
+    // B (transposed): positions 0-7 / dims 16jj+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
+    ldmatrix_x4<true>(vb, v_tile + tile_offset(rows, r0 + lane % 8 + 8 * ((lane / 8) % 2), 2 * jj + lane / 16));
+    mma_16816(w.o[2 * jj], pa, vb[0], vb[1], T());
+    mma_16816(w.o[2 * jj + 1], pa, vb[2], vb[3], T());
+  }
+}
+
+// A consumer warp's tile: its sub-tiles of the rows [row0, row0 + rows) that lie below hi.
+template <typename T, int D>
+__device__ __forceinline__ void attend_tile(const DecodeArgs &a, WarpState<D> &w, const uint8_t *q_tile,
+                                            const uint8_t *k_tile, const uint8_t *v_tile, int rows, int64_t row0,
+                                            int64_t hi, int first_sub, int sub_step) {
+  for (int sub = first_sub; sub < rows / 16 && row0 + 16 * sub < hi; sub += sub_step) {
+    float s[2][4];
+    scores<T, D>(q_tile, k_tile, rows, 16 * sub, s);
+    softmax_update<D>(a, w, s, row0 + 16 * sub, hi);
+    values<T, D>(v_tile, rows, 16 * sub, s, w);
+  }
+}
+
+// The warp's partial for rows g and g + 8 of its m-tile into its slot of the partials buffer
+// ([warp][16 rows][D + 2]: o, then m, l).
+template <int D>
+__device__ __forceinline__ void store_partial(const WarpState<D> &w, float *slot) {
+  const int lane = threadIdx.x % 32, g = lane / 4, t4 = lane % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float *row = slot + (g + 8 * r) * (D + 2);
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+      *reinterpret_cast<float2 *>(row + 8 * j + 2 * t4) = make_float2(w.o[j][2 * r], w.o[j][2 * r + 1]);
+    const float l = quad_sum(w.l[r]);
+    if (t4 == 0) row[D] = w.m[r], row[D + 1] = l;
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kMaxThreads + 32) decode_tma_kernel(const DecodeArgs a,
+                                                                       const __grid_constant__ CUtensorMap kmap,
+                                                                       const __grid_constant__ CUtensorMap vmap) {
+  static_assert(sizeof(T) == 2 && D % 64 == 0 && D <= 256, "16-bit rows of whole 128-byte boxes");
+  extern __shared__ uint8_t smem_raw[];
+  __shared__ __align__(8) uint64_t full[kTmaMaxStages], empty[kTmaMaxStages];
+  const int consumers = blockDim.x - 32, warps = consumers / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int stages = a.stages, rows = a.tile_rows, tile = tma_tile_bytes(D, sizeof(T), rows);
+  uint8_t *ring = smem_raw + ((1024 - shared_address(smem_raw) % 1024) % 1024);
+  const int ring_bytes = max(stages * 2 * tile, tma_partial_bytes(D, consumers));
+  uint8_t *q_tiles = ring + ring_bytes;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < stages; ++s) bulk_barrier_init(&full[s]), bulk_barrier_init(&empty[s], warps);
+  }
+  grid_dependency_wait();
+
+  DecodeBlock<T> blk;
+  if (!begin_block<T, D>(a, blk)) return;
+  const int b = blk.b, nh = blk.nh, mtiles = (nh + 15) / 16;
+  const BlockRange &r = blk.r;
+  const int kvh = blk.h0 / a.group;
+  if (warp < warps) load_q<T, D>(a, b, blk.h0, nh, q_tiles, consumers);
+  __syncthreads();  // barriers initialized, Q in place
+
+  const int tiles = int((r.hi - r.lo + rows - 1) / rows);
+  WarpState<D> w;  // the consumer warps'
+  if (warp == warps) {
+    if (lane == 0)
+      for (int i = 0; i < tiles; ++i) {
+        const int s = i % stages;
+        if (i >= stages) bulk_wait(&empty[s], (i / stages - 1) & 1);
+        issue_tile<T, D>(&kmap, &vmap, ring + s * 2 * tile, &full[s], rows, r.lo + int64_t(i) * rows, kvh, b);
+      }
+  } else {
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w.o[j][e] = 0.f;
+    w.m[0] = w.m[1] = -INFINITY, w.l[0] = w.l[1] = 0.f;
+    const uint8_t *q_tile = q_tiles + (warp % mtiles) * tma_tile_bytes(D, sizeof(T), 16);
+    for (int i = 0; i < tiles; ++i) {
+      const int s = i % stages;
+      uint8_t *k_tile = ring + s * 2 * tile, *v_tile = k_tile + tile;
+      const int64_t row0 = r.lo + int64_t(i) * rows;
+      bulk_wait(&full[s], (i / stages) & 1);
+      if (i == tiles - 1) patch_last_tile<T, D>(k_tile, v_tile, rows, row0, r, blk.knew, blk.vnew, consumers);
+      attend_tile<T, D>(a, w, q_tile, k_tile, v_tile, rows, row0, r.hi, warp / mtiles, warps / mtiles);
+      __syncwarp();
+      if (lane == 0) barrier_arrive(&empty[s]);
+    }
+  }
+  allow_dependents();
+  __syncthreads();  // every stage is consumed: the ring now holds the warps' partials
+  if (warp < warps) store_partial<D>(w, reinterpret_cast<float *>(ring) + warp * 16 * (D + 2));
+  __syncthreads();
+
+  // Merge the warps of each m-tile (warps mt, mt + MT, ...), then write the result or the split's partial.
+  const float *partials = reinterpret_cast<const float *>(ring);
+  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+    const int h = i / D, d = i % D;
+    float m = -INFINITY, l = 0.f, o = 0.f;
+    for (int wi = h / 16; wi < warps; wi += mtiles) {
+      const float *row = partials + (wi * 16 + h % 16) * (D + 2);
+      merge_partial(m, l, o, row[D], row[D + 1], row[d]);
+    }
+    write_result<T, D>(a, b, blk.h0 + h, blk.split, d, m, l, o);
+  }
+  if (a.split_len > 0) combine_if_last<T, D>(a, b, blk.h0, nh, r.start, r.pos);
+}
+
+}  // namespace ffa
