@@ -68,6 +68,13 @@ __device__ __forceinline__ void tma_load_4d(void *dst, const void *map, int c0, 
 #endif
 }
 
+// Fetches a tensor map (a kernel parameter) into the copy engine's cache ahead of its first use.
+__device__ __forceinline__ void tensor_map_prefetch(const void *map) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("prefetch.tensormap [%0];" ::"l"(map) : "memory");
+#endif
+}
+
 // Orders this thread's ordinary shared-memory stores before later bulk copies into the same memory.
 __device__ __forceinline__ void proxy_fence_async() {
 #if __CUDA_ARCH__ >= 900

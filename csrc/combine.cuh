@@ -67,6 +67,7 @@ __device__ __forceinline__ void combine_if_last(const DecodeArgs &a, int b, int 
     const int h = h0 + i / D, d = i % D;
     const int64_t row0 = (int64_t(b) * a.heads + h) * a.num_splits + first;
     float m = -INFINITY, l = 0.f, o = 0.f;
+#pragma unroll 8  // several splits' loads in flight at once
     for (int s = 0; s < n; ++s)  // L2 reads: the partials were written by other blocks
       merge_partial(m, l, o, __ldcg(a.part_lse + row0 + s), 1.f, __ldcg(a.part_out + (row0 + s) * D + d));
     static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(o / l);

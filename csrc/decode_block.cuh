@@ -56,25 +56,34 @@ __device__ __forceinline__ void append_new_row(const BlockRange &r, bool writer,
 // kvh of sequence b, and the rows of that kv head (cache and new row).
 template <typename T>
 struct DecodeBlock {
-  int b, split, h0, nh;
+  int b, split, h0, nh, kvh;
+  bool writer;  // the first head group of its kv head: it appends the new row
   const T *kbase, *vbase, *knew, *vnew;
   BlockRange r;
 };
 
-// Fills `blk` from the block's index, then does what comes before attending (block_range and
-// append_new_row). Returns false when the block has nothing to attend to.
+// Fills `blk` from the block's index (block_range included). Returns false when the block has
+// nothing to attend to.
 template <typename T, int D>
-__device__ __forceinline__ bool begin_block(const DecodeArgs &a, DecodeBlock<T> &blk) {
+__device__ __forceinline__ bool locate_block(const DecodeArgs &a, DecodeBlock<T> &blk) {
   const int subgroups = a.group / a.heads_per_block;
   const int kvh = blockIdx.y / subgroups, b = blockIdx.z;
-  blk.b = b, blk.split = blockIdx.x, blk.nh = a.heads_per_block;
+  blk.b = b, blk.split = blockIdx.x, blk.nh = a.heads_per_block, blk.kvh = kvh;
   blk.h0 = kvh * a.group + (blockIdx.y % subgroups) * a.heads_per_block;
+  blk.writer = blockIdx.y % subgroups == 0;
   if (!block_range<T, D>(a, b, blk.split, blk.h0, blk.nh, blk.r)) return false;
   blk.kbase = static_cast<const T *>(a.k_cache) + b * a.k_sb + kvh * a.k_sh;
   blk.vbase = static_cast<const T *>(a.v_cache) + b * a.v_sb + kvh * a.v_sh;
   blk.knew = static_cast<const T *>(a.new_k) + b * a.nk_sb + kvh * a.nk_sh;
   blk.vnew = static_cast<const T *>(a.new_v) + b * a.nv_sb + kvh * a.nv_sh;
-  append_new_row<T, D>(blk.r, blockIdx.y % subgroups == 0, const_cast<T *>(blk.kbase + blk.r.pos * a.k_ss),
+  return true;
+}
+
+// locate_block, then the fused append (append_new_row): what comes before attending.
+template <typename T, int D>
+__device__ __forceinline__ bool begin_block(const DecodeArgs &a, DecodeBlock<T> &blk) {
+  if (!locate_block<T, D>(a, blk)) return false;
+  append_new_row<T, D>(blk.r, blk.writer, const_cast<T *>(blk.kbase + blk.r.pos * a.k_ss),
                        const_cast<T *>(blk.vbase + blk.r.pos * a.v_ss), blk.knew, blk.vnew);
   return true;
 }

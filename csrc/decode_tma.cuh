@@ -7,12 +7,12 @@
 // (decode_block.cuh) for heads h0 .. h0+nh-1 of one kv head and computes an online softmax over
 // them with mma.m16n8k16 (mma.cuh, fp32 accumulation): the query heads are the tiles' rows (M), in
 // m-tiles of 16 (MT = ceil(nh / 16) of them, rows past nh zero), so one block reads each K/V row
-// once for the whole group. Per 16 positions (a sub-tile):
+// once for the whole group. Per 32 positions (a step of one consumer warp):
 //   scores    S = Q K^T: A = Q (16 heads x 16 dims, ldmatrix), B = K^T (ldmatrix of K rows);
-//             D/16 k-steps, 2 n-tiles of 8 positions; base-2 logits (softmax_scale * log2 e),
+//             D/16 k-steps, 4 n-tiles of 8 positions; base-2 logits (softmax_scale * log2 e),
 //             softcapped by cap_logit, positions >= hi masked to -inf
 //   softmax   running max per head over the 4 lanes of a row (2 shuffles); the output is rescaled
-//             by 2^(old max - new max)
+//             by 2^(old max - new max) when some max changed
 //   values    O += P V: A = P, which is S's accumulator fragments rounded to T (no shuffles),
 //             B = V (ldmatrix.trans of V rows); D/8 n-tiles of O
 // Rounding P to fp16/bf16 (as FlashAttention does) is the only arithmetic difference from
@@ -32,7 +32,7 @@
 //   producer (lane 0):  tile i: wait empty[i % S] (from the second round on), expect the tile's
 //                       bytes on full[i % S], issue its boxes (issue_tile)
 //   consumer warp w:    tile i: wait full[i % S], attend to its sub-tiles, arrive on empty[i % S]
-// Consumer warp w serves m-tile w % MT and sub-tiles w / MT, w / MT + C / MT, ... of every tile,
+// Consumer warp w serves m-tile w % MT and steps w / MT, w / MT + C / MT, ... of every tile,
 // with its own running max, sum and output. The block's last tile is patched before use
 // (patch_last_tile): the row at pos gets new_k / new_v (the cache row is written in this launch),
 // V rows at or past hi become zero (a zero weight times a stale row could be NaN). At the end the
@@ -65,6 +65,7 @@ namespace ffa {
 
 constexpr int kTmaMinStages = 2, kTmaMaxStages = 8;
 constexpr int kTmaMaxTileRows = 256;  // the copy engine's largest box
+constexpr int kTmaTileRowsStep = 32;  // tile_rows is a multiple of this: a consumer warp's step (kStepRows)
 constexpr int kTmaMaxHeads = 32;      // two m-tiles of 16 heads
 constexpr int kBoxBytes = 128;    // one box row: the 128-byte swizzle's span
 
@@ -73,6 +74,10 @@ constexpr int kBoxBytes = 128;    // one box row: the 128-byte swizzle's span
 __host__ __device__ constexpr int tile_offset(int rows, int r, int c) {
   return (c / 8) * rows * kBoxBytes + r * kBoxBytes + ((c % 8) ^ (r % 8)) * 16;
 }
+
+// The most consumer threads a block of head_dim D has: head_dim 256 keeps O in 128 registers per
+// thread, which fits the register file only for blocks of up to 128 consumers.
+__host__ __device__ constexpr int tma_max_threads(int head_dim) { return head_dim > 128 ? 128 : 256; }
 
 // The dynamic shared memory of a block: the ring (reused at the end for the warps' partials) and Q,
 // plus 1024 bytes to align the boxes.
@@ -108,6 +113,11 @@ __device__ __forceinline__ void issue_tile(const void *kmap, const void *vmap, u
   }
 }
 
+// A barrier among the consumer warps only (barrier 1; __syncthreads is barrier 0).
+__device__ __forceinline__ void consumer_barrier(int consumers) {
+  asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
+}
+
 // Q of heads h0 .. h0+nh-1 into MT 16-row tiles (rows past nh zero), by the consumer threads.
 template <typename T, int D>
 __device__ __forceinline__ void load_q(const DecodeArgs &a, int b, int h0, int nh, uint8_t *q_tiles, int consumers) {
@@ -122,44 +132,86 @@ __device__ __forceinline__ void load_q(const DecodeArgs &a, int b, int h0, int n
   }
 }
 
-// The block's last tile before use: row pos - row0 (if the tile holds pos) gets new_k / new_v,
-// V rows from hi - row0 on become zero. By the consumer threads, then a barrier among them.
+// The new k/v row, when this block's range holds pos: consumer thread c < 2 D sizeof(T) / 16 holds
+// chunk c of new_k then new_v, loaded at the start (its latency hidden behind the first copies),
+// patched into the last tile and appended to the cache at the end.
+template <typename T, int D>
+struct NewRow {
+  static constexpr int kChunks = 2 * D * int(sizeof(T)) / 16;
+  bool held;
+  uint4 chunk;
+
+  __device__ __forceinline__ void load(const DecodeBlock<T> &blk) {
+    const int c = threadIdx.x, half = kChunks / 2;
+    held = blk.r.pos < blk.r.hi && c < kChunks;
+    if (held) chunk = *reinterpret_cast<const uint4 *>((c < half ? blk.knew : blk.vnew) + (c % half) * (16 / sizeof(T)));
+  }
+  // The fused append (as append_new_row): the writer block stores the row at pos.
+  __device__ __forceinline__ void append(const DecodeArgs &a, const DecodeBlock<T> &blk) const {
+    const int c = threadIdx.x, half = kChunks / 2;
+    if (!held || !blk.writer) return;
+    T *row = const_cast<T *>(c < half ? blk.kbase + blk.r.pos * a.k_ss : blk.vbase + blk.r.pos * a.v_ss);
+    *reinterpret_cast<uint4 *>(row + (c % half) * (16 / sizeof(T))) = chunk;
+  }
+};
+
+// The block's last tile before use: row pos - row0 (if the tile holds pos) gets the new row, V rows
+// from hi - row0 on become zero. By the consumer threads, then a barrier among them.
 template <typename T, int D>
 __device__ __forceinline__ void patch_last_tile(uint8_t *k_tile, uint8_t *v_tile, int rows, int64_t row0,
-                                                const BlockRange &r, const T *knew, const T *vnew, int consumers) {
-  constexpr int CPR = D * int(sizeof(T)) / 16, VEC = 16 / sizeof(T);
-  const int valid = int(r.hi - row0), at = int(r.pos - row0);
-  if (at >= 0 && at < valid)
-    for (int c = threadIdx.x; c < 2 * CPR; c += consumers) {
-      const bool is_k = c < CPR;
-      const int ch = is_k ? c : c - CPR;
-      *reinterpret_cast<uint4 *>((is_k ? k_tile : v_tile) + tile_offset(rows, at, ch)) =
-          *reinterpret_cast<const uint4 *>((is_k ? knew : vnew) + ch * VEC);
-    }
+                                                const BlockRange &r, const NewRow<T, D> &row, int consumers) {
+  constexpr int CPR = D * int(sizeof(T)) / 16;
+  const int valid = int(r.hi - row0), at = int(r.pos - row0), c = threadIdx.x;
+  if (row.held && at >= 0 && at < valid)
+    *reinterpret_cast<uint4 *>((c < CPR ? k_tile : v_tile) + tile_offset(rows, at, c % CPR)) = row.chunk;
   for (int i = valid * CPR + threadIdx.x; i < rows * CPR; i += consumers)
     *reinterpret_cast<uint4 *>(v_tile + tile_offset(rows, i / CPR, i % CPR)) = make_uint4(0, 0, 0, 0);
   proxy_fence_async();  // (rule of bulk_copy.cuh: ordinary stores before any later copy into the stage)
-  asm volatile("bar.sync 1, %0;" ::"r"(consumers) : "memory");
+  consumer_barrier(consumers);
 }
 
-// S = Q K^T of the 16 positions at tile row r0: s[n] holds positions r0 + 8n + 2t, +1 (c0, c1 of
-// row g; c2, c3 of row g + 8).
-template <typename T, int D>
-__device__ __forceinline__ void scores(const uint8_t *q_tile, const uint8_t *k_tile, int rows, int r0, float (&s)[2][4]) {
-  const int lane = threadIdx.x % 32;
+// Where this lane's ldmatrix rows lie in Q's tile and in a K or V tile of `rows` rows, for a
+// step at tile row 0 (a step at row r0, a multiple of 8, lies r0 * kBoxBytes further: the swizzle
+// depends on r % 8 only; its second 16 positions another 16 * kBoxBytes).
+template <int D>
+struct LaneOffsets {
+  int q[D / 16], k[D / 16], v[D / 16];
+  __device__ __forceinline__ explicit LaneOffsets(int rows) {
+    const int lane = threadIdx.x % 32;
 #pragma unroll
-  for (int n = 0; n < 2; ++n)
+    for (int ks = 0; ks < D / 16; ++ks) {
+      // A = Q: heads 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
+      q[ks] = tile_offset(16, lane % 8 + 8 * ((lane / 8) % 2), 2 * ks + lane / 16);
+      // B = K^T: positions 0-7 / dims 16ks+0..7, 0-7 / +8..15, 8-15 / +0..7, 8-15 / +8..15
+      k[ks] = tile_offset(rows, lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2);
+      // B = V (transposed): positions 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
+      v[ks] = tile_offset(rows, lane % 8 + 8 * ((lane / 8) % 2), 2 * ks + lane / 16);
+    }
+  }
+};
+
+constexpr int kStepRows = 32;  // positions a consumer warp takes at a time: 4 n-tiles of 8
+constexpr int kHalf = 16 * kBoxBytes;  // from a step's first 16 positions to its second
+
+// S = Q K^T of the step at tile row r0: s[n] holds positions r0 + 8n + 2t, +1 (c0, c1: row g;
+// c2, c3: row g + 8).
+template <typename T, int D>
+__device__ __forceinline__ void scores(const LaneOffsets<D> &at, const uint8_t *q_tile, const uint8_t *k_step,
+                                       float (&s)[4][4]) {
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
-    uint32_t qa[4], kb[4];
-    // A: heads 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
-    ldmatrix_x4<false>(qa, q_tile + tile_offset(16, lane % 8 + 8 * ((lane / 8) % 2), 2 * ks + lane / 16));
-    // B: positions 0-7 / dims 16ks+0..7, 0-7 / +8..15, 8-15 / +0..7, 8-15 / +8..15
-    ldmatrix_x4<false>(kb, k_tile + tile_offset(rows, r0 + lane % 8 + 8 * (lane / 16), 2 * ks + (lane / 8) % 2));
+    uint32_t qa[4], kb[4], kc[4];
+    ldmatrix_x4<false>(qa, q_tile + at.q[ks]);
+    ldmatrix_x4<false>(kb, k_step + at.k[ks]);
+    ldmatrix_x4<false>(kc, k_step + kHalf + at.k[ks]);
     mma_16816(s[0], qa, kb[0], kb[1], T());
     mma_16816(s[1], qa, kb[2], kb[3], T());
+    mma_16816(s[2], qa, kc[0], kc[1], T());
+    mma_16816(s[3], qa, kc[2], kc[3], T());
   }
 }
 
@@ -173,61 +225,80 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// Logits in base-2 units, softcapped, positions >= hi masked; then the online softmax step: s
-// becomes the weights 2^(s - new max), and what came before is rescaled.
+// Logits in base-2 units, softcapped, positions from `valid` on (a step past hi) masked; then the
+// online softmax step: s becomes the weights 2^(s - new max), and what came before is rescaled
+// (skipped when no row's max changed: alpha = 1).
 template <int D>
-__device__ __forceinline__ void softmax_update(const DecodeArgs &a, WarpState<D> &w, float (&s)[2][4], int64_t p0,
-                                               int64_t hi) {
+__device__ __forceinline__ void softmax_update(const DecodeArgs &a, WarpState<D> &w, float (&s)[4][4], int valid) {
   const int t4 = threadIdx.x % 4;
 #pragma unroll
-  for (int n = 0; n < 2; ++n)
+  for (int n = 0; n < 4; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      s[n][e] = p0 + 8 * n + 2 * t4 + e % 2 < hi ? cap_logit(a, s[n][e] * a.scale_log2) : -INFINITY;
+    for (int e = 0; e < 4; ++e) s[n][e] = cap_logit(a, s[n][e] * a.scale_log2);
+  if (valid < kStepRows)
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        if (8 * n + 2 * t4 + e % 2 >= valid) s[n][e] = -INFINITY;
+  float alpha[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const float mx = quad_max(fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1])));
-    const float m_new = fmaxf(w.m[r], mx);
+    float mx = s[0][2 * r];
+#pragma unroll
+    for (int n = 0; n < 4; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+    const float m_new = fmaxf(w.m[r], quad_max(mx));
     const float ref = m_new == -INFINITY ? 0.f : m_new;  // a row with no position yet: 2^(-inf) = 0
-    const float alpha = exp2f(w.m[r] - ref);
+    alpha[r] = exp2f(w.m[r] - ref);
     w.m[r] = m_new;
     float sum = 0.f;
 #pragma unroll
-    for (int n = 0; n < 2; ++n)
+    for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int e = 2 * r; e < 2 * r + 2; ++e) sum += s[n][e] = exp2f(s[n][e] - ref);
-    w.l[r] = w.l[r] * alpha + sum;
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j) w.o[j][2 * r] *= alpha, w.o[j][2 * r + 1] *= alpha;
+    w.l[r] = w.l[r] * alpha[r] + sum;
   }
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f))
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w.o[j][e] *= alpha[e / 2];
 }
 
-// O += P V for the 16 positions at tile row r0 (P: the weights from softmax_update).
+// O += P V for the step at v_step (P: the weights from softmax_update).
 template <typename T, int D>
-__device__ __forceinline__ void values(const uint8_t *v_tile, int rows, int r0, const float (&p)[2][4], WarpState<D> &w) {
-  const int lane = threadIdx.x % 32;
-  const uint32_t pa[4] = {pack2(p[0][0], p[0][1], T()), pack2(p[0][2], p[0][3], T()), pack2(p[1][0], p[1][1], T()),
-                          pack2(p[1][2], p[1][3], T())};
+__device__ __forceinline__ void values(const LaneOffsets<D> &at, const uint8_t *v_step, const float (&p)[4][4],
+                                       WarpState<D> &w) {
+  uint32_t pa[2][4];
 #pragma unroll
-  for (int jj = 0; jj < D / 16; ++jj) {
-    uint32_t vb[4];
-    // B (transposed): positions 0-7 / dims 16jj+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
-    ldmatrix_x4<true>(vb, v_tile + tile_offset(rows, r0 + lane % 8 + 8 * ((lane / 8) % 2), 2 * jj + lane / 16));
-    mma_16816(w.o[2 * jj], pa, vb[0], vb[1], T());
-    mma_16816(w.o[2 * jj + 1], pa, vb[2], vb[3], T());
+  for (int h = 0; h < 2; ++h) {
+    pa[h][0] = pack2(p[2 * h][0], p[2 * h][1], T()), pa[h][1] = pack2(p[2 * h][2], p[2 * h][3], T());
+    pa[h][2] = pack2(p[2 * h + 1][0], p[2 * h + 1][1], T()), pa[h][3] = pack2(p[2 * h + 1][2], p[2 * h + 1][3], T());
   }
+#pragma unroll
+  for (int jj = 0; jj < D / 16; ++jj)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t vb[4];
+      ldmatrix_x4<true>(vb, v_step + h * kHalf + at.v[jj]);
+      mma_16816(w.o[2 * jj], pa[h], vb[0], vb[1], T());
+      mma_16816(w.o[2 * jj + 1], pa[h], vb[2], vb[3], T());
+    }
 }
 
-// A consumer warp's tile: its sub-tiles of the rows [row0, row0 + rows) that lie below hi.
+// A consumer warp's part of a tile: its steps of the rows [row0, row0 + rows) that lie below hi.
 template <typename T, int D>
-__device__ __forceinline__ void attend_tile(const DecodeArgs &a, WarpState<D> &w, const uint8_t *q_tile,
-                                            const uint8_t *k_tile, const uint8_t *v_tile, int rows, int64_t row0,
-                                            int64_t hi, int first_sub, int sub_step) {
-  for (int sub = first_sub; sub < rows / 16 && row0 + 16 * sub < hi; sub += sub_step) {
-    float s[2][4];
-    scores<T, D>(q_tile, k_tile, rows, 16 * sub, s);
-    softmax_update<D>(a, w, s, row0 + 16 * sub, hi);
-    values<T, D>(v_tile, rows, 16 * sub, s, w);
+__device__ __forceinline__ void attend_tile(const DecodeArgs &a, WarpState<D> &w, const LaneOffsets<D> &at,
+                                            const uint8_t *q_tile, const uint8_t *k_tile, const uint8_t *v_tile,
+                                            int rows, int64_t row0, int64_t hi, int first_step, int step_stride) {
+  const int64_t left = hi - row0;
+  const int valid_rows = left < rows ? int(left) : rows;
+  for (int st = first_step; st * kStepRows < valid_rows; st += step_stride) {
+    float s[4][4];
+    const int offset = st * kStepRows * kBoxBytes;
+    scores<T, D>(at, q_tile, k_tile + offset, s);
+    softmax_update<D>(a, w, s, valid_rows - st * kStepRows);
+    values<T, D>(at, v_tile + offset, s, w);
   }
 }
 
@@ -248,7 +319,7 @@ __device__ __forceinline__ void store_partial(const WarpState<D> &w, float *slot
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kMaxThreads + 32) decode_tma_kernel(const DecodeArgs a,
+__global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(const DecodeArgs a,
                                                                        const __grid_constant__ CUtensorMap kmap,
                                                                        const __grid_constant__ CUtensorMap vmap) {
   static_assert(sizeof(T) == 2 && D % 64 == 0 && D <= 256, "16-bit rows of whole 128-byte boxes");
@@ -262,42 +333,46 @@ __global__ void __launch_bounds__(kMaxThreads + 32) decode_tma_kernel(const Deco
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) bulk_barrier_init(&full[s]), bulk_barrier_init(&empty[s], warps);
   }
+  if (warp == warps && lane == 0) tensor_map_prefetch(&kmap), tensor_map_prefetch(&vmap);
+  __syncthreads();  // barriers initialized
   grid_dependency_wait();
 
   DecodeBlock<T> blk;
-  if (!begin_block<T, D>(a, blk)) return;
+  if (!locate_block<T, D>(a, blk)) return;
   const int b = blk.b, nh = blk.nh, mtiles = (nh + 15) / 16;
   const BlockRange &r = blk.r;
-  const int kvh = blk.h0 / a.group;
-  if (warp < warps) load_q<T, D>(a, b, blk.h0, nh, q_tiles, consumers);
-  __syncthreads();  // barriers initialized, Q in place
-
   const int tiles = int((r.hi - r.lo + rows - 1) / rows);
   WarpState<D> w;  // the consumer warps'
+  NewRow<T, D> new_row;
   if (warp == warps) {
     if (lane == 0)
       for (int i = 0; i < tiles; ++i) {
         const int s = i % stages;
         if (i >= stages) bulk_wait(&empty[s], (i / stages - 1) & 1);
-        issue_tile<T, D>(&kmap, &vmap, ring + s * 2 * tile, &full[s], rows, r.lo + int64_t(i) * rows, kvh, b);
+        issue_tile<T, D>(&kmap, &vmap, ring + s * 2 * tile, &full[s], rows, r.lo + int64_t(i) * rows, blk.kvh, b);
       }
   } else {
+    new_row.load(blk);
+    load_q<T, D>(a, b, blk.h0, nh, q_tiles, consumers);
 #pragma unroll
     for (int j = 0; j < D / 8; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) w.o[j][e] = 0.f;
     w.m[0] = w.m[1] = -INFINITY, w.l[0] = w.l[1] = 0.f;
+    consumer_barrier(consumers);  // Q in place
     const uint8_t *q_tile = q_tiles + (warp % mtiles) * tma_tile_bytes(D, sizeof(T), 16);
+    const LaneOffsets<D> at(rows);
     for (int i = 0; i < tiles; ++i) {
       const int s = i % stages;
       uint8_t *k_tile = ring + s * 2 * tile, *v_tile = k_tile + tile;
       const int64_t row0 = r.lo + int64_t(i) * rows;
       bulk_wait(&full[s], (i / stages) & 1);
-      if (i == tiles - 1) patch_last_tile<T, D>(k_tile, v_tile, rows, row0, r, blk.knew, blk.vnew, consumers);
-      attend_tile<T, D>(a, w, q_tile, k_tile, v_tile, rows, row0, r.hi, warp / mtiles, warps / mtiles);
+      if (i == tiles - 1) patch_last_tile<T, D>(k_tile, v_tile, rows, row0, r, new_row, consumers);
+      attend_tile<T, D>(a, w, at, q_tile, k_tile, v_tile, rows, row0, r.hi, warp / mtiles, warps / mtiles);
       __syncwarp();
       if (lane == 0) barrier_arrive(&empty[s]);
     }
+    new_row.append(a, blk);
   }
   allow_dependents();
   __syncthreads();  // every stage is consumed: the ring now holds the warps' partials

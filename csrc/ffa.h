@@ -91,11 +91,11 @@ typedef struct {
   int64_t threads;         /* 64, 128 or 256 (FFA_KERNEL_TMA: the consumer threads; one producer warp is added) */
   int64_t heads_per_block; /* query heads sharing one K/V read; divides heads/kv_heads; at most
                               max_heads_per_block of ffa_build_info for the kernel */
-  int64_t split_len;       /* 0 or a multiple of 16 */
+  int64_t split_len;       /* 0, or positions per split (any; the tuner and heuristic use multiples of 16) */
   int64_t kernel;          /* ffa_kernel. A kernel that lacks this dtype or head_dim is FFA_ERR_UNSUPPORTED, as is
                               a device that cannot run it (its compute capability, its shared memory) */
   int64_t stages;          /* FFA_KERNEL_TMA: shared-memory ring stages, 2..8 (ignored by the others) */
-  int64_t tile_rows;       /* FFA_KERNEL_TMA: positions per stage, a multiple of 16 in 16..256 (ignored by the others) */
+  int64_t tile_rows;       /* FFA_KERNEL_TMA: positions per stage, a multiple of 32 in 32..256 (ignored by the others) */
   int64_t pdl;             /* FFA_KERNEL_TMA: 1 launches with programmatic dependent launch (its start overlaps the
                               previous kernel's end on the stream), 0 not (ignored by the others) */
 

@@ -77,7 +77,7 @@ std::string build_info_text() {
                      ffa::kTensorCoreCapability, ffa::kMaxHeadsPerBlock) + ", " +
          kernel_info("tma", ffa::kTma, half, json_list(ffa::kTmaHeadDims), ffa::kTmaCapability, ffa::kTmaMaxHeads) +
          "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
-         ", \"tile_rows\": " + json_list({16, ffa::kTmaMaxTileRows, 16}) +
+         ", \"tile_rows\": " + json_list({ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows, ffa::kTmaTileRowsStep}) +
          "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 
@@ -128,8 +128,8 @@ int check_shapes(const ffa_decode_params *p) {
   if (p->heads / p->heads_per_block > 65535)  // the grid's y dimension: one block per head group
     return fail(FFA_ERR_INVALID_ARGUMENT, "heads / heads_per_block = %lld is more than 65535 head groups",
                 (long long)(p->heads / p->heads_per_block));
-  if (p->split_len < 0 || p->split_len % 16 != 0 || (p->split_len > 0 && num_splits(p) > 8192))
-    return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld is not a multiple of 16 giving at most 8192 splits of max_len %lld",
+  if (p->split_len < 0 || (p->split_len > 0 && num_splits(p) > 8192))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "split_len %lld gives more than 8192 splits of max_len %lld",
                 (long long)p->split_len, (long long)p->max_len);
   const int es = int(dtype_size(p->dtype)), hd = int(p->head_dim);
   if ((p->kernel == ffa::kTensorCores && !ffa::has_tensor_core_kernel(es, hd)) ||
@@ -140,9 +140,10 @@ int check_shapes(const ffa_decode_params *p) {
     if (p->stages < ffa::kTmaMinStages || p->stages > ffa::kTmaMaxStages)
       return fail(FFA_ERR_INVALID_ARGUMENT, "stages %lld is outside [%d, %d]", (long long)p->stages,
                   ffa::kTmaMinStages, ffa::kTmaMaxStages);
-    if (p->tile_rows < 16 || p->tile_rows > ffa::kTmaMaxTileRows || p->tile_rows % 16 != 0)
-      return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of 16 in [16, %d]",
-                  (long long)p->tile_rows, ffa::kTmaMaxTileRows);
+    if (p->tile_rows < ffa::kTmaTileRowsStep || p->tile_rows > ffa::kTmaMaxTileRows ||
+        p->tile_rows % ffa::kTmaTileRowsStep != 0)
+      return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of %d in [%d, %d]", (long long)p->tile_rows,
+                  ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
     if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
   }
   return FFA_OK;
@@ -347,12 +348,13 @@ int ffa_decode(const ffa_decode_params *p) {
                 device, ffa::mma_smem_bytes(hd, threads), threads, hd);
   if (err == cudaErrorNotSupported && kernel == ffa::kTma)  // launch_decode_tma's answer
     return fail(FFA_ERR_UNSUPPORTED,
-                "tma: device %d cannot run this launch (it needs compute capability 9.0+, %d bytes of shared memory "
-                "per block for %d threads, %lld stages of %lld rows of head_dim %d, and cache strides the bulk copy "
-                "engine accepts)",
-                device, ffa::tma_smem_bytes(hd, int(dtype_size(p->dtype)), threads, int(p->stages), int(p->tile_rows),
-                                            int(p->heads_per_block)),
-                threads, (long long)p->stages, (long long)p->tile_rows, hd);
+                "tma: device %d cannot run this launch (it needs compute capability 9.0+, at most %d threads at head_dim "
+                "%d, %d bytes of shared memory per block for %d threads, %lld stages of %lld rows, and cache strides "
+                "the bulk copy engine accepts)",
+                device, ffa::tma_max_threads(hd), hd,
+                ffa::tma_smem_bytes(hd, int(dtype_size(p->dtype)), threads, int(p->stages), int(p->tile_rows),
+                                    int(p->heads_per_block)),
+                threads, (long long)p->stages, (long long)p->tile_rows);
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction)
     return fail_no_kernel_image(device);
   if (err != cudaSuccess) return fail(FFA_ERR_CUDA, "kernel launch on device %d: %s", device, cudaGetErrorString(err));

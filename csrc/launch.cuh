@@ -152,7 +152,7 @@ cudaError_t launch_decode_tma(const DecodeArgs &a, dim3 grid, int batch, int kv_
   if (err == cudaSuccess) err = tma_smem_limit<T, D>(device, limit);
   if (err != cudaSuccess) return err;
   const int bytes = tma_smem_bytes(D, sizeof(T), threads, a.stages, a.tile_rows, a.heads_per_block);
-  if (bytes > limit) return cudaErrorNotSupported;
+  if (bytes > limit || threads > tma_max_threads(D)) return cudaErrorNotSupported;
   CUtensorMap kmap, vmap;
   if ((err = cache_tensor_map<T, D>(kmap, a.k_cache, a.max_len, kv_heads, batch, a.k_ss, a.k_sh, a.k_sb, a.tile_rows)) ||
       (err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows)))

@@ -148,28 +148,36 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
     return group >= 2 and kv_bytes <= TENSOR_CORES_MAX_BYTES
 
 
-# The TMA kernel's launch without a tuner entry: 4 consumer warps, a ring of TMA_STAGES stages of
-# TMA_TILE_ROWS positions (fewer stages where the ring would not fit one block: head_dim 256), and
-# splits of whole tiles that fill TMA_RESIDENT blocks per SM. First values, to be replaced by the
-# tuned ones (bench/results/kernel-bench-h200.md).
-TMA_THREADS, TMA_STAGES, TMA_TILE_ROWS, TMA_RESIDENT = 128, 4, 64, 1
-TMA_RING_BYTES = 128 << 10
+# The TMA kernel's launch without a tuner entry: a ring of 2 stages of 128 positions (64 at head_dim
+# 256), one consumer warp per 32-row step of a tile and m-tile of 16 heads (64 to 256 threads; at most
+# 128 at head_dim 256), and splits of whole tiles that fill one wave of blocks (TMA_RESIDENT per SM
+# where two rings fit an SM's shared memory). Measured against 48 rings x threads x splits on 6
+# shapes: bench/results/kernel-tma-launches-h200.md; the tuned launches are in
+# bench/results/tuner-cache-h200.json.
+TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
+
+
+def tma_ring(head_dim):
+    """(stages, tile_rows) of the heuristic's TMA launch."""
+    return TMA_STAGES, 128 if head_dim <= 128 else 64
 
 
 def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
     """The TMA kernel's launch: the whole group in one block (up to max_heads_per_block("tma")
     heads), and splits of whole tiles that fill one wave."""
     hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
-    stages = max(2, min(TMA_STAGES, TMA_RING_BYTES // (2 * TMA_TILE_ROWS * head_dim * 2)))
+    stages, rows = tma_ring(head_dim)
+    threads = min(128 if head_dim > 128 else 256, max(64, rows // TMA_STEP_ROWS * -(-hpb // 16) * 32))
+    resident = 2 if 2 * stages * 2 * rows * head_dim * 2 < TMA_SHARED_BYTES else 1
     blocks = batch * kv_heads * (group // hpb)
-    splits = (TMA_RESIDENT * sm_count) // blocks
+    splits = (resident * sm_count) // blocks
     split_len = 0
     if splits > 1:
-        split_len = round_up(-(-length // splits), TMA_TILE_ROWS)
+        split_len = round_up(-(-length // splits), rows)
         if split_len >= length:
             split_len = 0
-    return LaunchConfig(threads=TMA_THREADS, heads_per_block=hpb, split_len=split_len, tma=True, stages=stages,
-                        tile_rows=TMA_TILE_ROWS)
+    return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tma=True, stages=stages,
+                        tile_rows=rows)
 
 
 def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False, tma=False):

@@ -388,8 +388,8 @@ def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
 
 
 @pytest.mark.parametrize("field,value,message", [("stages", 1, "stages 1 is outside"), ("stages", 9, "stages 9 is outside"),
-                                                 ("tile_rows", 24, "tile_rows 24 is not a multiple of 16"),
-                                                 ("tile_rows", 272, "tile_rows 272"), ("pdl", 2, "pdl 2 is not 0 or 1"),
+                                                 ("tile_rows", 48, "tile_rows 48 is not a multiple of 32"),
+                                                 ("tile_rows", 288, "tile_rows 288"), ("pdl", 2, "pdl 2 is not 0 or 1"),
                                                  ("heads_per_block", 64, "at most 32 for kernel 2")])
 def test_library_checks_the_tma_launch_fields(field, value, message):
     """The TMA kernel's ring and launch fields are range-checked by the library, each error naming

@@ -138,7 +138,7 @@ def sessions(draw, device):
         st.sampled_from([0, 16, 48, 64])), st.builds(  # the TMA kernel (heuristic where it does not apply)
         lambda threads, split, ring, pdl: LaunchConfig(threads, group, split, tma=True, stages=ring[0], tile_rows=ring[1],
                                                        pdl=pdl),
-        st.sampled_from(THREADS), st.sampled_from([0, 16, 48, 64]), st.sampled_from([(2, 16), (3, 32), (4, 64)]),
+        st.sampled_from(THREADS), st.sampled_from([0, 16, 48, 64]), st.sampled_from([(2, 32), (3, 32), (4, 64)]),
         st.booleans())))
     return Session(
         device=device, dtype=draw(st.sampled_from(DTYPES[device])), batch=draw(st.integers(0, 3)),

@@ -151,7 +151,7 @@ def test_odd_groups(heads, kv_heads, hpb):
                                                 (12, 2, 3), (64, 2, 16)])
 def test_tma_head_groups(dtype, head_dim, heads, kv_heads, hpb):
     """The TMA kernel holds any group of 1-32 heads in one block (one or two m-tiles of 16, rows
-    past the group zero), and a block may take part of a group; rings of 16 to 128 rows, 2 to 6
+    past the group zero), and a block may take part of a group; rings of 32 to 128 rows, 2 to 6
     stages, 64 to 256 consumer threads, unsplit and split (splits of one tile and of several),
     with and without programmatic dependent launch; ragged positions."""
     c = Case(batch=2, heads=heads, kv_heads=kv_heads, head_dim=head_dim, prompt_len=700, max_len=777, dtype=dtype,
@@ -161,14 +161,14 @@ def test_tma_head_groups(dtype, head_dim, heads, kv_heads, hpb):
     ref, _, _ = exact(K, V, q, k, v, t, start, 0.125, c.max_len)
     dev = lambda x: x.to("cuda", dtype)
     for threads, split, stages, rows, pdl in [(128, 0, 4, 32, False), (64, 64, 2, 64, True), (256, 256, 3, 64, False),
-                                              (128, 512, 2, 128, True), (256, 0, 6, 16, False)]:
+                                              (128, 512, 2, 128, True), (256, 0, 6, 32, False)]:
         config = LaunchConfig(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl)
         f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=config)
         out = torch.full((c.batch, heads, head_dim), float("nan"), dtype=dtype, device="cuda")
         try:
             f.attention(dev(q), dev(k), dev(v), 0.125, t.cuda(), start=start.cuda(), out=out)
-        except UnsupportedError as e:  # a ring too large for one block's shared memory (head_dim 256)
-            assert head_dim == 256 and "shared memory" in str(e), e
+        except UnsupportedError as e:  # a ring too large for one block, or 256 threads (head_dim 256)
+            assert head_dim == 256 and "at most 128 threads at head_dim 256" in str(e), e
             continue
         assert torch.isfinite(out).all(), config
         assert rel_l2(out, ref) < TOL[dtype], config

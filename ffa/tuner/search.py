@@ -27,8 +27,8 @@ import torch
 
 from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
-from ..launch import (THREADS, LaunchConfig, heads_per_block_options, heuristic, largest_heads_per_block,
-                      max_heads_per_block, tensor_cores_apply, tma_applies)
+from ..launch import (THREADS, LaunchConfig, heads_per_block_options, heuristic, heuristic_tma,
+                      largest_heads_per_block, max_heads_per_block, tensor_cores_apply, tma_applies)
 from ..measure import Progress
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
@@ -51,14 +51,15 @@ def kernels(tensor_cores):
     return (False, True) if tensor_cores else (False,)
 
 
-# The TMA kernel's rings (stages, tile_rows) and consumer threads: the coarse stage tries the first
-# ring at 128 threads, the refine stage all of them (a ring that does not fit one block's shared
-# memory is noted as unsupported), and programmatic dependent launch on the best ring.
-TMA_RINGS = ((4, 64), (3, 64), (2, 128), (4, 32), (6, 32), (2, 64))
-TMA_THREADS = (128, 256)
+# The TMA kernel's rings (stages, tile_rows) and consumer threads: the coarse stage tries the
+# heuristic's ring and threads (launch.heuristic_tma), the refine stage all of these (a launch the
+# GPU cannot run, such as a ring too large for one block, is noted as unsupported), and
+# programmatic dependent launch on the best of them.
+TMA_RINGS = ((3, 64), (4, 64), (2, 128), (3, 128), (4, 32), (6, 32))
+TMA_THREADS = (64, 128, 256)
 
 
-def tma_launch(group, split_len, threads=128, ring=TMA_RINGS[0], pdl=False):
+def tma_launch(group, split_len, threads, ring, pdl=False):
     """A TMA launch whose block holds the whole group (or its largest divisor that fits)."""
     hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
     return LaunchConfig(threads, hpb, split_len, tma=True, stages=ring[0], tile_rows=ring[1], pdl=pdl)
@@ -74,10 +75,13 @@ def candidates(group, length, tensor_cores=False, tma=False):
     return space
 
 
-def coarse_candidates(group, length, tensor_cores=False, tma=False):
+def coarse_candidates(group, length, tensor_cores=False, tma=False, head_dim=128):
     hpb = largest_heads_per_block(group)
     coarse = [LaunchConfig(128, hpb, s, tc) for s in split_options(length) for tc in kernels(tensor_cores)]
-    return coarse + ([tma_launch(group, s) for s in split_options(length)] if tma else [])
+    if tma:
+        first = heuristic_tma(1, 1, group, length, 1, head_dim)  # its ring and threads (the split is ours)
+        coarse += [replace(first, split_len=s) for s in split_options(length)]
+    return coarse
 
 
 def refine_candidates(group, split_len, tensor_cores=False, tma=False):
@@ -253,7 +257,7 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
                                         for copy in range(len(problem.attns))])
 
     measure(result.heuristic)
-    for config in coarse_candidates(w.group, w.length, tensor_cores, tma):
+    for config in coarse_candidates(w.group, w.length, tensor_cores, tma, w.head_dim):
         measure(config)
     per_split = {}
     for config, seconds in result.timings.items():
