@@ -14,7 +14,6 @@ decides.
 """
 
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 
 import torch
 
@@ -24,13 +23,19 @@ MAX_SPLITS = 8192  # the library's limit on ceil(max_len / split_len)
 THREADS = (64, 128, 256)
 
 
-@lru_cache(maxsize=None)
+_facts = None
+
+
 def library_facts():
     """What the native library says it runs (ffa_build_info in csrc/ffa_api.cu, made from the
     kernels' own constants): "head_dims", "threads", and per kernel ("cuda_cores",
     "tensor_cores", "tma") its "code", "dtypes", "head_dims", "compute_capability" and
-    "max_heads_per_block"; "tma" holds the ranges of its "stages" and "tile_rows"."""
-    return _lib.build_info()
+    "max_heads_per_block"; "tma" holds the ranges of its "stages" and "tile_rows". Read once
+    (FastForwardAttn's constructor does), then a plain global that torch.compile traces."""
+    global _facts
+    if _facts is None:
+        _facts = _lib.build_info()
+    return _facts
 
 
 def head_dims():

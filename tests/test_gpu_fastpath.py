@@ -113,7 +113,7 @@ def test_fast_path_equals_the_op_path(p):
         start = args["start"] if isinstance(args["start"], torch.Tensor) else None
         t_int = args["t"] if pos is None else 0
         start_int = args["start"] if start is None else 0
-        config = f.launch_config(q.shape[1], MAX_LEN if pos is not None else t_int + 1)
+        config = f.launch_config(q.shape[1], MAX_LEN if pos is not None else t_int + 1, p > 0)
         op = torch.full_like(fast, float("nan"))
         ops.decode_into(op, q, k, v, f.k_cache, f.v_cache, pos, t_int, start, start_int,
                         args["softmax_scale"] or HEAD_DIM ** -0.5, p, args["softcap"] or 0.0, config.fields(),

@@ -4,6 +4,7 @@ length FastForwardAttn hands it."""
 
 import itertools
 
+import pytest
 import torch
 
 from ffa import FastForwardAttn, LaunchConfig
@@ -127,3 +128,17 @@ def test_pruning_steps_of_grouped_heads_take_tensor_cores():
     assert f.prepare(32, p=1e-3) == pruned and f.prepare(32) == exact
     f._tensor_cores = False
     assert f.launch_config(8, 8192, prune=True) == f.launch_config(8, 8192)  # no tensor cores: as for p = 0
+
+
+@pytest.mark.parametrize("tma,tensor_cores", [(True, True), (False, True), (False, False)])
+def test_heuristic_traces_under_torch_compile(tma, tensor_cores):
+    """FastForwardAttn.attention picks its launch while torch.compile traces it (fullgraph): the
+    heuristic, and the library facts it reads, must trace without a graph break."""
+    def scaled(x):
+        c = heuristic(1, 8, 4, 4096, 132, 128, tensor_cores, tma=tma)
+        return x * (c.threads + c.heads_per_block + c.split_len + c.stages + c.tile_rows)
+
+    expected = heuristic(1, 8, 4, 4096, 132, 128, tensor_cores, tma=tma)
+    total = expected.threads + expected.heads_per_block + expected.split_len + expected.stages + expected.tile_rows
+    out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), float(total)))
