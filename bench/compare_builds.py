@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ffa import _lib
+from ffa import LaunchConfig, _lib
 from ffa.measure import RotationTimer, copies_for, l2_bytes
 from ffa.tuner.search import Problem, Workload, tune
 from shared import HEADS, PAIRS
@@ -40,7 +40,7 @@ def main():
     names = [chr(ord("A") + i) for i in range(len(args.builds))]
     rows = []
     print("| shape | floor µs | "
-          + " | ".join(f"{n} best µs (threads/heads/split[/tc]) | {n} heuristic" for n in names)
+          + " | ".join(f"{n} best µs (LaunchConfig.key) | {n} heuristic" for n in names)
           + " | " + " | ".join(f"{n}/A best" for n in names[1:]) + " |")
     print("|---" * (2 + 2 * len(names) + len(names) - 1) + "|")
     for head_dim in map(int, args.head_dims.split(",")):
@@ -61,8 +61,7 @@ def main():
                 for f in found:
                     c = f["config"]
                     heur = "-" if f["heuristic_us"] is None else f"{f['heuristic_us']:.1f}"
-                    tc = "/tc" if c["tensor_cores"] else ""
-                    cells += [f"{f['best_us']:.1f} ({c['threads']}/{c['heads_per_block']}/{c['split_len']}{tc})", heur]
+                    cells += [f"{f['best_us']:.1f} ({LaunchConfig(**c).key()})", heur]
                 cells += [f"{f['best_us'] / found[0]['best_us']:.2f}" for f in found[1:]]
                 print(f"| {w} | {floor_us:.1f} | " + " | ".join(cells) + " |", flush=True)
                 rows.append({"shape": str(w), "floor_us": floor_us, "builds": found})

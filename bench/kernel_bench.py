@@ -290,8 +290,7 @@ def prune(dtype=torch.float16, head_dim=128):
             kwargs = {"default": True} if launch == "default" else {} if launch == "ffa" else \
                 {"launch": LaunchConfig(*launch)}
             row = {"batch": batch, "kv_heads": kv_heads, "context": context, "copies": len(case.attns),
-                   "launch": launch if isinstance(launch, str) else "/".join(map(str, launch[:3]))
-                   + ("/tc" if launch[3:] == (True,) else "")}
+                   "launch": launch if isinstance(launch, str) else LaunchConfig(*launch).key()}
             for p in (0.0, 1e-3):
                 calls = case.ffa_calls(p=p, **kwargs)
                 if p == 0.0:

@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply
+from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply, tma_applies
 from shared import HEADS, PAIRS, source_commit
 
 # (head_dim, kv_heads, batch, length): the grid, then OPT-1.3b decode at prompt 1,000 + 128 new
@@ -33,16 +33,6 @@ SHAPES = ([(d, kv, b, n) for d in (64, 128) for kv in (32, 8) for b, n in PAIRS]
              (128, 32, 4, 2048), (128, 8, 16, 16384)]
           + [(64, 32, b, n) for b in (1, 4, 16) for n in (256, 512)] + [(128, 8, 1, 256), (128, 8, 4, 512)]
           + [(d, 4, b, n) for d in (64, 128) for b, n in ((1, 16384), (8, 4096), (32, 4096), (128, 2048))])
-
-
-def key(c):
-    """threads/heads_per_block/split_len, with /tc for the tensor-core kernel."""
-    return f"{c.threads}/{c.heads_per_block}/{c.split_len}" + ("/tc" if c.tensor_cores else "")
-
-
-def parse(k):
-    fields = k.split("/")
-    return LaunchConfig(*map(int, fields[:3]), tensor_cores=fields[3:] == ["tc"])
 
 
 def measure(out):
@@ -58,8 +48,8 @@ def measure(out):
         problem = Problem(w, device, copies=copies_for(w.kv_bytes, l2))
         r = tune(problem, sm_count, timer, refine=3, capability=capability)
         rows.append(dict(head_dim=head_dim, kv_heads=kv_heads, batch=batch, length=length, group=w.group,
-                         timings_us={key(c): round(s * 1e6, 2) for c, s in r.timings.items()}))
-        print(w, "best", key(r.config), f"{r.seconds * 1e6:.1f} us", flush=True)
+                         timings_us={LaunchConfig.key(c): round(s * 1e6, 2) for c, s in r.timings.items()}))
+        print(w, "best", LaunchConfig.key(r.config), f"{r.seconds * 1e6:.1f} us", flush=True)
         del problem
         torch.cuda.empty_cache()
     doc = dict(device=torch.cuda.get_device_name(device), sm_count=sm_count, capability=list(capability),
@@ -71,14 +61,14 @@ def measure(out):
 
 def timed_as(timings, config):
     """The time of `config`, or of the nearest timed split length at its threads and heads."""
-    if key(config) in timings:
-        return timings[key(config)], key(config)
-    shape = lambda c: (c.threads, c.heads_per_block, c.tensor_cores, c.split_len == 0)
-    same = [c for c in map(parse, timings) if shape(c) == shape(config)]
+    if LaunchConfig.key(config) in timings:
+        return timings[LaunchConfig.key(config)], LaunchConfig.key(config)
+    shape = lambda c: (c.threads, c.heads_per_block, c.kernel, c.stages, c.tile_rows, c.pdl, c.split_len == 0)
+    same = [c for c in map(LaunchConfig.parse, timings) if shape(c) == shape(config)]
     if not same:
-        return None, key(config) + " (not timed)"
+        return None, LaunchConfig.key(config) + " (not timed)"
     near = min(same, key=lambda c: abs(math.log(max(c.split_len, 1) / max(config.split_len, 1))))
-    return timings[key(near)], key(near) + "~"
+    return timings[LaunchConfig.key(near)], LaunchConfig.key(near) + "~"
 
 
 def evaluate(path):
@@ -89,8 +79,10 @@ def evaluate(path):
     for r in doc["rows"]:
         t = r["timings_us"]
         best = min(t, key=t.get)
+        capability = doc.get("capability", (0, 0))
         config = heuristic(r["batch"], r["kv_heads"], r["group"], r["length"], doc["sm_count"], r["head_dim"],
-                           tensor_cores_apply(torch.float16, r["head_dim"], doc.get("capability", (0, 0))))
+                           tensor_cores_apply(torch.float16, r["head_dim"], capability),
+                           tma=tma_applies(torch.float16, r["head_dim"], capability))
         us, label = timed_as(t, config)
         ratio = us / t[best] if us else None
         if ratio:

@@ -127,7 +127,7 @@ def original_section(res):
 def prune_section(res):
     out = ["## Pruning: p = 1e-3 against p = 0, attention sink at position 0 (fp16, head_dim 128)", "",
            "launch: `ffa` = FastForwardAttn's own choice, `default` = the default launch, else threads/heads per "
-           "block/split length, `/tc` on tensor cores.", "",
+           "block/split length, `/tc` on tensor cores, `/tma<stages>x<rows>` the TMA kernel (LaunchConfig.key).", "",
            "| batch | kv heads | context | launch | p=0 µs | p=1e-3 µs | speedup |", "|---|---|---|---|---|---|---|"]
     for r in res["prune"]:
         out.append(f"| {r['batch']} | {r['kv_heads']} | {r['context']} | {r['launch']} | {r['p0_us']:.1f} | "

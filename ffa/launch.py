@@ -61,6 +61,23 @@ class LaunchConfig:
     def as_dict(self):
         return asdict(self)
 
+    def key(self):
+        """Short text: threads/heads_per_block/split_len, then /tc for the tensor-core kernel or
+        /tma<stages>x<tile_rows> for the TMA kernel, +pdl with programmatic dependent launch;
+        LaunchConfig.parse reads it back."""
+        kernel = "/tc" if self.tensor_cores else f"/tma{self.stages}x{self.tile_rows}" if self.tma else ""
+        return f"{self.threads}/{self.heads_per_block}/{self.split_len}{kernel}{'+pdl' if self.pdl else ''}"
+
+    @classmethod
+    def parse(cls, text):
+        fields, pdl = text.removesuffix("+pdl").split("/"), text.endswith("+pdl")
+        threads, hpb, split = map(int, fields[:3])
+        kernel = fields[3] if len(fields) > 3 else ""
+        if kernel.startswith("tma"):
+            stages, rows = map(int, kernel[3:].split("x"))
+            return cls(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl)
+        return cls(threads, hpb, split, tensor_cores=kernel == "tc", pdl=pdl)
+
     def fields(self):
         """The configuration as a list of ints (the custom op's argument); from_fields inverts it."""
         return [self.threads, self.heads_per_block, self.split_len, int(self.tensor_cores), int(self.tma),
@@ -160,6 +177,11 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
 # shapes: bench/results/kernel-tma-launches-h200.md; the tuned launches are in
 # bench/results/tuner-cache-h200.json.
 TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
+# Caches of at most TMA_MIN_BYTES of K+V take the other kernels: in the H200's tuner sweep another
+# kernel is the tuned choice in 66 of the 72 buckets of up to 32 MB, the TMA kernel in 129 of the 136
+# larger ones (bench/results/tuner-cache-h200.json). The TMA launch uses programmatic dependent
+# launch: tuned on in 105 of those 129 buckets, in all 49 of up to 128 MB.
+TMA_MIN_BYTES = 32 << 20
 
 
 def tma_ring(head_dim):
@@ -182,12 +204,12 @@ def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
         if split_len >= length:
             split_len = 0
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tma=True, stages=stages,
-                        tile_rows=rows)
+                        tile_rows=rows, pdl=True)
 
 
 def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False, tma=False):
     """Fill one wave of the GPU and no more. `tma`: whether the TMA kernel applies (tma_applies);
-    it is then used for every step with p = 0 (heuristic_tma). `tensor_cores`: whether the
+    it is then used for steps with p = 0 over more than TMA_MIN_BYTES of K+V (heuristic_tma). `tensor_cores`: whether the
     tensor-core kernel applies (tensor_cores_apply); it is then used where use_tensor_cores says
     it is faster (`prune`: for a step with p > 0).
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
@@ -201,7 +223,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        rows of more than ONE_HEAD_MAX_UNSPLIT always (LONG_ROW_SPLIT positions per piece).
     4. Threads: 256 for one-head CUDA-core blocks over rows of 2048+ positions (unsplit or in
        LONG_ROW_SPLIT pieces) or unsplit short ones, and for unsplit tensor-core blocks, else 128."""
-    if tma and not prune:
+    if tma and not prune and 2 * batch * kv_heads * length * head_dim * 2 > TMA_MIN_BYTES:
         return heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim)
     tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim, prune)
     min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT

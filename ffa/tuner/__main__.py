@@ -9,6 +9,7 @@ the winners where FastForwardAttn finds them.
 """
 
 import argparse
+import collections
 import dataclasses
 import math
 import sys
@@ -17,8 +18,7 @@ import time
 import torch
 
 from .. import _lib
-from ..launch import head_dims
-from ..launch import length_bucket
+from ..launch import LaunchConfig, head_dims, length_bucket
 from ..measure import RotationTimer, copies_for, l2_bytes
 from . import cache
 from .search import DEFAULT_GRID, QUICK_GRID, sweep
@@ -77,10 +77,6 @@ def grid_for(args):
     return dataclasses.replace(grid, **changes)
 
 
-def _config(c):
-    return f"{c.threads}/{c.heads_per_block}/{c.split_len}{'/tc' if c.tensor_cores else ''}"
-
-
 def speedup_summary(entries):
     """One line: how much faster tuned launches are than the heuristic's, over `entries`."""
     ratios = [e.heuristic_us / e.time_us for e in entries if e.heuristic_us is not None]
@@ -93,7 +89,7 @@ def speedup_summary(entries):
 
 def format_entries(entries):
     """A table of tuned vs heuristic launches, then the geometric-mean speedup."""
-    lines = [f"{'dtype':<5} {'d':>4} {'group':>5} {'b*kv':>5} {'length':>6}  {'tuned t/h/s[/tc]':<16} {'us':>8}"
+    lines = [f"{'dtype':<5} {'d':>4} {'group':>5} {'b*kv':>5} {'length':>6}  {'tuned (LaunchConfig.key)':<16} {'us':>8}"
              f"  {'heuristic':<16} {'us':>8}  speedup"]
     for e in entries:
         if e.heuristic_us is None:
@@ -101,7 +97,7 @@ def format_entries(entries):
         else:
             heur, speed = f"{e.heuristic_us:8.2f}", f"{e.heuristic_us / e.time_us:.2f}x"
         lines.append(f"{SHORT[e.dtype]:<5} {e.head_dim:>4} {e.group:>5} {e.batch_kv_heads:>5} {e.length:>6}  "
-                     f"{_config(e.config):<16} {e.time_us:8.2f}  {_config(e.heuristic):<16} {heur:>8}  {speed}")
+                     f"{LaunchConfig.key(e.config):<16} {e.time_us:8.2f}  {LaunchConfig.key(e.heuristic):<16} {heur:>8}  {speed}")
     lines.append(speedup_summary(entries))
     return "\n".join(lines)
 
@@ -175,12 +171,13 @@ def run_sweep(args):
     print("all buckets: " + speedup_summary(entries))
     rejected = [(r.workload, c, why) for r in results for c, why in r.rejected.items()]
     for w, c, why in rejected[:20]:
-        print(f"REJECTED {w} {_config(c)}: {why}")
+        print(f"REJECTED {w} {LaunchConfig.key(c)}: {why}")
     unsupported = sum(len(r.unsupported) for r in results)
-    tensor = sum(r.config.tensor_cores for r in results if r.config is not None)
+    kernels = collections.Counter(r.config.kernel for r in results if r.config is not None)
     print(f"{len(workloads)} shapes, {sum(len(r.timings) for r in results)} candidates timed, "
           f"{len(rejected)} rejected, {unsupported} not runnable on this GPU, {wall:.0f} s; "
-          f"{len(saved)} buckets saved to {cache.cache_file(info)} ({tensor} on tensor cores)")
+          f"{len(saved)} buckets saved to {cache.cache_file(info)} (kernels: "
+          + ", ".join(f"{name} {n}" for name, n in sorted(kernels.items())) + ")")
     return 1 if rejected or len(saved) < len(workloads) else 0
 
 
