@@ -180,6 +180,8 @@ def main(path):
              "Protocol: for each shape, distinct caches (a model's layers) together at least 3x the L2, one call "
              "per cache back to back in one CUDA graph, time per call = replay time / calls, median of the "
              "replays (ffa.measure, which the tuner uses too).", ""]
+    lines += [f"Note: {res[k]}." for k in ("commit_note", "sections_note") if res.get(k)] + [""] * any(
+        res.get(k) for k in ("commit_note", "sections_note"))
     if "bandwidth" in res:
         bw = res["bandwidth"]
         lines += ["Reading 4 GiB in that protocol: " + ", ".join(

@@ -36,6 +36,7 @@ from cases import Case, exact, make_inputs, pruning_bound, rel_l2  # noqa: E402
 from test_gpu_kernel import DTYPES, HEAD_DIMS, TOL  # noqa: E402
 
 from ffa import FastForwardAttn, LaunchConfig  # noqa: E402
+from ffa.launch import tma_applies  # noqa: E402
 
 HEADS = [(4, 4), (8, 2), (4, 1)]  # MHA, GQA (group 4), MQA
 
@@ -95,7 +96,22 @@ def matrix():
           for name, launch, p in (("default", LaunchConfig(256, 1, 0), 0.0),
                                   ("split", LaunchConfig(128, 4, 64), 0.01))],
     ]
-    for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16))):
+    # The TMA kernel (compute capability 9.0+; the launch is refused elsewhere): a whole ring, a last
+    # tile to patch, two m-tiles, splits of one and several tiles, programmatic dependent launch.
+    tma = dict(tma=True, stages=2, tile_rows=32)
+    runs += [
+        Run("tma unsplit, groups of 20 (two m-tiles), 601 rows", Case(
+            batch=2, heads=40, kv_heads=2, head_dim=128, prompt_len=600, max_len=640, dtype=f16, ragged=True,
+            padded=True), LaunchConfig(128, 20, 0, **tma)),
+        Run("tma split 64 with pdl, head_dim 256, softcap and a window", Case(
+            batch=3, heads=8, kv_heads=2, head_dim=256, prompt_len=300, max_len=320, dtype=torch.bfloat16,
+            ragged=True, window=50, softcap=1.0), LaunchConfig(64, 4, 64, pdl=True, **tma)),
+        Run("tma split 16 (shorter than a tile), head_dim 64", Case(
+            batch=2, heads=4, kv_heads=4, head_dim=64, prompt_len=200, max_len=256, dtype=f16, ragged=True),
+            LaunchConfig(256, 1, 16, **tma)),
+    ]
+    for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16)),
+                         ("tma", LaunchConfig(64, 2, 32, **tma))):
         runs += [
             Run(f"t = 0 on an empty prompt, {name}", Case(batch=2, heads=4, kv_heads=2, head_dim=64, prompt_len=0,
                                                           max_len=8, dtype=f16), launch),
@@ -164,6 +180,8 @@ def main():
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     args = parser.parse_args()
     runs = [r for r in matrix() if args.only in r.name]
+    if not args.list and not tma_applies(torch.float16, 64, torch.cuda.get_device_capability()):
+        runs = [r for r in runs if not r.launch.tma]  # the library refuses them on this GPU
     if args.list:
         print("\n".join(r.name for r in runs))
         return
