@@ -277,7 +277,8 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   for (int i = tid; i < nh * D; i += blockDim.x) {
     const int row = i / D, d = i % D;
     float m = -INFINITY, l = 0.f, acc = 0.f;
-    for (int w = 0; w < nwarps; ++w) merge_partial(m, l, acc, warp_max[w][row], warp_sum[w][row], wo[(w * kHeads + row) * D + d]);
+    for (int w = 0; w < nwarps; ++w)
+      merge_partial(m, l, acc, warp_max[w][row], warp_sum[w][row], wo[(w * kHeads + row) * D + d]);
     write_result<T, D>(a, b, h0 + row, split, d, m, l, acc);
   }
   if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, r.start, r.pos);

@@ -81,14 +81,18 @@ __host__ __device__ constexpr int tma_max_threads(int head_dim) { return head_di
 
 // The dynamic shared memory of a block: the ring (reused at the end for the warps' partials) and Q,
 // plus 1024 bytes to align the boxes.
-__host__ __device__ constexpr int tma_tile_bytes(int head_dim, int elem_bytes, int rows) { return rows * head_dim * elem_bytes; }
+__host__ __device__ constexpr int tma_tile_bytes(int head_dim, int elem_bytes, int rows) {
+  return rows * head_dim * elem_bytes;
+}
 __host__ __device__ constexpr int tma_partial_bytes(int head_dim, int threads) {
   return threads / 32 * 16 * (head_dim + 2) * 4;  // [warp][16 rows] of o (D floats), m, l
 }
 __host__ __device__ constexpr int tma_smem_bytes(int head_dim, int elem_bytes, int threads, int stages, int rows,
                                                  int heads_per_block) {
-  const int ring = stages * 2 * tma_tile_bytes(head_dim, elem_bytes, rows), partials = tma_partial_bytes(head_dim, threads);
-  return 1024 + (ring > partials ? ring : partials) + (heads_per_block + 15) / 16 * tma_tile_bytes(head_dim, elem_bytes, 16);
+  const int ring = stages * 2 * tma_tile_bytes(head_dim, elem_bytes, rows);
+  const int partials = tma_partial_bytes(head_dim, threads);
+  const int q_tiles = (heads_per_block + 15) / 16 * tma_tile_bytes(head_dim, elem_bytes, 16);
+  return 1024 + (ring > partials ? ring : partials) + q_tiles;
 }
 
 // One consumer warp's share of the softmax: rows g and g + 8 of its m-tile (g = lane / 4), as a
@@ -128,7 +132,8 @@ __device__ __forceinline__ void load_q(const DecodeArgs &a, int b, int h0, int n
     const uint4 v = row < nh ? *reinterpret_cast<const uint4 *>(static_cast<const T *>(a.q) + b * a.q_sb +
                                                                (h0 + row) * a.q_sh + c * (16 / sizeof(T)))
                              : make_uint4(0, 0, 0, 0);
-    *reinterpret_cast<uint4 *>(q_tiles + (row / 16) * tma_tile_bytes(D, sizeof(T), 16) + tile_offset(16, row % 16, c)) = v;
+    uint8_t *tile = q_tiles + (row / 16) * tma_tile_bytes(D, sizeof(T), 16);
+    *reinterpret_cast<uint4 *>(tile + tile_offset(16, row % 16, c)) = v;
   }
 }
 
@@ -144,7 +149,8 @@ struct NewRow {
   __device__ __forceinline__ void load(const DecodeBlock<T> &blk) {
     const int c = threadIdx.x, half = kChunks / 2;
     held = blk.r.pos < blk.r.hi && c < kChunks;
-    if (held) chunk = *reinterpret_cast<const uint4 *>((c < half ? blk.knew : blk.vnew) + (c % half) * (16 / sizeof(T)));
+    if (held)
+      chunk = *reinterpret_cast<const uint4 *>((c < half ? blk.knew : blk.vnew) + (c % half) * (16 / sizeof(T)));
   }
   // The fused append (as append_new_row): the writer block stores the row at pos.
   __device__ __forceinline__ void append(const DecodeArgs &a, const DecodeBlock<T> &blk) const {

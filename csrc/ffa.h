@@ -95,7 +95,8 @@ typedef struct {
   int64_t kernel;          /* ffa_kernel. A kernel that lacks this dtype or head_dim is FFA_ERR_UNSUPPORTED, as is
                               a device that cannot run it (its compute capability, its shared memory) */
   int64_t stages;          /* FFA_KERNEL_TMA: shared-memory ring stages, 2..8 (ignored by the others) */
-  int64_t tile_rows;       /* FFA_KERNEL_TMA: positions per stage, a multiple of 32 in 32..256 (ignored by the others) */
+  int64_t tile_rows;       /* FFA_KERNEL_TMA: positions per stage, a multiple of 32 in 32..256 (ignored by the
+                              others) */
   int64_t pdl;             /* FFA_KERNEL_TMA: 1 launches with programmatic dependent launch (its start overlaps the
                               previous kernel's end on the stream), 0 not (ignored by the others) */
 

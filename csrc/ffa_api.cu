@@ -39,22 +39,22 @@ constexpr double kLog2e = 1.4426950408889634;  // logits are kept in base-2 unit
 
 int64_t dtype_size(int64_t dtype) { return dtype == FFA_F32 ? 4 : 2; }
 
-const char *dtype_name(int64_t dtype) { return dtype == FFA_F32 ? "float32" : dtype == FFA_F16 ? "float16" : "bfloat16"; }
+const char *dtype_name(int64_t dtype) {
+  return dtype == FFA_F32 ? "float32" : dtype == FFA_F16 ? "float16" : "bfloat16";
+}
 
 int max_heads_per_block(int64_t kernel) { return kernel == ffa::kTma ? ffa::kTmaMaxHeads : ffa::kMaxHeadsPerBlock; }
 
 // The ffa_build_info text, made once from the constants of launch.cuh and decode_tma.cuh.
-std::string json_list(std::initializer_list<int> xs) {
+std::string json_list(const int *xs, size_t n) {
   std::string s = "[";
-  for (int x : xs) s += (s.size() > 1 ? ", " : "") + std::to_string(x);
+  for (size_t i = 0; i < n; ++i) s += (i ? ", " : "") + std::to_string(xs[i]);
   return s + "]";
 }
-
-template <int N>
+std::string json_list(std::initializer_list<int> xs) { return json_list(xs.begin(), xs.size()); }
+template <size_t N>
 std::string json_list(const int (&xs)[N]) {
-  std::string s = "[";
-  for (int x : xs) s += (s.size() > 1 ? ", " : "") + std::to_string(x);
-  return s + "]";
+  return json_list(xs, N);
 }
 
 std::string kernel_info(const char *name, int code, const char *dtypes, const std::string &head_dims, int capability,
@@ -70,7 +70,7 @@ std::string build_info_text() {
   const char *all = "[\"float16\", \"bfloat16\", \"float32\"]", *half = "[\"float16\", \"bfloat16\"]";
   return std::string("{\"version\": \"" FFA_VERSION "\", \"abi\": " FFA_STR(FFA_ABI_VERSION)
                      ", \"archs\": [" FFA_STR(__CUDA_ARCH_LIST__) "], \"dtypes\": ") +
-         all + ", \"head_dims\": " + json_list(ffa::kHeadDims) + ", \"threads\": " + json_list({64, 128, 256}) +
+         all + ", \"head_dims\": " + json_list(ffa::kHeadDims) + ", \"threads\": " + json_list(ffa::kThreadCounts) +
          ", \"kernels\": {" +
          kernel_info("cuda_cores", ffa::kCudaCores, all, json_list(ffa::kHeadDims), 0, ffa::kMaxHeadsPerBlock) + ", " +
          kernel_info("tensor_cores", ffa::kTensorCores, half, json_list(ffa::kTensorCoreHeadDims),
@@ -114,7 +114,7 @@ int check_shapes(const ffa_decode_params *p) {
     return fail(FFA_ERR_UNSUPPORTED, "head_dim %lld is not compiled (see ffa_build_info)", (long long)p->head_dim);
   if (p->max_len < 1 || p->max_len > (int64_t(1) << 30))
     return fail(FFA_ERR_INVALID_ARGUMENT, "max_len %lld is outside [1, 2^30]", (long long)p->max_len);
-  if (p->threads != 64 && p->threads != 128 && p->threads != 256)
+  if (!ffa::listed(ffa::kThreadCounts, int(p->threads)))
     return fail(FFA_ERR_INVALID_ARGUMENT, "threads %lld is not 64, 128 or 256", (long long)p->threads);
   const int64_t group = p->heads / p->kv_heads;
   if (p->kernel < ffa::kCudaCores || p->kernel > ffa::kTma)
@@ -142,8 +142,8 @@ int check_shapes(const ffa_decode_params *p) {
                   ffa::kTmaMinStages, ffa::kTmaMaxStages);
     if (p->tile_rows < ffa::kTmaTileRowsStep || p->tile_rows > ffa::kTmaMaxTileRows ||
         p->tile_rows % ffa::kTmaTileRowsStep != 0)
-      return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of %d in [%d, %d]", (long long)p->tile_rows,
-                  ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
+      return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of %d in [%d, %d]",
+                  (long long)p->tile_rows, ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
     if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
   }
   return FFA_OK;
@@ -348,9 +348,9 @@ int ffa_decode(const ffa_decode_params *p) {
                 device, ffa::mma_smem_bytes(hd, threads), threads, hd);
   if (err == cudaErrorNotSupported && kernel == ffa::kTma)  // launch_decode_tma's answer
     return fail(FFA_ERR_UNSUPPORTED,
-                "tma: device %d cannot run this launch (it needs compute capability 9.0+, at most %d threads at head_dim "
-                "%d, %d bytes of shared memory per block for %d threads, %lld stages of %lld rows, and cache strides "
-                "the bulk copy engine accepts)",
+                "tma: device %d cannot run this launch (it needs compute capability 9.0+, at most %d threads at "
+                "head_dim %d, %d bytes of shared memory per block for %d threads, %lld stages of %lld rows, and "
+                "cache strides the bulk copy engine accepts)",
                 device, ffa::tma_max_threads(hd), hd,
                 ffa::tma_smem_bytes(hd, int(dtype_size(p->dtype)), threads, int(p->stages), int(p->tile_rows),
                                     int(p->heads_per_block)),

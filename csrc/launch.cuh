@@ -23,6 +23,7 @@
 namespace ffa {
 
 constexpr int kHeadDims[] = {32, 64, 80, 96, 128, 256};
+constexpr int kThreadCounts[] = {64, 128, 256};  // threads per block (the TMA kernel: consumer threads)
 constexpr int kMaxHeadsPerBlock = 8;
 
 static_assert(kHeads >= kMaxHeadsPerBlock, "a tensor-core block holds its heads in the 8 columns of one tile");
@@ -49,7 +50,9 @@ constexpr bool listed(const int (&list)[N], int x) {
 constexpr bool has_tensor_core_kernel(int dtype_bytes, int head_dim) {
   return dtype_bytes == 2 && listed(kTensorCoreHeadDims, head_dim);
 }
-constexpr bool has_tma_kernel(int dtype_bytes, int head_dim) { return dtype_bytes == 2 && listed(kTmaHeadDims, head_dim); }
+constexpr bool has_tma_kernel(int dtype_bytes, int head_dim) {
+  return dtype_bytes == 2 && listed(kTmaHeadDims, head_dim);
+}
 
 // The most dynamic shared memory a tensor-core block may use on the current device, -1 where
 // the device has no mma.m16n8k16 (compute capability below 8.0) or the kernel's code was built
@@ -135,7 +138,8 @@ cudaError_t cache_tensor_map(CUtensorMap &map, const void *cache, int64_t max_le
   if (kv_heads == 1) strides[1] = strides[0] * dims[1];
   if (batch == 1) strides[2] = strides[1] * dims[2];
   const cuuint32_t box[4] = {cuuint32_t(kBoxBytes / es), cuuint32_t(rows), 1, 1}, unit[4] = {1, 1, 1, 1};
-  const CUresult res = encode(&map, std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+  const auto type = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult res = encode(&map, type,
                               4, const_cast<void *>(cache), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
                               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
@@ -154,9 +158,10 @@ cudaError_t launch_decode_tma(const DecodeArgs &a, dim3 grid, int batch, int kv_
   const int bytes = tma_smem_bytes(D, sizeof(T), threads, a.stages, a.tile_rows, a.heads_per_block);
   if (bytes > limit || threads > tma_max_threads(D)) return cudaErrorNotSupported;
   CUtensorMap kmap, vmap;
-  if ((err = cache_tensor_map<T, D>(kmap, a.k_cache, a.max_len, kv_heads, batch, a.k_ss, a.k_sh, a.k_sb, a.tile_rows)) ||
-      (err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows)))
-    return err;
+  err = cache_tensor_map<T, D>(kmap, a.k_cache, a.max_len, kv_heads, batch, a.k_ss, a.k_sh, a.k_sb, a.tile_rows);
+  if (err == cudaSuccess)
+    err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows);
+  if (err != cudaSuccess) return err;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
@@ -203,7 +208,8 @@ cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_h
 
 // Each dtype is instantiated once, in its own file under instantiate/ (compiled in parallel);
 // every other file only links to those instantiations instead of compiling all kernels again.
-#define FFA_LAUNCH_DECODE(T) cudaError_t launch_decode<T>(const DecodeArgs &, int, int, int, int, int, bool, cudaStream_t)
+#define FFA_LAUNCH_DECODE(T) \
+  cudaError_t launch_decode<T>(const DecodeArgs &, int, int, int, int, int, bool, cudaStream_t)
 extern template FFA_LAUNCH_DECODE(__half);
 extern template FFA_LAUNCH_DECODE(__nv_bfloat16);
 extern template FFA_LAUNCH_DECODE(float);

@@ -20,7 +20,6 @@ import torch
 from . import _lib
 
 MAX_SPLITS = 8192  # the library's limit on ceil(max_len / split_len)
-THREADS = (64, 128, 256)
 
 
 _facts = None
@@ -40,6 +39,11 @@ def library_facts():
 
 def head_dims():
     return tuple(library_facts()["head_dims"])
+
+
+def thread_counts():
+    """The threads per block a launch may have."""
+    return tuple(library_facts()["threads"])
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,8 @@ def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
 
 def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False, tma=False):
     """Fill one wave of the GPU and no more. `tma`: whether the TMA kernel applies (tma_applies);
-    it is then used for steps with p = 0 over more than TMA_MIN_BYTES of K+V (heuristic_tma). `tensor_cores`: whether the
+    it is then used for steps with p = 0 over more than TMA_MIN_BYTES of K+V (heuristic_tma).
+    `tensor_cores`: whether the
     tensor-core kernel applies (tensor_cores_apply); it is then used where use_tensor_cores says
     it is faster (`prune`: for a step with p > 0).
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor

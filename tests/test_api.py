@@ -387,7 +387,8 @@ def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
         _lib.workspace_bytes(params(3))
 
 
-@pytest.mark.parametrize("field,value,message", [("stages", 1, "stages 1 is outside"), ("stages", 9, "stages 9 is outside"),
+@pytest.mark.parametrize("field,value,message", [("stages", 1, "stages 1 is outside"),
+                                                 ("stages", 9, "stages 9 is outside"),
                                                  ("tile_rows", 48, "tile_rows 48 is not a multiple of 32"),
                                                  ("tile_rows", 288, "tile_rows 288"), ("pdl", 2, "pdl 2 is not 0 or 1"),
                                                  ("heads_per_block", 64, "at most 32 for kernel 2")])
@@ -402,4 +403,5 @@ def test_library_checks_the_tma_launch_fields(field, value, message):
     with pytest.raises(ValueError, match=message):
         _lib.workspace_bytes(_lib.DecodeParams(**{**fields, field: value}))
     if field != "heads_per_block":
-        assert _lib.workspace_bytes(_lib.DecodeParams(**{**fields, "heads_per_block": 8, "kernel": 1, field: value})) == 0
+        other_kernel = {**fields, "heads_per_block": 8, "kernel": 1, field: value}
+        assert _lib.workspace_bytes(_lib.DecodeParams(**other_kernel)) == 0

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from cases import pruning_bound
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.launch import THREADS, head_dims, tma_applies
+from ffa.launch import head_dims, thread_counts, tma_applies
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -133,12 +133,13 @@ def sessions(draw, device):
     long = draw(st.sampled_from([False] * 4 + [True]))  # past one 256-row sub-chunk of the kernel
     prompt_len = draw(st.integers(250, 300) if long else st.integers(0, 24))
     launch = draw(st.one_of(st.sampled_from(["heuristic", "default"]), st.builds(
-        LaunchConfig, st.sampled_from(THREADS),
+        LaunchConfig, st.sampled_from(thread_counts()),
         st.sampled_from([d for d in range(1, min(group, 8) + 1) if group % d == 0]),
         st.sampled_from([0, 16, 48, 64])), st.builds(  # the TMA kernel (heuristic where it does not apply)
-        lambda threads, split, ring, pdl: LaunchConfig(threads, group, split, tma=True, stages=ring[0], tile_rows=ring[1],
-                                                       pdl=pdl),
-        st.sampled_from(THREADS), st.sampled_from([0, 16, 48, 64]), st.sampled_from([(2, 32), (3, 32), (4, 64)]),
+        lambda threads, split, ring, pdl: LaunchConfig(threads, group, split, tma=True, stages=ring[0],
+                                                       tile_rows=ring[1], pdl=pdl),
+        st.sampled_from(thread_counts()), st.sampled_from([0, 16, 48, 64]),
+        st.sampled_from([(2, 32), (3, 32), (4, 64)]),
         st.booleans())))
     return Session(
         device=device, dtype=draw(st.sampled_from(DTYPES[device])), batch=draw(st.integers(0, 3)),

@@ -39,8 +39,8 @@ def launch_for(name, heads, kv_heads):
     group = heads // kv_heads
     split = 0 if name in ("tensor_cores", "tma") else 64
     if name.startswith("tma"):  # unsplit: 4 stages of 32 rows; split: 2 tiles of 32 rows per split
-        return LaunchConfig(threads=128, heads_per_block=group, split_len=split, tma=True, stages=4 if split == 0 else 2,
-                            tile_rows=32, pdl=name.endswith("pdl"))
+        return LaunchConfig(threads=128, heads_per_block=group, split_len=split, tma=True,
+                            stages=4 if split == 0 else 2, tile_rows=32, pdl=name.endswith("pdl"))
     return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=split,
                         tensor_cores=name.startswith("tensor_cores"))
 
@@ -144,7 +144,8 @@ def test_odd_groups(heads, kv_heads, hpb):
             assert rel_l2(out, ref) < TOL[torch.float16], (split, tensor_cores)
 
 
-@pytest.mark.skipif(not tma_applies(torch.float16, 64, CAPABILITY), reason="the TMA kernel needs compute capability 9.0+")
+@pytest.mark.skipif(not tma_applies(torch.float16, 64, CAPABILITY),
+                    reason="the TMA kernel needs compute capability 9.0+")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("heads,kv_heads,hpb", [(32, 1, 32), (24, 1, 24), (17, 1, 17), (40, 2, 20), (16, 2, 8),

@@ -78,7 +78,8 @@ class Guarded:
         self.out = self.out_buf[:BATCH, :, 8:head_dim + 8]
         self.out_inside = torch.zeros(self.out_buf.shape, dtype=torch.bool)
         self.out_inside[:BATCH, :, 8:head_dim + 8] = True
-        size = max(self.workspace_bytes(c) for c in LAUNCHES + TENSOR_CORE_LAUNCHES)  # zeroed once, 256 sentinel bytes around
+        # zeroed once, 256 sentinel bytes around
+        size = max(self.workspace_bytes(c) for c in LAUNCHES + TENSOR_CORE_LAUNCHES + TMA_LAUNCHES)
         self.ws_buf = torch.full((size + 512,), 0xFF, dtype=torch.uint8, device=device)
         self.ws_buf[256:256 + size] = 0
 

@@ -97,7 +97,8 @@ def format_entries(entries):
         else:
             heur, speed = f"{e.heuristic_us:8.2f}", f"{e.heuristic_us / e.time_us:.2f}x"
         lines.append(f"{SHORT[e.dtype]:<5} {e.head_dim:>4} {e.group:>5} {e.batch_kv_heads:>5} {e.length:>6}  "
-                     f"{LaunchConfig.key(e.config):<16} {e.time_us:8.2f}  {LaunchConfig.key(e.heuristic):<16} {heur:>8}  {speed}")
+                     f"{LaunchConfig.key(e.config):<16} {e.time_us:8.2f}  {LaunchConfig.key(e.heuristic):<16} "
+                     f"{heur:>8}  {speed}")
     lines.append(speedup_summary(entries))
     return "\n".join(lines)
 

@@ -32,7 +32,7 @@ import torch
 
 from .. import _lib
 from .._version import __version__
-from ..launch import THREADS, LaunchConfig, kernel_applies, library_facts, max_heads_per_block, round_up
+from ..launch import LaunchConfig, kernel_applies, library_facts, max_heads_per_block, round_up, thread_counts
 
 # Bump whenever a kernel change, or a change of how candidates are timed, can move the fastest
 # configuration.
@@ -173,7 +173,7 @@ def _config(obj, group):
         if not isinstance(obj[flag], bool):
             raise CacheProblem(f"{flag}={obj[flag]!r} is not true or false")
     c = LaunchConfig(**{k: obj[k] if k in ("tensor_cores", "tma", "pdl") else _int(obj, k) for k in names})
-    if c.threads not in THREADS or not 1 <= c.heads_per_block <= max_heads_per_block(c.kernel) \
+    if c.threads not in thread_counts() or not 1 <= c.heads_per_block <= max_heads_per_block(c.kernel) \
             or group % c.heads_per_block or c.split_len < 0 or c.split_len % 16 or (c.tma and c.tensor_cores):
         raise CacheProblem(f"{c} is not a valid launch for group size {group}")
     if c.tma:

@@ -27,8 +27,8 @@ import torch
 
 from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
-from ..launch import (THREADS, LaunchConfig, heads_per_block_options, heuristic, heuristic_tma,
-                      largest_heads_per_block, max_heads_per_block, tensor_cores_apply, tma_applies)
+from ..launch import (LaunchConfig, heads_per_block_options, heuristic, heuristic_tma, largest_heads_per_block,
+                      max_heads_per_block, tensor_cores_apply, thread_counts, tma_applies)
 from ..measure import Progress
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
@@ -51,12 +51,11 @@ def kernels(tensor_cores):
     return (False, True) if tensor_cores else (False,)
 
 
-# The TMA kernel's rings (stages, tile_rows) and consumer threads: the coarse stage tries the
-# heuristic's ring and threads (launch.heuristic_tma), the refine stage all of these (a launch the
+# The TMA kernel's rings (stages, tile_rows): the coarse stage tries the heuristic's ring and
+# threads (launch.heuristic_tma), the refine stage these at every thread count (a launch the
 # GPU cannot run, such as a ring too large for one block, is noted as unsupported), and
 # programmatic dependent launch on the best of them.
 TMA_RINGS = ((3, 64), (4, 64), (2, 128), (3, 128), (4, 32), (6, 32))
-TMA_THREADS = (64, 128, 256)
 
 
 def tma_launch(group, split_len, threads, ring, pdl=False):
@@ -68,9 +67,9 @@ def tma_launch(group, split_len, threads, ring, pdl=False):
 def candidates(group, length, tensor_cores=False, tma=False):
     """The whole candidate space of one workload."""
     space = [LaunchConfig(t, h, s, tc) for s in split_options(length)
-             for t in THREADS for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
+             for t in thread_counts() for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
     if tma:
-        space += [tma_launch(group, s, t, ring, pdl) for s in split_options(length) for t in TMA_THREADS
+        space += [tma_launch(group, s, t, ring, pdl) for s in split_options(length) for t in thread_counts()
                   for ring in TMA_RINGS for pdl in (False, True)]
     return space
 
@@ -85,9 +84,11 @@ def coarse_candidates(group, length, tensor_cores=False, tma=False, head_dim=128
 
 
 def refine_candidates(group, split_len, tensor_cores=False, tma=False):
-    refined = [LaunchConfig(t, h, split_len, tc) for t in THREADS for h in heads_per_block_options(group)
+    refined = [LaunchConfig(t, h, split_len, tc) for t in thread_counts() for h in heads_per_block_options(group)
                for tc in kernels(tensor_cores)]
-    return refined + ([tma_launch(group, split_len, t, ring) for t in TMA_THREADS for ring in TMA_RINGS] if tma else [])
+    if tma:
+        refined += [tma_launch(group, split_len, t, ring) for t in thread_counts() for ring in TMA_RINGS]
+    return refined
 
 
 @dataclass(frozen=True)
