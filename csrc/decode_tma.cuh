@@ -19,7 +19,7 @@
 // decode_kernel.cuh. No pruning: p > 0 launches another kernel (ffa.launch).
 //
 // Memory layout. Each cache [batch, kv_heads, max_len, D] is described to the copy engine by a 4-D
-// tensor map (dims D, max_len, kv_heads, batch; any 16-byte strides; launch_tma.cuh). A tile is R
+// tensor map (dims D, max_len, kv_heads, batch; any 16-byte strides; launch.cuh's cache_tensor_map). A tile is R
 // consecutive positions of one kv head, K and V, copied as D / 64 boxes of 64 elements x R rows
 // each: a box row is 128 bytes, and its 16-byte chunk c lands at chunk c ^ (r % 8) of row r
 // (128-byte swizzling), so the 8 rows one ldmatrix reads lie in 8 different bank groups
@@ -31,7 +31,7 @@
 // a ring of S stages holds one tile; two mbarriers per stage hand it back and forth:
 //   producer (lane 0):  tile i: wait empty[i % S] (from the second round on), expect the tile's
 //                       bytes on full[i % S], issue its boxes (issue_tile)
-//   consumer warp w:    tile i: wait full[i % S], attend to its sub-tiles, arrive on empty[i % S]
+//   consumer warp w:    tile i: wait full[i % S], attend to its steps (attend_tile), arrive on empty[i % S]
 // Consumer warp w serves m-tile w % MT and steps w / MT, w / MT + C / MT, ... of every tile,
 // with its own running max, sum and output. The block's last tile is patched before use
 // (patch_last_tile): the row at pos gets new_k / new_v (the cache row is written in this launch),
@@ -40,11 +40,13 @@
 // block hands over to combine_if_last.
 //
 // Bytes in flight (Little's law). 4.8 TB/s over 132 SMs is ~36 GB/s, i.e. ~36 KB per microsecond,
-// per SM; with about a microsecond of loaded latency an SM needs ~36 KB in flight and more to
-// absorb the hand-offs. A stage is 2 R D 2 bytes: R = 64, D = 128 is 32 KB, and a ring of S stages
-// keeps S - 1 of them in flight while one is consumed: S = 4 gives 96 KB per block, near the read
-// ceiling's 128 KB per SM (csrc/read.cu). The tuner picks S, R and C per shape; the measured
-// bandwidth is in bench/results/kernel-bench-h200.md.
+// per SM; with one to two microseconds of loaded latency an SM needs 36-72 KB in flight, more to
+// absorb the hand-offs (a stage is refilled only after its slowest consumer warp is done). A stage
+// is 2 R D 2 bytes and a ring of S stages keeps S - 1 in flight while one is consumed: the
+// heuristic's R = 128, S = 2 at D = 128 is 64 KB per stage, 64 KB in flight per block, 64-128 KB
+// per SM (one or two blocks), as the read ceiling's bulk kernel's 128 KB (csrc/read.cu). That is
+// enough by this count, and yet the kernel reads large caches at 1.08-1.25x the read ceiling's time
+// (bench/results/kernel-tma-launches-h200.md says what was measured and what it points to).
 //
 // Programmatic dependent launch. With FFA's pdl launch field the kernel is launched with
 // programmatic stream serialization: the barriers' set-up overlaps the previous kernel's tail, and

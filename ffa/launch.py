@@ -15,8 +15,6 @@ decides.
 
 from dataclasses import asdict, dataclass, replace
 
-import torch
-
 from . import _lib
 
 MAX_SPLITS = 8192  # the library's limit on ceil(max_len / split_len)
