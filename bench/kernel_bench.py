@@ -28,6 +28,8 @@ Sections:
              Every method's output on the first cache is checked against a float32 reference of
              the step (ffa.tuner.search.upcast_reference); a method outside TOLERANCE gets no
              number either (the error is recorded).
+  groups     the grid's methods on shared.GROUP_SHAPES: groups of 4, 16 and 32 query heads over the
+             same bytes, and Gemma-3-4B's head_dim 256 (not in the default sections)
   original   the original FFA release's protocol (FasterTransformer-based): 128 decode steps after
              a prompt of x - 128 over one cache, the optimized launch's total attention time over
              the default launch's; the 128 steps replayed from one CUDA graph, and as eager calls
@@ -51,7 +53,7 @@ from ffa import FastForwardAttn, LaunchConfig, tuner
 from ffa.tuner import cache
 from ffa.measure import RotationTimer, copies_for, l2_bytes, read_bytes
 from ffa.tuner.search import TOLERANCE, relative_error, upcast_reference
-from shared import GRID, HEADS, say, source_commit, write_json
+from shared import GRID, GROUP_SHAPES, HEADS, say, source_commit, write_json
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 SDPA_BACKENDS = ("cudnn", "flash", "efficient", "math")
@@ -189,16 +191,17 @@ def method_calls(case, m):
     raise ValueError(f"unknown method {m}")
 
 
-def grid(dtypes, methods, ceiling_GBps, shapes=None):
+def grid(dtypes, methods, ceiling_GBps, shapes):
+    """Every method on every (heads, batch, kv_heads, context, head_dim) of `shapes`, per dtype."""
     rows = []
     l2 = l2_bytes(torch.device("cuda"))
     for dname in dtypes:
-        for batch, kv_heads, context, head_dim in GRID[:shapes]:
+        for heads, batch, kv_heads, context, head_dim in shapes:
             dtype = DTYPES[dname]
             nbytes = 2 * batch * kv_heads * context * head_dim * dtype.itemsize
-            case = Case(batch, kv_heads, context, head_dim, dtype, copies_for(nbytes, l2))
+            case = Case(batch, kv_heads, context, head_dim, dtype, copies_for(nbytes, l2), heads)
             times, errors, failures, launches, backend = measure_case(case, methods)
-            row = {"dtype": dname, "batch": batch, "heads": HEADS, "kv_heads": kv_heads, "context": context,
+            row = {"dtype": dname, "batch": batch, "heads": heads, "kv_heads": kv_heads, "context": context,
                    "head_dim": head_dim, "kv_MB": nbytes / 1e6, "copies": len(case.attns),
                    "floor_us": nbytes / ceiling_GBps / 1e3, "us": times, "rel_error": errors, "failures": failures,
                    "step_sdpa_backend": backend, "launches": launches}
@@ -326,11 +329,14 @@ def main(argv=None):
               "date": datetime.date.today().isoformat(), "command": " ".join(["python", *sys.argv]),
               "commit": source_commit(), "tuner_cache": tuned}
     say(f"{props.name}, torch {torch.__version__}, cuDNN {result['cudnn']}, tuner cache: {result['tuner_cache']}")
-    if "bandwidth" in sections or "grid" in sections:
+    if {"bandwidth", "grid", "groups"} & set(sections):
         result["bandwidth"] = bw = bandwidth()
         say("bandwidth (GB/s): " + ", ".join(f"{k[:-5]} {v:.0f}" for k, v in bw.items() if k.endswith("_GBps")))
     if "grid" in sections:
-        result["grid"] = grid(args.dtypes.split(","), args.methods.split(","), bw["ceiling_GBps"], args.shapes)
+        result["grid"] = grid(args.dtypes.split(","), args.methods.split(","), bw["ceiling_GBps"],
+                              [(HEADS, *s) for s in GRID[:args.shapes]])
+    if "groups" in sections:
+        result["groups"] = grid(args.dtypes.split(","), args.methods.split(","), bw["ceiling_GBps"], GROUP_SHAPES)
     if "original" in sections:
         result["original"] = original_protocol([int(x) for x in args.original_x.split(",")],
                                                [int(b) for b in args.original_batches.split(",")])

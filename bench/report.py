@@ -106,6 +106,21 @@ def grid_section(res):
     return out
 
 
+def groups_section(res):
+    """Per-byte cost by group size (the Hopper kernel issue: groups of 16 cost no more per byte than
+    groups of 4) and head_dim 256."""
+    out = ["## Head groups and head_dim 256 (µs per call; per MB of K+V)", "",
+           "| dtype | heads / kv heads | shape | KV MB | read | FFA tuned | cuDNN | FFA µs per MB | cuDNN µs per MB | "
+           "cuDNN / FFA | FFA / read |", "|" + "---|" * 11]
+    for r in res["groups"]:
+        us, mb = r["us"], r["kv_MB"]
+        t, c = us.get("ffa_tuned"), us.get("sdpa_cudnn")
+        out.append(f"| {r['dtype']} | {r['heads']} / {r['kv_heads']} | {shape(r)} | {mb:.0f} | {fmt(ceiling(r))} | "
+                   f"{fmt(t)} | {fmt(c)} | {fmt(t and t / mb, 3)} | {fmt(c and c / mb, 3)} | {ratio(c, t)} | "
+                   f"{ratio(t, ceiling(r))} |")
+    return out
+
+
 def failures_section(res):
     lines = [f"- {r['dtype']} {shape(r)}: " + "; ".join(f"{m}: {why}" for m, why in r["failures"].items())
              for r in res["grid"] if r["failures"]]
@@ -188,7 +203,8 @@ def main(path):
             f"{k[:-5].replace('_', ' ')} {v:.0f} GB/s" for k, v in bw.items() if k.endswith("_GBps"))
             + " (copy: read + write bytes).", ""]
     sections = [("grid", headline_section), ("grid", targets_section), ("grid", grid_section),
-                ("grid", failures_section), ("original", original_section), ("prune", prune_section)]
+                ("grid", failures_section), ("groups", groups_section), ("original", original_section),
+                ("prune", prune_section)]
     for key, section in sections:
         if key in res:
             lines += section(res) + [""]

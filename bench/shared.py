@@ -16,6 +16,12 @@ HEADS = 32
 PAIRS = [(1, 1024), (1, 16384), (1, 65536), (8, 4096), (16, 1024), (32, 4096), (64, 8192), (128, 2048)]
 GRID = [(batch, kv_heads, context, head_dim) for kv_heads in (32, 8) for head_dim in (64, 128)
         for batch, context in PAIRS]
+# (heads, batch, kv_heads, context, head_dim): 32 heads in groups of 4, 16 and 32 over the same bytes
+# (67 MB and 537 MB of K+V, head_dim 128), and Gemma-3-4B's attention (8 heads over 4 kv heads,
+# head_dim 256) from batch 1 to 16.
+GROUP_SHAPES = ([(32, b, kv, n, 128) for kv, b, n in ((8, 1, 16384), (2, 1, 65536), (1, 2, 65536))]
+                + [(32, b, kv, n, 128) for kv, b, n in ((8, 8, 16384), (2, 32, 16384), (1, 64, 16384))]
+                + [(8, b, 4, n, 256) for b, n in ((1, 4096), (1, 32768), (16, 4096))])
 
 
 def say(*parts):
