@@ -142,3 +142,32 @@ def test_heuristic_traces_under_torch_compile(tma, tensor_cores):
     total = expected.threads + expected.heads_per_block + expected.split_len + expected.stages + expected.tile_rows
     out = torch.compile(scaled, fullgraph=True, backend="eager")(torch.ones(2))
     assert torch.equal(out, torch.full((2,), float(total)))
+
+
+@pytest.mark.parametrize("config", [LaunchConfig(), LaunchConfig(64, 2, 128, tensor_cores=True),
+                                    LaunchConfig(256, 32, 4096, tma=True, stages=3, tile_rows=64, pdl=True),
+                                    LaunchConfig(128, 4, 0, tma=True, stages=2, tile_rows=128)])
+def test_launch_key_and_fields_round_trip(config):
+    """The short form (tuner output, benchmark JSON) and the custom op's int list both give the
+    launch back; the key names the kernel and its ring."""
+    assert LaunchConfig.parse(config.key()) == config
+    assert LaunchConfig.from_fields(config.fields()) == config
+    assert ("/tma" in config.key()) == config.tma and ("/tc" in config.key()) == config.tensor_cores
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_tma_kernel_above_its_size_threshold(head_dim):
+    """Where the TMA kernel applies, the heuristic takes it (with programmatic dependent launch and
+    the whole group per block) for p = 0 steps over more than TMA_MIN_BYTES of K+V, and the other
+    kernels at or below it and for pruning steps."""
+    from ffa.launch import TMA_MIN_BYTES
+    group, kv_heads = 4, 8
+    at_threshold = TMA_MIN_BYTES // (2 * kv_heads * head_dim * 2)  # positions of a batch-1 cache of that size
+    small = heuristic(1, kv_heads, group, at_threshold, 132, head_dim, head_dim != 256, tma=True)
+    large = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, head_dim != 256, tma=True)
+    pruning = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, head_dim != 256, prune=True, tma=True)
+    assert not small.tma and not pruning.tma
+    assert large.tma and large.pdl and large.heads_per_block == group
+    assert large.tile_rows == (64 if head_dim == 256 else 128) and large.split_len % large.tile_rows == 0
+    assert large.threads <= (128 if head_dim == 256 else 256)
+    assert not heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, True, tma=False).tma
