@@ -44,9 +44,10 @@
 // absorb the hand-offs (a stage is refilled only after its slowest consumer warp is done). A stage
 // is 2 R D 2 bytes and a ring of S stages keeps S - 1 in flight while one is consumed: the
 // heuristic's R = 128, S = 2 at D = 128 is 64 KB per stage, 64 KB in flight per block, 64-128 KB
-// per SM (one or two blocks), as the read ceiling's bulk kernel's 128 KB (csrc/read.cu). That is
-// enough by this count, and yet the kernel reads large caches at 1.08-1.25x the read ceiling's time
-// (bench/results/kernel-tma-launches-h200.md says what was measured and what it points to).
+// per SM (one or two blocks), as the read ceiling's bulk kernel's 128 KB (csrc/read.cu). The count
+// holds where it is measured: the loader alone (this kernel with its consumers only waiting and
+// releasing) reads large caches at 1.01-1.05x the read ceiling's time, and attending costs a few
+// percent more (bench/results/kernel-tma-loader-h200.md).
 //
 // Programmatic dependent launch. With FFA's pdl launch field the kernel is launched with
 // programmatic stream serialization: the barriers' set-up overlaps the previous kernel's tail, and

@@ -124,9 +124,12 @@ inline cudaError_t tensor_map_encoder(PFN_cuTensorMapEncodeTiled_v12000 &encode)
 }
 
 // The tensor map of one cache [batch, kv_heads, max_len, D] (strides in elements) whose boxes are
-// decode_tma.cuh's: kBoxBytes of a row x `rows` rows, 128-byte swizzled, zeros past max_len. A
-// dimension of size 1 gets a contiguous stride (its stride is never used). cudaErrorNotSupported:
-// the driver refused the strides.
+// decode_tma.cuh's: kBoxBytes of a row x `rows` rows, 128-byte swizzled, zeros past max_len. L2
+// promotion is 128 bytes, one box row: 256-byte promotion makes the first of two boxes that share a
+// 256-byte span (the two halves of a row at head_dim 128, two rows at 64) fetch both, and the
+// second come through L2 again (bench/results/kernel-tma-loader-h200.md). A dimension of size 1
+// gets a contiguous stride (its stride is never used). cudaErrorNotSupported: the driver refused
+// the strides.
 template <typename T, int D>
 cudaError_t cache_tensor_map(CUtensorMap &map, const void *cache, int64_t max_len, int kv_heads, int batch,
                              int64_t ss, int64_t sh, int64_t sb, int rows) {
@@ -141,7 +144,7 @@ cudaError_t cache_tensor_map(CUtensorMap &map, const void *cache, int64_t max_le
   const auto type = std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   const CUresult res = encode(&map, type,
                               4, const_cast<void *>(cache), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return res == CUDA_SUCCESS ? cudaSuccess : cudaErrorNotSupported;
 }
