@@ -36,7 +36,7 @@ from ..launch import LaunchConfig, kernel_applies, library_facts, max_heads_per_
 
 # Bump whenever a kernel change, or a change of how candidates are timed, can move the fastest
 # configuration.
-KERNEL_VERSION = 8
+KERNEL_VERSION = 7
 FORMAT = 1
 ENV_DIR = "FFA_TUNER_CACHE_DIR"
 LOCK_TIMEOUT_S = 60
