@@ -155,6 +155,8 @@ def plots(res, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [k for k in ("grid", "original") if k in res]
+    if not panels:  # e.g. only the bandwidth and groups sections: nothing to draw
+        return
     fig, axes = plt.subplots(1, len(panels), figsize=(9 * len(panels), 5), squeeze=False)
     for ax, kind in zip(axes[0], panels):
         if kind == "grid":
