@@ -13,11 +13,14 @@
 // of splits overlapping [start, pos] is the last, so all the partials are written, and it
 // merges them and resets the counter to zero for the next launch (the counters start zeroed:
 // the caller zeroes the workspace once). Only splits that overlap [start, pos] are read, so
-// splits past the current length cost nothing.
+// splits past the current length cost nothing. In a cluster launch of the TMA kernel the blocks
+// of a cluster merge first, through distributed shared memory, and only the clusters' partials
+// go through the workspace (cluster_combine).
 #pragma once
 
 #include <math.h>
 
+#include "cluster.cuh"
 #include "decode_args.h"
 
 namespace ffa {
@@ -33,17 +36,62 @@ __device__ __forceinline__ void merge_partial(float &m, float &l, float &o, floa
   m = m_new;
 }
 
+// Element d of head h of sequence b of the output.
+template <typename T>
+__device__ __forceinline__ void write_output(const DecodeArgs &a, int b, int h, int d, float value) {
+  static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(value);
+}
+
+// Element d of head h of sequence b as the partial (m, l, o) in workspace row `row` of that head
+// (a split, or a cluster in a cluster launch).
+template <int D>
+__device__ __forceinline__ void write_partial(const DecodeArgs &a, int b, int h, int row, int d, float m, float l,
+                                              float o) {
+  const int64_t r = (int64_t(b) * a.heads + h) * a.num_splits + row;
+  a.part_out[r * D + d] = o / l;
+  if (d == 0) a.part_lse[r] = m + log2f(l);
+}
+
 // Element d of head h of sequence b, as the output (no split) or as split `split`'s partial.
 template <typename T, int D>
 __device__ __forceinline__ void write_result(const DecodeArgs &a, int b, int h, int split, int d, float m, float l,
                                              float o) {
   if (a.split_len == 0) {
-    static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(o / l);
+    write_output<T>(a, b, h, d, o / l);
   } else {
-    const int64_t row = (int64_t(b) * a.heads + h) * a.num_splits + split;
-    a.part_out[row * D + d] = o / l;
-    if (d == 0) a.part_lse[row] = m + log2f(l);
+    write_partial<D>(a, b, h, split, d, m, l, o);
   }
+}
+
+// The output elements [begin, end) of heads h0 .. (element i: head h0 + i / D, dim i % D) of
+// sequence b, merged from workspace rows [first, first + n) by this block's threads.
+template <typename T, int D>
+__device__ __forceinline__ void merge_rows(const DecodeArgs &a, int b, int h0, int begin, int end, int first, int n) {
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const int h = h0 + i / D, d = i % D;
+    const int64_t row0 = (int64_t(b) * a.heads + h) * a.num_splits + first;
+    float m = -INFINITY, l = 0.f, o = 0.f;
+#pragma unroll 8  // several rows' loads in flight at once
+    for (int s = 0; s < n; ++s)  // L2 reads: the partials were written by other blocks
+      merge_partial(m, l, o, __ldcg(a.part_lse + row0 + s), 1.f, __ldcg(a.part_out + (row0 + s) * D + d));
+    write_output<T>(a, b, h, d, o / l);
+  }
+}
+
+// After every thread of the block wrote its partials: whether this block is the last of the
+// `blocks` that count on the counter of (sequence b, this head group); the last one resets it.
+__device__ __forceinline__ bool last_to_finish(const DecodeArgs &a, int b, int blocks) {
+  __shared__ bool last;
+  __threadfence();  // this block's partials are visible device-wide before it counts itself
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int *counter = a.counters + int64_t(b) * gridDim.y + blockIdx.y;
+    last = atomicAdd(counter, 1) == blocks - 1;
+    if (last) *counter = 0;
+  }
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
 }
 
 // Called by every thread of every split block after it wrote its partials: the last block of
@@ -51,27 +99,53 @@ __device__ __forceinline__ void write_result(const DecodeArgs &a, int b, int h, 
 template <typename T, int D>
 __device__ __forceinline__ void combine_if_last(const DecodeArgs &a, int b, int h0, int nh, int64_t start,
                                                 int64_t pos) {
-  __shared__ bool last;
   const int first = int(start / a.split_len), n = int(pos / a.split_len) - first + 1;
-  __threadfence();  // this block's partials are visible device-wide before it counts itself
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int *counter = a.counters + int64_t(b) * gridDim.y + blockIdx.y;
-    last = atomicAdd(counter, 1) == n - 1;
-    if (last) *counter = 0;
+  if (last_to_finish(a, b, n)) merge_rows<T, D>(a, b, h0, 0, nh * D, first, n);
+}
+
+// The cluster combine (the TMA kernel's cluster launches, cluster.cuh). The C blocks of a cluster
+// hold C consecutive splits of one sequence b and head group h0 .. h0+nh-1; each left its block's
+// partial in shared memory at `mine`: o / l of its nh x D elements, then its nh log2-sum-exps (a
+// block without positions: 0 and -inf). Called by every thread of every such block:
+//   1. block `rank` of the cluster merges element share `rank` of the C partials (E = nh D
+//      elements in C shares) from the blocks' shared memory; where the cluster covers all of
+//      [start, pos] this is the output, and the step is done;
+//   2. else it is the cluster's partial, workspace row `cluster index`; rank 0 counts the cluster
+//      done, and every block of the last cluster to finish merges its share of the rows of the
+//      clusters that overlap [start, pos] into the output.
+// Each element thus goes through C + n_clusters merges in one block, not n_splits (combine_if_last).
+template <typename T, int D>
+__device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int h0, int nh, int split,
+                                                const float *mine, int64_t start, int64_t pos) {
+  __shared__ int last;
+  const int size = a.cluster, rank = split % size, cluster = split / size, elems = nh * D;
+  const int64_t unit = int64_t(a.split_len) * size;  // positions per cluster
+  const int first = int(start / unit), n = int(pos / unit) - first + 1;
+  const int share = (elems + size - 1) / size, begin = min(elems, rank * share), end = min(elems, begin + share);
+  cluster_sync();  // every block's partial is in its shared memory
+  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    const int h = i / D, d = i % D;
+    float m = -INFINITY, l = 0.f, o = 0.f;
+    for (int q = 0; q < size; ++q) merge_partial(m, l, o, cluster_load(mine + elems + h, q), 1.f, cluster_load(mine + i, q));
+    if (n == 1) {
+      write_output<T>(a, b, h0 + h, d, o / l);
+    } else {
+      write_partial<D>(a, b, h0 + h, cluster, d, m, l, o);
+    }
   }
-  __syncthreads();
+  if (n > 1) __threadfence();  // this block's share is visible device-wide before rank 0 counts the cluster
+  cluster_sync();              // every share is merged: no block reads another's shared memory after this
+  if (n == 1) return;
+  if (rank == 0 && threadIdx.x == 0) {
+    int *counter = a.counters + int64_t(b) * gridDim.y + blockIdx.y;
+    const int is_last = atomicAdd(counter, 1) == n - 1;
+    if (is_last) *counter = 0;
+    for (int q = 0; q < size; ++q) cluster_store(&last, q, is_last);
+  }
+  cluster_sync();  // every block of the cluster knows whether it is the last
   if (!last) return;
   __threadfence();
-  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
-    const int h = h0 + i / D, d = i % D;
-    const int64_t row0 = (int64_t(b) * a.heads + h) * a.num_splits + first;
-    float m = -INFINITY, l = 0.f, o = 0.f;
-#pragma unroll 8  // several splits' loads in flight at once
-    for (int s = 0; s < n; ++s)  // L2 reads: the partials were written by other blocks
-      merge_partial(m, l, o, __ldcg(a.part_lse + row0 + s), 1.f, __ldcg(a.part_out + (row0 + s) * D + d));
-    static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(o / l);
-  }
+  merge_rows<T, D>(a, b, h0, begin, end, first, n);
 }
 
 }  // namespace ffa

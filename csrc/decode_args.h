@@ -22,8 +22,10 @@ struct DecodeArgs {
   int heads, group, heads_per_block, max_len;
   int split_len, num_splits;  // split_len == 0: one block per sequence, no combine
   int stages, tile_rows;      // the TMA kernel's ring: stages of tile_rows positions (decode_tma.cuh)
-  float *part_out;            // [batch, heads, num_splits, head_dim] normalized partial outputs
-  float *part_lse;            // [batch, heads, num_splits] log2-sum-exp of each split
+  int cluster;                // the TMA kernel's split blocks per thread block cluster (1: none)
+  float *part_out;            // [batch, heads, num_splits, head_dim] normalized partial outputs of each split
+                              // (of each cluster in a cluster launch: rows 0 .. ceil(num_splits / cluster) - 1)
+  float *part_lse;            // [batch, heads, num_splits] their log2-sum-exps
   int *counters;              // [batch, heads / heads_per_block] finished split blocks; zero between launches
 };
 

@@ -37,7 +37,10 @@
 // (patch_last_tile): the row at pos gets new_k / new_v (the cache row is written in this launch),
 // V rows at or past hi become zero (a zero weight times a stale row could be NaN). At the end the
 // warps of each m-tile merge (combine.cuh's merge_partial) through the stages' memory, and a split
-// block hands over to combine_if_last.
+// block hands over to combine_if_last, or in a cluster launch (the cluster field: C blocks of
+// consecutive splits per thread block cluster) to cluster_combine, which merges the cluster's
+// partials through distributed shared memory first, so that the workspace, and the one block that
+// merges it, see a C-th of the rows (bench/results/kernel-tma-cluster-h200.md).
 //
 // Bytes in flight (Little's law). 4.8 TB/s over 132 SMs is ~36 GB/s, i.e. ~36 KB per microsecond,
 // per SM; with one to two microseconds of loaded latency an SM needs 36-72 KB in flight, more to
@@ -70,6 +73,7 @@ constexpr int kTmaMinStages = 2, kTmaMaxStages = 8;
 constexpr int kTmaMaxTileRows = 256;  // the copy engine's largest box
 constexpr int kTmaTileRowsStep = 32;  // tile_rows is a multiple of this: a consumer warp's step (kStepRows)
 constexpr int kTmaMaxHeads = 32;      // two m-tiles of 16 heads
+constexpr int kTmaClusters[] = {1, 2, 4, 8};  // split blocks per cluster (8: the portable cluster size)
 constexpr int kBoxBytes = 128;    // one box row: the 128-byte swizzle's span
 
 // Byte offset of 16-byte chunk c of row r in a tile of `rows` rows (D * sizeof(T) / 16 chunks per row)
@@ -82,18 +86,22 @@ __host__ __device__ constexpr int tile_offset(int rows, int r, int c) {
 // thread, which fits the register file only for blocks of up to 128 consumers.
 __host__ __device__ constexpr int tma_max_threads(int head_dim) { return head_dim > 128 ? 128 : 256; }
 
-// The dynamic shared memory of a block: the ring (reused at the end for the warps' partials) and Q,
-// plus 1024 bytes to align the boxes.
+// The dynamic shared memory of a block: the ring (reused at the end for the warps' partials and the
+// block's partial) and Q, plus 1024 bytes to align the boxes.
 __host__ __device__ constexpr int tma_tile_bytes(int head_dim, int elem_bytes, int rows) {
   return rows * head_dim * elem_bytes;
 }
-__host__ __device__ constexpr int tma_partial_bytes(int head_dim, int threads) {
+__host__ __device__ constexpr int tma_warp_partial_bytes(int head_dim, int threads) {
   return threads / 32 * 16 * (head_dim + 2) * 4;  // [warp][16 rows] of o (D floats), m, l
+}
+__host__ __device__ constexpr int tma_partial_bytes(int head_dim, int threads, int heads_per_block) {
+  // + the block's o / l and lse per head, in whole 16-byte chunks (Q's tiles follow, stored as uint4)
+  return tma_warp_partial_bytes(head_dim, threads) + (heads_per_block * (head_dim + 1) * 4 + 15) / 16 * 16;
 }
 __host__ __device__ constexpr int tma_smem_bytes(int head_dim, int elem_bytes, int threads, int stages, int rows,
                                                  int heads_per_block) {
   const int ring = stages * 2 * tma_tile_bytes(head_dim, elem_bytes, rows);
-  const int partials = tma_partial_bytes(head_dim, threads);
+  const int partials = tma_partial_bytes(head_dim, threads, heads_per_block);
   const int q_tiles = (heads_per_block + 15) / 16 * tma_tile_bytes(head_dim, elem_bytes, 16);
   return 1024 + (ring > partials ? ring : partials) + q_tiles;
 }
@@ -104,6 +112,14 @@ template <int D>
 struct WarpState {
   float o[D / 8][4];
   float m[2], l[2];
+
+  __device__ __forceinline__ void clear() {  // no positions yet
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+    m[0] = m[1] = -INFINITY, l[0] = l[1] = 0.f;
+  }
 };
 
 // The producer's part of tile i: K and V boxes of rows [row0, row0 + rows) into stage `stage`.
@@ -171,6 +187,10 @@ __device__ __forceinline__ void patch_last_tile(uint8_t *k_tile, uint8_t *v_tile
                                                 const BlockRange &r, const NewRow<T, D> &row, int consumers) {
   constexpr int CPR = D * int(sizeof(T)) / 16;
   const int valid = int(r.hi - row0), at = int(r.pos - row0), c = threadIdx.x;
+  // Every consumer warp is done with the stage's earlier tiles. The ring's barriers already order
+  // those reads before these stores (through the producer's refill); this barrier states it
+  // among the threads themselves, as compute-sanitizer's racecheck sees it.
+  consumer_barrier(consumers);
   if (row.held && at >= 0 && at < valid)
     *reinterpret_cast<uint4 *>((c < CPR ? k_tile : v_tile) + tile_offset(rows, at, c % CPR)) = row.chunk;
   for (int i = valid * CPR + threadIdx.x; i < rows * CPR; i += consumers)
@@ -327,6 +347,15 @@ __device__ __forceinline__ void store_partial(const WarpState<D> &w, float *slot
   }
 }
 
+// In a cluster launch, whether block `split`'s cluster overlaps the positions [start, pos] of a valid
+// sequence b: then each of its blocks takes part in cluster_combine, one without positions of its own too.
+__device__ __forceinline__ bool cluster_has_work(const DecodeArgs &a, int b, int split) {
+  int64_t start, pos;
+  if (!sequence_range(a, b, start, pos)) return false;
+  const int64_t lo = int64_t(split / a.cluster) * a.cluster * a.split_len;
+  return lo <= pos && lo + int64_t(a.cluster) * a.split_len > start;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(const DecodeArgs a,
                                                                        const __grid_constant__ CUtensorMap kmap,
@@ -337,7 +366,7 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
   const int consumers = blockDim.x - 32, warps = consumers / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int stages = a.stages, rows = a.tile_rows, tile = tma_tile_bytes(D, sizeof(T), rows);
   uint8_t *ring = smem_raw + ((1024 - shared_address(smem_raw) % 1024) % 1024);
-  const int ring_bytes = max(stages * 2 * tile, tma_partial_bytes(D, consumers));
+  const int ring_bytes = max(stages * 2 * tile, tma_partial_bytes(D, consumers, a.heads_per_block));
   uint8_t *q_tiles = ring + ring_bytes;
   if (threadIdx.x == 0) {
     for (int s = 0; s < stages; ++s) bulk_barrier_init(&full[s]), bulk_barrier_init(&empty[s], warps);
@@ -347,11 +376,13 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
   grid_dependency_wait();
 
   DecodeBlock<T> blk;
-  if (!locate_block<T, D>(a, blk)) return;
+  const bool attends = locate_block<T, D>(a, blk);
+  if (!attends && !(a.cluster > 1 && cluster_has_work(a, blk.b, blk.split))) return;
   const int b = blk.b, nh = blk.nh, mtiles = (nh + 15) / 16;
   const BlockRange &r = blk.r;
-  const int tiles = int((r.hi - r.lo + rows - 1) / rows);
+  const int tiles = attends ? int((r.hi - r.lo + rows - 1) / rows) : 0;  // 0: a cluster's block without positions
   WarpState<D> w;  // the consumer warps'
+  w.clear();
   NewRow<T, D> new_row;
   if (warp == warps) {
     if (lane == 0)
@@ -360,14 +391,9 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
         if (i >= stages) bulk_wait(&empty[s], (i / stages - 1) & 1);
         issue_tile<T, D>(&kmap, &vmap, ring + s * 2 * tile, &full[s], rows, r.lo + int64_t(i) * rows, blk.kvh, b);
       }
-  } else {
+  } else if (tiles > 0) {
     new_row.load(blk);
     load_q<T, D>(a, b, blk.h0, nh, q_tiles, consumers);
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) w.o[j][e] = 0.f;
-    w.m[0] = w.m[1] = -INFINITY, w.l[0] = w.l[1] = 0.f;
     consumer_barrier(consumers);  // Q in place
     const uint8_t *q_tile = q_tiles + (warp % mtiles) * tma_tile_bytes(D, sizeof(T), 16);
     const LaneOffsets<D> at(rows);
@@ -388,8 +414,11 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
   if (warp < warps) store_partial<D>(w, reinterpret_cast<float *>(ring) + warp * 16 * (D + 2));
   __syncthreads();
 
-  // Merge the warps of each m-tile (warps mt, mt + MT, ...), then write the result or the split's partial.
+  // Merge the warps of each m-tile (warps mt, mt + MT, ...), then write the result or the split's
+  // partial, or in a cluster launch keep the block's partial (o / l, then the lse of each head) in
+  // shared memory after the warps' for cluster_combine.
   const float *partials = reinterpret_cast<const float *>(ring);
+  float *mine = reinterpret_cast<float *>(ring) + warps * 16 * (D + 2);
   for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
     const int h = i / D, d = i % D;
     float m = -INFINITY, l = 0.f, o = 0.f;
@@ -397,9 +426,18 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
       const float *row = partials + (wi * 16 + h % 16) * (D + 2);
       merge_partial(m, l, o, row[D], row[D + 1], row[d]);
     }
-    write_result<T, D>(a, b, blk.h0 + h, blk.split, d, m, l, o);
+    if (a.cluster > 1) {
+      mine[i] = l > 0.f ? o / l : 0.f;
+      if (d == 0) mine[nh * D + h] = l > 0.f ? m + log2f(l) : -INFINITY;
+    } else {
+      write_result<T, D>(a, b, blk.h0 + h, blk.split, d, m, l, o);
+    }
   }
-  if (a.split_len > 0) combine_if_last<T, D>(a, b, blk.h0, nh, r.start, r.pos);
+  if (a.cluster > 1) {
+    cluster_combine<T, D>(a, b, blk.h0, nh, blk.split, mine, r.start, r.pos);
+  } else if (a.split_len > 0) {
+    combine_if_last<T, D>(a, b, blk.h0, nh, r.start, r.pos);
+  }
 }
 
 }  // namespace ffa

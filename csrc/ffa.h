@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 6
+#define FFA_ABI_VERSION 7
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -99,6 +99,10 @@ typedef struct {
                               others) */
   int64_t pdl;             /* FFA_KERNEL_TMA: 1 launches with programmatic dependent launch (its start overlaps the
                               previous kernel's end on the stream), 0 not (ignored by the others) */
+  int64_t cluster;         /* FFA_KERNEL_TMA with split_len > 0: blocks of this many consecutive splits (one of
+                              ffa_build_info's tma "clusters") form a thread block cluster that merges its
+                              partials in distributed shared memory before the split combine; 1: no cluster
+                              (ignored by the others and by unsplit launches) */
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One
@@ -113,7 +117,7 @@ FFA_API int64_t ffa_abi_version(void);
 FFA_API const char *ffa_version(void);
 /* JSON text: {"version":..., "abi":..., "archs":[...], "dtypes":[...], "head_dims":[...], "threads": [...],
  * "kernels": {name: {"code": ffa_kernel, "dtypes": [...], "head_dims": [...], "compute_capability": x.y,
- * "max_heads_per_block": n}, ...}, "tma": {"stages": [lo, hi], "tile_rows": [lo, hi, step]}, ...} */
+ * "max_heads_per_block": n}, ...}, "tma": {"stages": [lo, hi], "tile_rows": [lo, hi, step], "clusters": [...]}, ...} */
 FFA_API const char *ffa_build_info(void);
 FFA_API const char *ffa_status_string(int status);
 FFA_API const char *ffa_last_error(void);

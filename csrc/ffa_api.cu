@@ -78,6 +78,7 @@ std::string build_info_text() {
          kernel_info("tma", ffa::kTma, half, json_list(ffa::kTmaHeadDims), ffa::kTmaCapability, ffa::kTmaMaxHeads) +
          "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
          ", \"tile_rows\": " + json_list({ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows, ffa::kTmaTileRowsStep}) +
+         ", \"clusters\": " + json_list(ffa::kTmaClusters) +
          "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 
@@ -145,6 +146,8 @@ int check_shapes(const ffa_decode_params *p) {
       return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of %d in [%d, %d]",
                   (long long)p->tile_rows, ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
     if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
+    if (!ffa::listed(ffa::kTmaClusters, int(p->cluster)))
+      return fail(FFA_ERR_INVALID_ARGUMENT, "cluster %lld is not 1, 2, 4 or 8", (long long)p->cluster);
   }
   return FFA_OK;
 }
@@ -321,6 +324,7 @@ int ffa_decode(const ffa_decode_params *p) {
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
   a.stages = int(p->stages), a.tile_rows = int(p->tile_rows);
+  a.cluster = p->kernel == ffa::kTma && p->split_len > 0 ? int(p->cluster) : 1;
   if (need > 0) {
     a.counters = static_cast<int *>(p->workspace);
     a.part_out = reinterpret_cast<float *>(static_cast<char *>(p->workspace) + counter_bytes(p));

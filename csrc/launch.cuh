@@ -165,12 +165,17 @@ cudaError_t launch_decode_tma(const DecodeArgs &a, dim3 grid, int batch, int kv_
   if (err == cudaSuccess)
     err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows);
   if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[1];
+  // A cluster launch rounds the splits up to whole clusters (the blocks past the last split have no
+  // positions and take part in their cluster's merge only).
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = a.cluster, attr[1].val.clusterDim.y = 1, attr[1].val.clusterDim.z = 1;
   cudaLaunchConfig_t config = {};
-  config.gridDim = grid, config.blockDim = dim3(threads + kTmaThreads), config.dynamicSmemBytes = bytes;
-  config.stream = stream, config.attrs = attr, config.numAttrs = 1;
+  config.gridDim = dim3((grid.x + a.cluster - 1) / a.cluster * a.cluster, grid.y, grid.z);
+  config.blockDim = dim3(threads + kTmaThreads), config.dynamicSmemBytes = bytes;
+  config.stream = stream, config.attrs = attr, config.numAttrs = a.cluster > 1 ? 2 : 1;
   err = cudaLaunchKernelEx(&config, decode_tma_kernel<T, D>, a, kmap, vmap);
   return err == cudaSuccess ? cudaGetLastError() : err;
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 
-ABI_VERSION = 6  # must equal FFA_ABI_VERSION in csrc/ffa.h
+ABI_VERSION = 7  # must equal FFA_ABI_VERSION in csrc/ffa.h
 
 OK, INVALID_ARGUMENT, UNSUPPORTED, NO_KERNEL_IMAGE, CUDA_ERROR, ABI_MISMATCH = range(6)
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -72,6 +72,7 @@ class DecodeParams(ctypes.Structure):
         ("stages", ctypes.c_int64),
         ("tile_rows", ctypes.c_int64),
         ("pdl", ctypes.c_int64),
+        ("cluster", ctypes.c_int64),
         ("workspace", ctypes.c_void_p),
         ("workspace_bytes", ctypes.c_int64),
         ("stream", ctypes.c_void_p),

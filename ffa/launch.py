@@ -6,8 +6,11 @@ A LaunchConfig is the part of a launch that does not change results, only speed:
   split_len        positions per block; 0 means one block covers the whole sequence
   tensor_cores     the tensor-core (mma) kernel instead of the CUDA-core one
   tma              the bulk-copy-engine (TMA) kernel on tensor cores, compute capability 9.0+,
-                   with `stages` ring stages of `tile_rows` positions, and programmatic
-                   dependent launch when `pdl` (at most one of tensor_cores and tma)
+                   with `stages` ring stages of `tile_rows` positions, programmatic
+                   dependent launch when `pdl` (at most one of tensor_cores and tma), and
+                   split blocks in thread block clusters of `cluster` that merge their
+                   partials in distributed shared memory (1: none; one of
+                   library_facts()["tma"]["clusters"])
 Which kernel exists for which dtype, head_dim and GPU is the library's to say (`library_facts`,
 `kernel_applies`). The tuner (ffa.tuner) measures these per GPU; without its cache, `heuristic`
 decides.
@@ -44,6 +47,11 @@ def thread_counts():
     return tuple(library_facts()["threads"])
 
 
+def tma_clusters():
+    """The cluster sizes a split TMA launch may have (1: no cluster)."""
+    return tuple(library_facts()["tma"]["clusters"])
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     threads: int = 128
@@ -54,6 +62,7 @@ class LaunchConfig:
     stages: int = 0
     tile_rows: int = 0
     pdl: bool = False
+    cluster: int = 1
 
     @property
     def kernel(self):
@@ -65,9 +74,11 @@ class LaunchConfig:
 
     def key(self):
         """Short text: threads/heads_per_block/split_len, then /tc for the tensor-core kernel or
-        /tma<stages>x<tile_rows> for the TMA kernel, +pdl with programmatic dependent launch;
-        LaunchConfig.parse reads it back."""
+        /tma<stages>x<tile_rows> for the TMA kernel (c<cluster> after it in a cluster launch), +pdl
+        with programmatic dependent launch; LaunchConfig.parse reads it back."""
         kernel = "/tc" if self.tensor_cores else f"/tma{self.stages}x{self.tile_rows}" if self.tma else ""
+        if self.cluster > 1:
+            kernel += f"c{self.cluster}"
         return f"{self.threads}/{self.heads_per_block}/{self.split_len}{kernel}{'+pdl' if self.pdl else ''}"
 
     @classmethod
@@ -76,19 +87,20 @@ class LaunchConfig:
         threads, hpb, split = map(int, fields[:3])
         kernel = fields[3] if len(fields) > 3 else ""
         if kernel.startswith("tma"):
-            stages, rows = map(int, kernel[3:].split("x"))
-            return cls(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl)
+            ring, _, cluster = kernel[3:].partition("c")
+            stages, rows = map(int, ring.split("x"))
+            return cls(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl, cluster=int(cluster or 1))
         return cls(threads, hpb, split, tensor_cores=kernel == "tc", pdl=pdl)
 
     def fields(self):
         """The configuration as a list of ints (the custom op's argument); from_fields inverts it."""
         return [self.threads, self.heads_per_block, self.split_len, int(self.tensor_cores), int(self.tma),
-                self.stages, self.tile_rows, int(self.pdl)]
+                self.stages, self.tile_rows, int(self.pdl), self.cluster]
 
     @classmethod
     def from_fields(cls, fields):
-        t, h, s, tc, tma, stages, rows, pdl = fields
-        return cls(t, h, s, bool(tc), bool(tma), stages, rows, bool(pdl))
+        t, h, s, tc, tma, stages, rows, pdl, cluster = fields
+        return cls(t, h, s, bool(tc), bool(tma), stages, rows, bool(pdl), cluster)
 
 
 def max_heads_per_block(kernel="tensor_cores"):
@@ -184,6 +196,12 @@ TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
 # larger ones (bench/results/tuner-cache-h200.json). The TMA launch uses programmatic dependent
 # launch: tuned on in 105 of those 129 buckets, in all 49 of up to 128 MB.
 TMA_MIN_BYTES = 32 << 20
+# Split TMA launches whose blocks hold at least TMA_CLUSTER_MIN_ELEMENTS output elements (heads per
+# block x head_dim) run in clusters of 2: each block's partial is that large, and merging them in
+# pairs through distributed shared memory halves the rows the last cluster merges and shares that
+# merge between two blocks. Larger clusters do not all fit the GPU at once when each block needs a
+# whole SM (bench/results/kernel-tma-cluster-h200.md).
+TMA_CLUSTER, TMA_CLUSTER_MIN_ELEMENTS = 2, 512
 
 
 def tma_ring(head_dim):
@@ -193,7 +211,7 @@ def tma_ring(head_dim):
 
 def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
     """The TMA kernel's launch: the whole group in one block (up to max_heads_per_block("tma")
-    heads), and splits of whole tiles that fill one wave."""
+    heads), splits of whole tiles that fill one wave, clusters of TMA_CLUSTER for large partials."""
     hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
     stages, rows = tma_ring(head_dim)
     threads = min(128 if head_dim > 128 else 256, max(64, rows // TMA_STEP_ROWS * -(-hpb // 16) * 32))
@@ -205,8 +223,9 @@ def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
         split_len = round_up(-(-length // splits), rows)
         if split_len >= length:
             split_len = 0
+    cluster = TMA_CLUSTER if split_len and hpb * head_dim >= TMA_CLUSTER_MIN_ELEMENTS else 1
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tma=True, stages=stages,
-                        tile_rows=rows, pdl=True)
+                        tile_rows=rows, pdl=True, cluster=cluster)
 
 
 def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False, tma=False):

@@ -54,7 +54,7 @@ def launch_params(k_cache, v_cache, heads, config, workspace):
         v_stride_s=v_cache.stride(2),
         threads=config.threads, heads_per_block=config.heads_per_block, split_len=config.split_len,
         kernel=library_facts()["kernels"][config.kernel]["code"], stages=config.stages, tile_rows=config.tile_rows,
-        pdl=int(config.pdl),
+        pdl=int(config.pdl), cluster=config.cluster,
         workspace=workspace.data_ptr() if workspace.numel() else None,
         workspace_bytes=workspace.numel() * workspace.element_size(),
     )

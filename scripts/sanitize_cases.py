@@ -109,6 +109,9 @@ def matrix():
         Run("tma split 16 (shorter than a tile), head_dim 64", Case(
             batch=2, heads=4, kv_heads=4, head_dim=64, prompt_len=200, max_len=256, dtype=f16, ragged=True),
             LaunchConfig(256, 1, 16, **tma)),
+        Run("tma split 32 in clusters of 4 (the last padded past the splits), groups of 16, a window", Case(
+            batch=2, heads=32, kv_heads=2, head_dim=128, prompt_len=300, max_len=330, dtype=f16, ragged=True,
+            window=100), LaunchConfig(128, 16, 32, pdl=True, cluster=4, **tma)),
     ]
     for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16)),
                          ("tma", LaunchConfig(64, 2, 32, **tma))):

@@ -372,7 +372,7 @@ def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
     def params(code):
         return _lib.DecodeParams(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES[dtype], batch=2, heads=8,
                                  kv_heads=2, head_dim=head_dim, max_len=256, threads=128, heads_per_block=4,
-                                 split_len=64, kernel=code, stages=3, tile_rows=64)
+                                 split_len=64, kernel=code, stages=3, tile_rows=64, cluster=1)
 
     torch_dtype = getattr(torch, dtype)
     assert kernel_applies(kernel, torch_dtype, head_dim, (9, 0)) == supported
@@ -391,14 +391,16 @@ def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
                                                  ("stages", 9, "stages 9 is outside"),
                                                  ("tile_rows", 48, "tile_rows 48 is not a multiple of 32"),
                                                  ("tile_rows", 288, "tile_rows 288"), ("pdl", 2, "pdl 2 is not 0 or 1"),
-                                                 ("heads_per_block", 64, "at most 32 for kernel 2")])
+                                                 ("heads_per_block", 64, "at most 32 for kernel 2"),
+                                                 ("cluster", 3, "cluster 3 is not 1, 2, 4 or 8"),
+                                                 ("cluster", 16, "cluster 16 is not")])
 def test_library_checks_the_tma_launch_fields(field, value, message):
     """The TMA kernel's ring and launch fields are range-checked by the library, each error naming
     the field; the same values are ignored by the other kernels."""
     _lib.load()
     fields = dict(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES["float16"], batch=1, heads=64, kv_heads=1,
                   head_dim=128, max_len=256, threads=128, heads_per_block=32, split_len=0, kernel=2, stages=4,
-                  tile_rows=64)
+                  tile_rows=64, cluster=1)
     assert _lib.workspace_bytes(_lib.DecodeParams(**fields)) == 0
     with pytest.raises(ValueError, match=message):
         _lib.workspace_bytes(_lib.DecodeParams(**{**fields, field: value}))

@@ -136,11 +136,11 @@ def sessions(draw, device):
         LaunchConfig, st.sampled_from(thread_counts()),
         st.sampled_from([d for d in range(1, min(group, 8) + 1) if group % d == 0]),
         st.sampled_from([0, 16, 48, 64])), st.builds(  # the TMA kernel (heuristic where it does not apply)
-        lambda threads, split, ring, pdl: LaunchConfig(threads, group, split, tma=True, stages=ring[0],
-                                                       tile_rows=ring[1], pdl=pdl),
+        lambda threads, split, ring, pdl, cluster: LaunchConfig(threads, group, split, tma=True, stages=ring[0],
+                                                                tile_rows=ring[1], pdl=pdl, cluster=cluster),
         st.sampled_from(thread_counts()), st.sampled_from([0, 16, 48, 64]),
         st.sampled_from([(2, 32), (3, 32), (4, 64)]),
-        st.booleans())))
+        st.booleans(), st.sampled_from([1, 2, 8]))))
     return Session(
         device=device, dtype=draw(st.sampled_from(DTYPES[device])), batch=draw(st.integers(0, 3)),
         kv_heads=draw(st.integers(1, 3)), group=group, head_dim=draw(st.sampled_from(head_dims())),

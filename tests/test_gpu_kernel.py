@@ -19,10 +19,10 @@ HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
 LAUNCHES = ["default", "split"]
 # The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split; the TMA kernel (fp16/bf16,
-# head_dim 64/128/256, compute capability 9.0+) unsplit, split, and split with programmatic
-# dependent launch.
+# head_dim 64/128/256, compute capability 9.0+) unsplit, split, split with programmatic
+# dependent launch, and split in clusters of 4 blocks.
 TENSOR_CORE_LAUNCHES = ["tensor_cores", "tensor_cores_split"]
-TMA_LAUNCHES = ["tma", "tma_split", "tma_split_pdl"]
+TMA_LAUNCHES = ["tma", "tma_split", "tma_split_pdl", "tma_split_cluster"]
 CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
 
@@ -40,7 +40,8 @@ def launch_for(name, heads, kv_heads):
     split = 0 if name in ("tensor_cores", "tma") else 64
     if name.startswith("tma"):  # unsplit: 4 stages of 32 rows; split: 2 tiles of 32 rows per split
         return LaunchConfig(threads=128, heads_per_block=group, split_len=split, tma=True,
-                            stages=4 if split == 0 else 2, tile_rows=32, pdl=name.endswith("pdl"))
+                            stages=4 if split == 0 else 2, tile_rows=32, pdl=name.endswith("pdl"),
+                            cluster=4 if name.endswith("cluster") else 1)
     return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=split,
                         tensor_cores=name.startswith("tensor_cores"))
 
@@ -154,16 +155,18 @@ def test_tma_head_groups(dtype, head_dim, heads, kv_heads, hpb):
     """The TMA kernel holds any group of 1-32 heads in one block (one or two m-tiles of 16, rows
     past the group zero), and a block may take part of a group; rings of 32 to 128 rows, 2 to 6
     stages, 64 to 256 consumer threads, unsplit and split (splits of one tile and of several),
-    with and without programmatic dependent launch; ragged positions."""
+    with and without programmatic dependent launch, in clusters of 8 (two, the last padded past the
+    splits) and of 4 (one cluster holds every split); ragged positions."""
     c = Case(batch=2, heads=heads, kv_heads=kv_heads, head_dim=head_dim, prompt_len=700, max_len=777, dtype=dtype,
              ragged=True, padded=True)
     gen = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
     K, V, q, k, v, t, start = [x.to(dtype).double() if x.is_floating_point() else x for x in make_inputs(c, gen)]
     ref, _, _ = exact(K, V, q, k, v, t, start, 0.125, c.max_len)
     dev = lambda x: x.to("cuda", dtype)
-    for threads, split, stages, rows, pdl in [(128, 0, 4, 32, False), (64, 64, 2, 64, True), (256, 256, 3, 64, False),
-                                              (128, 512, 2, 128, True), (256, 0, 6, 32, False)]:
-        config = LaunchConfig(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl)
+    for threads, split, stages, rows, pdl, cluster in [
+            (128, 0, 4, 32, False, 1), (64, 64, 2, 64, True, 1), (256, 256, 3, 64, False, 1), (128, 512, 2, 128, True, 1),
+            (256, 0, 6, 32, False, 1), (128, 64, 2, 64, True, 8), (64, 256, 2, 32, False, 4)]:
+        config = LaunchConfig(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl, cluster=cluster)
         f = FastForwardAttn(dev(K), dev(V), c.max_len, launch=config)
         out = torch.full((c.batch, heads, head_dim), float("nan"), dtype=dtype, device="cuda")
         try:

@@ -32,10 +32,14 @@ LAUNCHES = [LaunchConfig(256, 1, 0), LaunchConfig(128, 2, 0), LaunchConfig(64, 1
             LaunchConfig(128, 2, 16), LaunchConfig(256, 1, 48)]  # 48 >= MAX_LEN: one split
 TENSOR_CORE_LAUNCHES = [LaunchConfig(128, 2, 0, True), LaunchConfig(64, 2, 16, True),
                         LaunchConfig(256, 1, 48, True)]
-# The TMA kernel: the smallest tiles (32 rows), splits shorter than a tile, of one tile and of two.
+# The TMA kernel: the smallest tiles (32 rows), splits shorter than a tile, of one tile and of two;
+# clusters of 2 (two clusters, the last padded past the splits) and of 4 and 8 (one cluster).
 TMA_LAUNCHES = [LaunchConfig(128, 2, 0, tma=True, stages=2, tile_rows=32), LaunchConfig(64, 1, 32, tma=True, stages=3,
                 tile_rows=32, pdl=True), LaunchConfig(256, 2, 16, tma=True, stages=4, tile_rows=32),
-                LaunchConfig(128, 1, 64, tma=True, stages=2, tile_rows=32)]
+                LaunchConfig(128, 1, 64, tma=True, stages=2, tile_rows=32),
+                LaunchConfig(128, 2, 16, tma=True, stages=2, tile_rows=32, cluster=2),
+                LaunchConfig(64, 1, 16, tma=True, stages=2, tile_rows=32, pdl=True, cluster=4),
+                LaunchConfig(128, 2, 32, tma=True, stages=2, tile_rows=32, cluster=8)]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 STEPS = 40
 

@@ -146,13 +146,15 @@ def test_heuristic_traces_under_torch_compile(tma, tensor_cores):
 
 @pytest.mark.parametrize("config", [LaunchConfig(), LaunchConfig(64, 2, 128, tensor_cores=True),
                                     LaunchConfig(256, 32, 4096, tma=True, stages=3, tile_rows=64, pdl=True),
-                                    LaunchConfig(128, 4, 0, tma=True, stages=2, tile_rows=128)])
+                                    LaunchConfig(128, 4, 0, tma=True, stages=2, tile_rows=128),
+                                    LaunchConfig(128, 16, 1024, tma=True, stages=2, tile_rows=128, pdl=True, cluster=8)])
 def test_launch_key_and_fields_round_trip(config):
     """The short form (tuner output, benchmark JSON) and the custom op's int list both give the
     launch back; the key names the kernel and its ring."""
     assert LaunchConfig.parse(config.key()) == config
     assert LaunchConfig.from_fields(config.fields()) == config
     assert ("/tma" in config.key()) == config.tma and ("/tc" in config.key()) == config.tensor_cores
+    assert (f"c{config.cluster}" in config.key()) == (config.cluster > 1)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])

@@ -67,7 +67,7 @@ def test_tensor_core_launches_round_trip(cache_dir):
     assert cache.save(DEVICE, [entry(32, 4096, tc, dtype="bfloat16", head_dim=128, group=4)])
     doc = json.loads(cache.cache_file(DEVICE).read_text())
     assert doc["entries"][0]["config"] == {"threads": 128, "heads_per_block": 4, "split_len": 256, "tensor_cores": True,
-                                           "tma": False, "stages": 0, "tile_rows": 0, "pdl": False}
+                                           "tma": False, "stages": 0, "tile_rows": 0, "pdl": False, "cluster": 1}
     assert doc["entries"][0]["heuristic"]["tensor_cores"] is False
     cache.reset()
     assert cache.load_table(DEVICE).lookup(torch.bfloat16, 128, 4, 32, 4096) == tc
@@ -244,6 +244,8 @@ BAD_FILES = {
     "tensor cores at float32": (_config_field("tensor_cores", True, "float32"), "does not have at float32"),
     "tma not a bool": (_config_field("tma", 0), "tma=0 is not true or false"),
     "tma ring out of range": (_config_field("tma", True, "float16", stages=1, tile_rows=64), "stages or tile_rows"),
+    "cluster size not the kernel's": (_config_field("cluster", 3), "cluster size"),
+    "cluster on a launch without TMA": (_config_field("cluster", 2), "cluster size"),
     "unreadable": (_directory, "could not be read"),
 }
 

@@ -36,7 +36,7 @@ from ..launch import LaunchConfig, kernel_applies, library_facts, max_heads_per_
 
 # Bump whenever a kernel change, or a change of how candidates are timed, can move the fastest
 # configuration.
-KERNEL_VERSION = 7
+KERNEL_VERSION = 8
 FORMAT = 1
 ENV_DIR = "FFA_TUNER_CACHE_DIR"
 LOCK_TIMEOUT_S = 60
@@ -181,6 +181,8 @@ def _config(obj, group):
         if not low <= c.stages <= high or not 16 <= c.tile_rows <= library_facts()["tma"]["tile_rows"][1] \
                 or c.tile_rows % 16:
             raise CacheProblem(f"{c} has stages or tile_rows out of range")
+    if c.cluster not in library_facts()["tma"]["clusters"] or (c.cluster > 1 and not (c.tma and c.split_len)):
+        raise CacheProblem(f"{c} has a cluster size that is not one of the TMA kernel's or not on a split TMA launch")
     return c
 
 

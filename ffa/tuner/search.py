@@ -7,7 +7,8 @@ For every workload (dtype, head_dim, group, batch x kv_heads, context length) th
      upcast copies of the cache);
   2. coarse stage: every split_len at 128 threads and the largest heads_per_block, on CUDA
      cores and (where they apply) on tensor cores, plus the heuristic's own choice;
-  3. refine stage: every threads x heads_per_block x kernel at the `refine` best split lengths;
+  3. refine stage: every threads x heads_per_block x kernel at the `refine` best split lengths,
+     and the best TMA launch of each of them in every cluster size;
   4. keeps the fastest candidate.
 A candidate is timed only after one run into a NaN-filled output matched the reference; one
 that raises ValueError or disagrees is rejected, except that a launch the GPU cannot run
@@ -28,7 +29,7 @@ import torch
 from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
 from ..launch import (LaunchConfig, heads_per_block_options, heuristic, heuristic_tma, largest_heads_per_block,
-                      max_heads_per_block, tensor_cores_apply, thread_counts, tma_applies)
+                      max_heads_per_block, tensor_cores_apply, thread_counts, tma_applies, tma_clusters)
 from ..measure import Progress
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
@@ -69,8 +70,9 @@ def candidates(group, length, tensor_cores=False, tma=False):
     space = [LaunchConfig(t, h, s, tc) for s in split_options(length)
              for t in thread_counts() for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
     if tma:
-        space += [tma_launch(group, s, t, ring, pdl) for s in split_options(length) for t in thread_counts()
-                  for ring in TMA_RINGS for pdl in (False, True)]
+        space += [replace(tma_launch(group, s, t, ring, pdl), cluster=c) for s in split_options(length)
+                  for t in thread_counts() for ring in TMA_RINGS for pdl in (False, True)
+                  for c in (tma_clusters() if s else (1,))]
     return space
 
 
@@ -266,6 +268,11 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
     for split_len in sorted(per_split, key=per_split.get)[:refine]:
         for config in refine_candidates(w.group, split_len, tensor_cores, tma):
             measure(config)
+        split_tma = [c for c in result.timings if c.tma and c.split_len == split_len and split_len > 0]
+        if split_tma:  # the best TMA launch of this split length in each cluster size
+            base = min(split_tma, key=result.timings.get)
+            for cluster in tma_clusters():
+                measure(replace(base, cluster=cluster))
     best = result.config
     if best is not None and best.tma:
         measure(replace(best, pdl=True))
