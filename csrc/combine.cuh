@@ -42,14 +42,19 @@ __device__ __forceinline__ void write_output(const DecodeArgs &a, int b, int h, 
   static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(value);
 }
 
+// The stored form of the partial (m, l, o): its output o / l and its log2-sum-exp m + log2 l; a
+// partial without positions (l = 0) stores 0 and -inf, which merge_partial skips.
+__device__ __forceinline__ float stored_output(float l, float o) { return l > 0.f ? o / l : 0.f; }
+__device__ __forceinline__ float stored_lse(float m, float l) { return l > 0.f ? m + log2f(l) : -INFINITY; }
+
 // Element d of head h of sequence b as the partial (m, l, o) in workspace row `row` of that head
 // (a split, or a cluster in a cluster launch).
 template <int D>
 __device__ __forceinline__ void write_partial(const DecodeArgs &a, int b, int h, int row, int d, float m, float l,
                                               float o) {
   const int64_t r = (int64_t(b) * a.heads + h) * a.num_splits + row;
-  a.part_out[r * D + d] = o / l;
-  if (d == 0) a.part_lse[r] = m + log2f(l);
+  a.part_out[r * D + d] = stored_output(l, o);
+  if (d == 0) a.part_lse[r] = stored_lse(m, l);
 }
 
 // Element d of head h of sequence b, as the output (no split) or as split `split`'s partial.
@@ -78,17 +83,22 @@ __device__ __forceinline__ void merge_rows(const DecodeArgs &a, int b, int h0, i
   }
 }
 
+// One thread's count of its block (or cluster) on the counter of (sequence b, this head group):
+// whether it is the last of `count`; the last one resets the counter for the next launch.
+__device__ __forceinline__ bool count_done(const DecodeArgs &a, int b, int count) {
+  int *counter = a.counters + int64_t(b) * gridDim.y + blockIdx.y;
+  const bool last = atomicAdd(counter, 1) == count - 1;
+  if (last) *counter = 0;
+  return last;
+}
+
 // After every thread of the block wrote its partials: whether this block is the last of the
-// `blocks` that count on the counter of (sequence b, this head group); the last one resets it.
+// `blocks` that count on the counter of (sequence b, this head group).
 __device__ __forceinline__ bool last_to_finish(const DecodeArgs &a, int b, int blocks) {
   __shared__ bool last;
   __threadfence();  // this block's partials are visible device-wide before it counts itself
   __syncthreads();
-  if (threadIdx.x == 0) {
-    int *counter = a.counters + int64_t(b) * gridDim.y + blockIdx.y;
-    last = atomicAdd(counter, 1) == blocks - 1;
-    if (last) *counter = 0;
-  }
+  if (threadIdx.x == 0) last = count_done(a, b, blocks);
   __syncthreads();
   if (last) __threadfence();
   return last;
@@ -137,9 +147,7 @@ __device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int 
   cluster_sync();              // every share is merged: no block reads another's shared memory after this
   if (n == 1) return;
   if (rank == 0 && threadIdx.x == 0) {
-    int *counter = a.counters + int64_t(b) * gridDim.y + blockIdx.y;
-    const int is_last = atomicAdd(counter, 1) == n - 1;
-    if (is_last) *counter = 0;
+    const int is_last = count_done(a, b, n);
     for (int q = 0; q < size; ++q) cluster_store(&last, q, is_last);
   }
   cluster_sync();  // every block of the cluster knows whether it is the last

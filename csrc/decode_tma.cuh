@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
   // partial, or in a cluster launch keep the block's partial (o / l, then the lse of each head) in
   // shared memory after the warps' for cluster_combine.
   const float *partials = reinterpret_cast<const float *>(ring);
-  float *mine = reinterpret_cast<float *>(ring) + warps * 16 * (D + 2);
+  float *mine = reinterpret_cast<float *>(ring + tma_warp_partial_bytes(D, consumers));
   for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
     const int h = i / D, d = i % D;
     float m = -INFINITY, l = 0.f, o = 0.f;
@@ -427,8 +427,8 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
       merge_partial(m, l, o, row[D], row[D + 1], row[d]);
     }
     if (a.cluster > 1) {
-      mine[i] = l > 0.f ? o / l : 0.f;
-      if (d == 0) mine[nh * D + h] = l > 0.f ? m + log2f(l) : -INFINITY;
+      mine[i] = stored_output(l, o);
+      if (d == 0) mine[nh * D + h] = stored_lse(m, l);
     } else {
       write_result<T, D>(a, b, blk.h0 + h, blk.split, d, m, l, o);
     }
