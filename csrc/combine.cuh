@@ -69,10 +69,13 @@ __device__ __forceinline__ void write_result(const DecodeArgs &a, int b, int h, 
 }
 
 // The output elements [begin, end) of heads h0 .. (element i: head h0 + i / D, dim i % D) of
-// sequence b, merged from workspace rows [first, first + n) by this block's threads.
+// sequence b, merged from workspace rows [first, first + n) by the block's threads 0 .. threads-1
+// (no barrier: the other threads may leave).
 template <typename T, int D>
-__device__ __forceinline__ void merge_rows(const DecodeArgs &a, int b, int h0, int begin, int end, int first, int n) {
-  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+__device__ __forceinline__ void merge_rows(const DecodeArgs &a, int b, int h0, int begin, int end, int first, int n,
+                                           int threads) {
+  if (threadIdx.x >= threads) return;
+  for (int i = begin + threadIdx.x; i < end; i += threads) {
     const int h = h0 + i / D, d = i % D;
     const int64_t row0 = (int64_t(b) * a.heads + h) * a.num_splits + first;
     float m = -INFINITY, l = 0.f, o = 0.f;
@@ -95,28 +98,27 @@ __device__ __forceinline__ bool count_done(const DecodeArgs &a, int b, int count
 // After every thread of the block wrote its partials: whether this block is the last of the
 // `blocks` that count on the counter of (sequence b, this head group).
 __device__ __forceinline__ bool last_to_finish(const DecodeArgs &a, int b, int blocks) {
-  __shared__ bool last;
   __threadfence();  // this block's partials are visible device-wide before it counts itself
   __syncthreads();
-  if (threadIdx.x == 0) last = count_done(a, b, blocks);
-  __syncthreads();
+  const bool last = __syncthreads_or(threadIdx.x == 0 && count_done(a, b, blocks));  // thread 0 counts
   if (last) __threadfence();
   return last;
 }
 
 // Called by every thread of every split block after it wrote its partials: the last block of
-// heads h0 .. h0+nh-1 of sequence b merges them into the output.
+// heads h0 .. h0+nh-1 of sequence b merges them into the output on its threads 0 .. threads-1.
 template <typename T, int D>
 __device__ __forceinline__ void combine_if_last(const DecodeArgs &a, int b, int h0, int nh, int64_t start,
-                                                int64_t pos) {
+                                                int64_t pos, int threads) {
   const int first = int(start / a.split_len), n = int(pos / a.split_len) - first + 1;
-  if (last_to_finish(a, b, n)) merge_rows<T, D>(a, b, h0, 0, nh * D, first, n);
+  if (last_to_finish(a, b, n)) merge_rows<T, D>(a, b, h0, 0, nh * D, first, n, threads);
 }
 
 // The cluster combine (the TMA kernel's cluster launches, cluster.cuh). The C blocks of a cluster
 // hold C consecutive splits of one sequence b and head group h0 .. h0+nh-1; each left its block's
 // partial in shared memory at `mine`: o / l of its nh x D elements, then its nh log2-sum-exps (a
-// block without positions: 0 and -inf). Called by every thread of every such block:
+// block without positions: 0 and -inf). Called by every thread of every such block; the merges run
+// on threads 0 .. threads-1, the others only keep the barriers:
 //   1. block `rank` of the cluster merges element share `rank` of the C partials (E = nh D
 //      elements in C shares) from the blocks' shared memory; where the cluster covers all of
 //      [start, pos] this is the output, and the step is done;
@@ -126,14 +128,14 @@ __device__ __forceinline__ void combine_if_last(const DecodeArgs &a, int b, int 
 // Each element thus goes through C + n_clusters merges in one block, not n_splits (combine_if_last).
 template <typename T, int D>
 __device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int h0, int nh, int split,
-                                                const float *mine, int64_t start, int64_t pos) {
+                                                const float *mine, int64_t start, int64_t pos, int threads) {
   __shared__ int last;
   const int size = a.cluster, rank = split % size, cluster = split / size, elems = nh * D;
   const int64_t unit = int64_t(a.split_len) * size;  // positions per cluster
   const int first = int(start / unit), n = int(pos / unit) - first + 1;
   const int share = (elems + size - 1) / size, begin = min(elems, rank * share), end = min(elems, begin + share);
   cluster_sync();  // every block's partial is in its shared memory
-  for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+  for (int i = begin + threadIdx.x; i < end && threadIdx.x < threads; i += threads) {
     const int h = i / D, d = i % D;
     float m = -INFINITY, l = 0.f, o = 0.f;
     for (int q = 0; q < size; ++q) merge_partial(m, l, o, cluster_load(mine + elems + h, q), 1.f, cluster_load(mine + i, q));
@@ -151,9 +153,9 @@ __device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int 
     for (int q = 0; q < size; ++q) cluster_store(&last, q, is_last);
   }
   cluster_sync();  // every block of the cluster knows whether it is the last
-  if (!last) return;
+  if (threadIdx.x >= threads || !last) return;
   __threadfence();
-  merge_rows<T, D>(a, b, h0, begin, end, first, n);
+  merge_rows<T, D>(a, b, h0, begin, end, first, n, threads);
 }
 
 }  // namespace ffa

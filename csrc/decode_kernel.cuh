@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
     }
     __syncthreads();  // before the next head reuses `red`
   }
-  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, start, pos);
+  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, start, pos, blockDim.x);
 }
 
 }  // namespace ffa

@@ -59,7 +59,11 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   constexpr int VEC = 8, CPR = D / VEC;  // elements per chunk, chunks per row
   constexpr int KSTEPS = D / 16, MTILES = D / 16, STAGE = 2 * kTileRows * CPR;  // STAGE in chunks
   static_assert(mma_smem_bytes(D, 32) >= kHeads * D * 4, "the stages are reused for the warps' outputs");
-  extern __shared__ uint4 smem[];
+  // The rings start on a 128-byte boundary whatever the static arrays before them (a 16-byte offset
+  // made this kernel 10-17% slower: bench/results/kernel-tma-cluster-h200.md). The extern __shared__
+  // arrays of one translation unit share this alignment: decode_kernel.cuh's ring in the fp16 / bf16
+  // units too.
+  extern __shared__ __align__(128) uint4 smem[];
   __shared__ float warp_max[kMaxWarps][kHeads], warp_sum[kMaxWarps][kHeads];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
@@ -281,7 +285,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
       merge_partial(m, l, acc, warp_max[w][row], warp_sum[w][row], wo[(w * kHeads + row) * D + d]);
     write_result<T, D>(a, b, h0 + row, split, d, m, l, acc);
   }
-  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, r.start, r.pos);
+  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, r.start, r.pos, blockDim.x);
 }
 
 }  // namespace ffa

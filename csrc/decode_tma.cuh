@@ -32,6 +32,9 @@
 //   producer (lane 0):  tile i: wait empty[i % S] (from the second round on), expect the tile's
 //                       bytes on full[i % S], issue its boxes (issue_tile)
 //   consumer warp w:    tile i: wait full[i % S], attend to its steps (attend_tile), arrive on empty[i % S]
+// After the ring the producer warp only keeps the block's barriers: the merges run on the consumer
+// threads (`consumers` threads in combine.cuh's calls), and the producer reads no shared memory
+// (racecheck: bench/results/kernel-tma-cluster-h200.md).
 // Consumer warp w serves m-tile w % MT and steps w / MT, w / MT + C / MT, ... of every tile,
 // with its own running max, sum and output. The block's last tile is patched before use
 // (patch_last_tile): the row at pos gets new_k / new_v (the cache row is written in this launch),
@@ -419,7 +422,7 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
   // shared memory after the warps' for cluster_combine.
   const float *partials = reinterpret_cast<const float *>(ring);
   float *mine = reinterpret_cast<float *>(ring + tma_warp_partial_bytes(D, consumers));
-  for (int i = threadIdx.x; i < nh * D; i += blockDim.x) {
+  for (int i = threadIdx.x; i < nh * D && warp < warps; i += consumers) {
     const int h = i / D, d = i % D;
     float m = -INFINITY, l = 0.f, o = 0.f;
     for (int wi = h / 16; wi < warps; wi += mtiles) {
@@ -434,9 +437,9 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
     }
   }
   if (a.cluster > 1) {
-    cluster_combine<T, D>(a, b, blk.h0, nh, blk.split, mine, r.start, r.pos);
+    cluster_combine<T, D>(a, b, blk.h0, nh, blk.split, mine, r.start, r.pos, consumers);
   } else if (a.split_len > 0) {
-    combine_if_last<T, D>(a, b, blk.h0, nh, r.start, r.pos);
+    combine_if_last<T, D>(a, b, blk.h0, nh, r.start, r.pos, consumers);
   }
 }
 

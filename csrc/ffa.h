@@ -117,7 +117,8 @@ FFA_API int64_t ffa_abi_version(void);
 FFA_API const char *ffa_version(void);
 /* JSON text: {"version":..., "abi":..., "archs":[...], "dtypes":[...], "head_dims":[...], "threads": [...],
  * "kernels": {name: {"code": ffa_kernel, "dtypes": [...], "head_dims": [...], "compute_capability": x.y,
- * "max_heads_per_block": n}, ...}, "tma": {"stages": [lo, hi], "tile_rows": [lo, hi, step], "clusters": [...]}, ...} */
+ * "max_heads_per_block": n}, ...}, "tma": {"stages": [lo, hi], "tile_rows": [lo, hi, step], "clusters": [...],
+ * "max_threads": {"head_dim": threads, ...}}, ...} */
 FFA_API const char *ffa_build_info(void);
 FFA_API const char *ffa_status_string(int status);
 FFA_API const char *ffa_last_error(void);

@@ -66,6 +66,14 @@ std::string kernel_info(const char *name, int code, const char *dtypes, const st
          ", \"max_heads_per_block\": " + std::to_string(heads) + "}";
 }
 
+// {"64": threads, ...}: the most consumer threads a TMA block has at each of its head dims.
+std::string tma_max_threads_info() {
+  std::string s = "{";
+  for (int d : ffa::kTmaHeadDims)
+    s += (s.size() > 1 ? ", \"" : "\"") + std::to_string(d) + "\": " + std::to_string(ffa::tma_max_threads(d));
+  return s + "}";
+}
+
 std::string build_info_text() {
   const char *all = "[\"float16\", \"bfloat16\", \"float32\"]", *half = "[\"float16\", \"bfloat16\"]";
   return std::string("{\"version\": \"" FFA_VERSION "\", \"abi\": " FFA_STR(FFA_ABI_VERSION)
@@ -78,7 +86,7 @@ std::string build_info_text() {
          kernel_info("tma", ffa::kTma, half, json_list(ffa::kTmaHeadDims), ffa::kTmaCapability, ffa::kTmaMaxHeads) +
          "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
          ", \"tile_rows\": " + json_list({ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows, ffa::kTmaTileRowsStep}) +
-         ", \"clusters\": " + json_list(ffa::kTmaClusters) +
+         ", \"clusters\": " + json_list(ffa::kTmaClusters) + ", \"max_threads\": " + tma_max_threads_info() +
          "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 

@@ -30,7 +30,8 @@ def library_facts():
     """What the native library says it runs (ffa_build_info in csrc/ffa_api.cu, made from the
     kernels' own constants): "head_dims", "threads", and per kernel ("cuda_cores",
     "tensor_cores", "tma") its "code", "dtypes", "head_dims", "compute_capability" and
-    "max_heads_per_block"; "tma" holds the ranges of its "stages" and "tile_rows". Read once
+    "max_heads_per_block"; "tma" holds the ranges of its "stages" and "tile_rows", its
+    "clusters" and its "max_threads" per head_dim. Read once
     (FastForwardAttn's constructor does), then a plain global that torch.compile traces."""
     global _facts
     if _facts is None:
@@ -50,6 +51,11 @@ def thread_counts():
 def tma_clusters():
     """The cluster sizes a split TMA launch may have (1: no cluster)."""
     return tuple(library_facts()["tma"]["clusters"])
+
+
+def tma_max_threads(head_dim):
+    """The most threads (consumer warps' threads) a TMA launch may have at this head_dim."""
+    return library_facts()["tma"]["max_threads"][str(head_dim)]
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,7 @@ def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
     heads), splits of whole tiles that fill one wave, clusters of TMA_CLUSTER for large partials."""
     hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
     stages, rows = tma_ring(head_dim)
-    threads = min(128 if head_dim > 128 else 256, max(64, rows // TMA_STEP_ROWS * -(-hpb // 16) * 32))
+    threads = min(tma_max_threads(head_dim), max(64, rows // TMA_STEP_ROWS * -(-hpb // 16) * 32))
     resident = 2 if 2 * stages * 2 * rows * head_dim * 2 < TMA_SHARED_BYTES else 1
     blocks = batch * kv_heads * (group // hpb)
     splits = (resident * sm_count) // blocks

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from cases import pruning_bound
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.launch import head_dims, thread_counts, tma_applies
+from ffa.launch import head_dims, thread_counts, tma_applies, tma_max_threads
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -159,8 +159,9 @@ def prompt(s, gen):
         kv.append(lay_out(x, s.layout))
     launch = s.launch if isinstance(s.launch, LaunchConfig) else None
     capability = torch.cuda.get_device_capability() if s.device == "cuda" else (0, 0)
-    if launch is not None and launch.tma and not tma_applies(s.dtype, s.head_dim, capability):
-        launch = None
+    if launch is not None and launch.tma and (not tma_applies(s.dtype, s.head_dim, capability)
+                                              or launch.threads > tma_max_threads(s.head_dim)):
+        launch = None  # the library refuses it on this GPU or at this head_dim: the heuristic's instead
     return dict(K=kv[0], V=kv[1], max_len=s.max_len, use_default_kernel_launch=s.launch == "default",
                 launch=launch)
 

@@ -173,3 +173,16 @@ def test_tma_kernel_above_its_size_threshold(head_dim):
     assert large.tile_rows == (64 if head_dim == 256 else 128) and large.split_len % large.tile_rows == 0
     assert large.threads <= (128 if head_dim == 256 else 256)
     assert not heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, True, tma=False).tma
+
+
+def test_tma_thread_limits_come_from_the_library():
+    """The library reports the most threads of a TMA block per head_dim; the heuristic's TMA launches
+    stay within it for every group size the block holds."""
+    from ffa.launch import heuristic_tma, library_facts, max_heads_per_block, thread_counts, tma_max_threads
+    dims = library_facts()["kernels"]["tma"]["head_dims"]
+    assert sorted(int(d) for d in library_facts()["tma"]["max_threads"]) == sorted(dims)
+    assert {d: tma_max_threads(d) for d in dims} == {64: 256, 128: 256, 256: 128}
+    assert all(tma_max_threads(d) in thread_counts() for d in dims)
+    for d in dims:
+        for group in (1, 4, 16, max_heads_per_block("tma")):
+            assert heuristic_tma(1, 2, group, 65536, 132, d).threads <= tma_max_threads(d)
