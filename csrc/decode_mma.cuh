@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   constexpr int KSTEPS = D / 16, MTILES = D / 16, STAGE = 2 * kTileRows * CPR;  // STAGE in chunks
   static_assert(mma_smem_bytes(D, 32) >= kHeads * D * 4, "the stages are reused for the warps' outputs");
   // The rings start on a 128-byte boundary whatever the static arrays before them (a 16-byte offset
-  // made this kernel 10-17% slower: bench/results/kernel-tma-cluster-h200.md). The extern __shared__
+  // made this kernel 6-17% slower: bench/results/kernel-tma-cluster-h200.md). The extern __shared__
   // arrays of one translation unit share this alignment: decode_kernel.cuh's ring in the fp16 / bf16
   // units too.
   extern __shared__ __align__(128) uint4 smem[];
