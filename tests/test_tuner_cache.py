@@ -2,6 +2,7 @@
 processes, and every way the file can go bad (each gives exactly one warning, attention keeps
 working, the file is never left half-written)."""
 
+from dataclasses import replace
 import errno
 import json
 import multiprocessing
@@ -116,6 +117,10 @@ def test_a_bucket_fits_other_sizes_with_as_many_blocks():
     unsplit = LaunchConfig(256, 1, 0)  # 512 blocks
     assert cache.fit_bucket(512, 4096, unsplit, 128, 4096) == LaunchConfig(256, 1, 1024)
     assert cache.fit_bucket(512, 4096, unsplit, 128, 64) == unsplit  # 4 splits of 16 positions: one of 64
+    clustered = LaunchConfig(128, 16, 1024, tma=True, stages=2, tile_rows=128, pdl=True, cluster=2)  # 4 splits at 32
+    assert cache.fit_bucket(32, 4096, clustered, 16, 4096) == replace(clustered, split_len=512)  # 8 splits, pairs
+    assert cache.fit_bucket(32, 4096, clustered, 128, 4096) == replace(clustered, split_len=0, cluster=1)
+    cache._config(cache.fit_bucket(32, 4096, clustered, 128, 4096).as_dict(), 16)  # a launch the cache accepts
 
 
 def test_lookup_traces_under_torch_compile():

@@ -124,13 +124,14 @@ def fit_bucket(bucket_bkv, bucket_length, config, batch_kv_heads, length):
     """A bucket's tuned configuration for another batch*kv_heads and length: the same kernel,
     threads and heads per block, and as many blocks as were measured best (batch*kv_heads x
     splits), so the split count scales inversely with batch*kv_heads and the split length with
-    the length."""
+    the length. A launch left unsplit has no cluster (clusters are of split blocks)."""
     if (bucket_bkv, bucket_length) == (batch_kv_heads, length):
         return config
     splits = -(-bucket_length // config.split_len) if config.split_len else 1
     target = max(1, round(bucket_bkv * splits / batch_kv_heads))
     split_len = round_up(-(-length // target), 64) if target > 1 else 0
-    return replace(config, split_len=split_len if split_len < length else 0)
+    split_len = split_len if split_len < length else 0
+    return replace(config, split_len=split_len, cluster=config.cluster if split_len else 1)  # clusters split
 
 
 def describe_device(device):
