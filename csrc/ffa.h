@@ -101,8 +101,8 @@ typedef struct {
                               previous kernel's end on the stream), 0 not (ignored by the others) */
   int64_t cluster;         /* FFA_KERNEL_TMA with split_len > 0: blocks of this many consecutive splits (one of
                               ffa_build_info's tma "clusters") form a thread block cluster that merges its
-                              partials in distributed shared memory before the split combine; 1: no cluster
-                              (ignored by the others and by unsplit launches) */
+                              partials in distributed shared memory before the split combine; 1: no cluster,
+                              the only size of an unsplit TMA launch (ignored by the other kernels) */
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One

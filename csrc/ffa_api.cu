@@ -57,6 +57,14 @@ std::string json_list(const int (&xs)[N]) {
   return json_list(xs, N);
 }
 
+// "64, 128 or 256": a constant list as the error messages name it.
+template <size_t N>
+std::string spoken_list(const int (&xs)[N]) {
+  std::string s;
+  for (size_t i = 0; i < N; ++i) s += (i == 0 ? "" : i + 1 == N ? " or " : ", ") + std::to_string(xs[i]);
+  return s;
+}
+
 std::string kernel_info(const char *name, int code, const char *dtypes, const std::string &head_dims, int capability,
                         int heads) {
   char cc[16];
@@ -124,7 +132,8 @@ int check_shapes(const ffa_decode_params *p) {
   if (p->max_len < 1 || p->max_len > (int64_t(1) << 30))
     return fail(FFA_ERR_INVALID_ARGUMENT, "max_len %lld is outside [1, 2^30]", (long long)p->max_len);
   if (!ffa::listed(ffa::kThreadCounts, int(p->threads)))
-    return fail(FFA_ERR_INVALID_ARGUMENT, "threads %lld is not 64, 128 or 256", (long long)p->threads);
+    return fail(FFA_ERR_INVALID_ARGUMENT, "threads %lld is not %s", (long long)p->threads,
+                spoken_list(ffa::kThreadCounts).c_str());
   const int64_t group = p->heads / p->kv_heads;
   if (p->kernel < ffa::kCudaCores || p->kernel > ffa::kTma)
     return fail(FFA_ERR_INVALID_ARGUMENT, "kernel %lld is not 0 (CUDA cores), 1 (tensor cores) or 2 (TMA)",
@@ -155,7 +164,12 @@ int check_shapes(const ffa_decode_params *p) {
                   (long long)p->tile_rows, ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
     if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
     if (!ffa::listed(ffa::kTmaClusters, int(p->cluster)))
-      return fail(FFA_ERR_INVALID_ARGUMENT, "cluster %lld is not 1, 2, 4 or 8", (long long)p->cluster);
+      return fail(FFA_ERR_INVALID_ARGUMENT, "cluster %lld is not %s", (long long)p->cluster,
+                  spoken_list(ffa::kTmaClusters).c_str());
+    if (p->cluster != 1 && p->split_len == 0)  // a cluster is of split blocks
+      return fail(FFA_ERR_INVALID_ARGUMENT,
+                  "cluster %lld needs a split launch (split_len > 0); an unsplit launch has cluster 1",
+                  (long long)p->cluster);
   }
   return FFA_OK;
 }
@@ -332,7 +346,7 @@ int ffa_decode(const ffa_decode_params *p) {
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
   a.stages = int(p->stages), a.tile_rows = int(p->tile_rows);
-  a.cluster = p->kernel == ffa::kTma && p->split_len > 0 ? int(p->cluster) : 1;
+  a.cluster = p->kernel == ffa::kTma ? int(p->cluster) : 1;  // the other kernels take no cluster
   if (need > 0) {
     a.counters = static_cast<int *>(p->workspace);
     a.part_out = reinterpret_cast<float *>(static_cast<char *>(p->workspace) + counter_bytes(p));

@@ -393,15 +393,18 @@ def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
                                                  ("tile_rows", 288, "tile_rows 288"), ("pdl", 2, "pdl 2 is not 0 or 1"),
                                                  ("heads_per_block", 64, "at most 32 for kernel 2"),
                                                  ("cluster", 3, "cluster 3 is not 1, 2, 4 or 8"),
-                                                 ("cluster", 16, "cluster 16 is not")])
+                                                 ("cluster", 16, "cluster 16 is not"),
+                                                 ("cluster", 2, "cluster 2 needs a split launch")])
 def test_library_checks_the_tma_launch_fields(field, value, message):
     """The TMA kernel's ring and launch fields are range-checked by the library, each error naming
-    the field; the same values are ignored by the other kernels."""
+    the field (the launch is unsplit: a cluster other than 1 is refused there, not ignored); the
+    same values are ignored by the other kernels."""
     _lib.load()
     fields = dict(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES["float16"], batch=1, heads=64, kv_heads=1,
                   head_dim=128, max_len=256, threads=128, heads_per_block=32, split_len=0, kernel=2, stages=4,
                   tile_rows=64, cluster=1)
     assert _lib.workspace_bytes(_lib.DecodeParams(**fields)) == 0
+    assert _lib.workspace_bytes(_lib.DecodeParams(**{**fields, "split_len": 64, "cluster": 2})) > 0  # split: clusters
     with pytest.raises(ValueError, match=message):
         _lib.workspace_bytes(_lib.DecodeParams(**{**fields, field: value}))
     if field != "heads_per_block":

@@ -137,7 +137,8 @@ def sessions(draw, device):
         st.sampled_from([d for d in range(1, min(group, 8) + 1) if group % d == 0]),
         st.sampled_from([0, 16, 48, 64])), st.builds(  # the TMA kernel (heuristic where it does not apply)
         lambda threads, split, ring, pdl, cluster: LaunchConfig(threads, group, split, tma=True, stages=ring[0],
-                                                                tile_rows=ring[1], pdl=pdl, cluster=cluster),
+                                                                tile_rows=ring[1], pdl=pdl,
+                                                                cluster=cluster if split else 1),
         st.sampled_from(thread_counts()), st.sampled_from([0, 16, 48, 64]),
         st.sampled_from([(2, 32), (3, 32), (4, 64)]),
         st.booleans(), st.sampled_from([1, 2, 8]))))
