@@ -337,6 +337,29 @@ def test_generate_reuses_its_cache_across_calls():
     assert torch.equal(first, again)
 
 
+def test_disable_restores_each_part_of_a_composite_model():
+    """A vision-language model whose parts attend differently (GOT-OCR2: eager vision tower, SDPA
+    language model) gets each part's implementation back; FFA's tokens equal the model's own."""
+    config = transformers.GotOcr2Config(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, output_channels=32))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    model.config.pad_token_id = 0  # what prompts() and greedy() read
+    parts = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,
+                     model.config.vision_config._attn_implementation)
+    before = parts()
+    assert before == ("eager", "sdpa", "eager")
+    ids, mask = prompts(model)
+    expected = greedy(model, ids, mask)
+    fft.enable(model)
+    assert torch.equal(greedy(model, ids, mask), expected)
+    fft.disable(model)
+    assert parts() == before
+    assert torch.equal(greedy(model, ids, mask), expected)
+
+
 def test_disable_restores_hugging_face():
     model = tiny("opt")
     before = model.config._attn_implementation
@@ -397,6 +420,9 @@ def unsupported_models():
         ("encoder-decoder", lambda: t.AutoModelForSeq2SeqLM.from_config(t.BartConfig(
             vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
             decoder_attention_heads=2)), "cross-attention"),
+        ("decoder of an encoder-decoder", lambda: t.BartForCausalLM(t.BartConfig(
+            vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2)), "cross-attention \\(BartAttention `model.decoder.layers.0.encoder_attn`"),
         ("cross-attention layers", lambda: causal(t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
                                                                add_cross_attention=True)), "cross-attention"),
         ("chunked attention", lambda: causal(t.Llama4TextConfig(head_dim=32, num_local_experts=1,
@@ -407,6 +433,11 @@ def unsupported_models():
             intermediate_size=64, lru_width=64)), "layers 0, 1 of 3 have no self-attention"),
         ("no attention interface (ALiBi)", lambda: causal(t.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1,
                                                                         n_head=2)), "attention interface"),
+        ("K/V shared across layers", lambda: causal(t.Gemma3nTextConfig(
+            head_dim=32, **{**small, "num_hidden_layers": 4}, num_kv_shared_layers=2, laurel_rank=8,
+            layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=WINDOW,
+            hidden_size_per_layer_input=16, vocab_size_per_layer_input=VOCAB, activation_sparsity_pattern=[0.0] * 4)),
+         "K/V shared across layers"),
         ("head_dim 24", lambda: causal(t.OPTConfig(vocab_size=VOCAB, hidden_size=48, word_embed_proj_dim=48,
                                                    ffn_dim=64, num_hidden_layers=1, num_attention_heads=2)),
          "head_dim 24"),
@@ -424,6 +455,45 @@ def test_models_ffa_cannot_run_are_refused_before_any_work(label, build, words):
     assert not fft.is_enabled(model) and "generate" not in vars(model)
     assert model.config._attn_implementation == before
     assert not any(hasattr(m, "_ffa_binding") for m in model.modules())
+
+
+def attention_of_its_own(arch):
+    """Models whose layers attend over something other than what their cache stored: DiffLlama
+    (each layer attends twice, over halves of its values), Doge (a dynamic mask computed in
+    the layer), and a Llama whose layer 1 keeps its K/V in a cache of its own (stores nothing
+    in the model's cache, as a layer that borrows another layer's K/V does)."""
+    t = transformers
+    small = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama, a layer with a cache of its own":
+        model = t.AutoModelForCausalLM.from_config(t.LlamaConfig(**small))
+        attention, own = model.model.layers[1].self_attn, {}
+        forward = attention.forward
+
+        def keeping_its_own_cache(hidden_states, *args, past_key_values=None, **kwargs):
+            if hidden_states.shape[1] > 1:  # a prompt: a new cache
+                own["cache"] = DynamicCache()
+            return forward(hidden_states, *args, past_key_values=own["cache"], **kwargs)
+
+        attention.forward = keeping_its_own_cache
+        return model
+    config = {"diffllama": t.DiffLlamaConfig, "doge": t.DogeConfig}[arch]
+    return t.AutoModelForCausalLM.from_config(config(**small))
+
+
+@pytest.mark.parametrize("arch,words", [("diffllama", "layer 0 .* is handed K/V other than those it stored"),
+                                        ("doge", "layer 0 .* gets a mask of its own"),
+                                        ("llama, a layer with a cache of its own", "layer 1 .* is handed K/V other")])
+def test_attention_a_decode_step_cannot_continue_is_refused_at_the_prefill(arch, words):
+    """What enable() cannot see in the modules shows in the prefill, before any decode step: one
+    ValueError naming the layer and what it does, instead of wrong tokens or a crash."""
+    torch.manual_seed(0)
+    model = attention_of_its_own(arch).eval().double()
+    ids, mask = prompts(model)
+    greedy(model, ids, mask)  # transformers runs it
+    fft.enable(model)
+    with pytest.raises(ValueError, match=f"FFA cannot run this model \\({model.config.model_type}\\): .*{words}"):
+        greedy(model, ids, mask)
 
 
 # Architectures that no one named: decoder-only models whose attention goes through transformers'

@@ -19,7 +19,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .binding import find_binding
+from .binding import find_binding, refuse
 
 NAME = "ffa"
 # Models whose attention modules compute attention themselves (no AttentionInterface): FFA
@@ -79,6 +79,28 @@ def _refuse_unwindowed_decode(module, query, key):
                          "pass a 2-D attention_mask (custom 4-D masks are not supported)")
 
 
+def _refuse_what_decode_cannot_continue(module, key, value, attention_mask):
+    """At the prefill, before any decode step: a layer whose attention is handed K/V other than
+    the ones its FFACache layer returned (differential attention's split values, K/V shared
+    from another layer or changed after the cache), or a mask other than the one transformers'
+    mask function made for SDPA (None or boolean: not a bias the layer computes itself, as in
+    Doge's dynamic mask) attends over something FFA's decode step would not: refuse it."""
+    binding = find_binding(module)
+    cache = binding.cache if binding is not None else None
+    handed_on = cache.layers[module.layer_idx].prompt_handed_on(key, value) if cache is not None else None
+    if handed_on is None:  # this forward stored no prompt in an FFACache
+        return
+    layer = module.layer_idx
+    if not handed_on:
+        refuse(binding.model_type, f"the attention of layer {layer} ({type(module).__name__}) is handed K/V other "
+                                   "than those it stored in the cache (split, shared from another layer or changed "
+                                   "after the cache)")
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        refuse(binding.model_type, f"the attention of layer {layer} ({type(module).__name__}) gets a mask of its own "
+                                   f"({attention_mask.dtype} {tuple(attention_mask.shape)}), not transformers' causal "
+                                   "mask (a bias or dynamic mask computed in the layer)")
+
+
 def _eager_attention(module):
     """The eager attention function of the module's modeling file (transformers defines one per
     model, holding all of that model's features), or None."""
@@ -87,14 +109,16 @@ def _eager_attention(module):
 
 def _additive(mask, query, key):
     """A prefill mask made for SDPA (boolean, or None for plain causal attention) as eager
-    attention adds it to the logits: 0 where attended, the dtype's minimum elsewhere."""
+    attention adds it to the logits: 0 where attended, elsewhere the dtype's minimum, at most
+    float32's (eager attention takes its softmax in float32, where float64's minimum is -inf and
+    the fully masked rows of left padding would turn into NaN)."""
     if mask is None:
         q, k = query.shape[2], key.shape[2]
         mask = torch.ones(q, k, dtype=torch.bool, device=query.device).tril(k - q)
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-        ~mask, torch.finfo(query.dtype).min)
+        ~mask, max(torch.finfo(query.dtype).min, torch.finfo(torch.float32).min))
 
 
 def attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
@@ -108,6 +132,7 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
             scaling = 1.0 / math.sqrt(query.shape[-1])
         return _decode(module, query, key, value, attention_mask, scaling, dropout, softcap).unsqueeze(1), None
     _refuse_unwindowed_decode(module, query, key)
+    _refuse_what_decode_cannot_continue(module, key, value, attention_mask)
     if softcap is not None:
         eager = _eager_attention(module)
         if eager is None:

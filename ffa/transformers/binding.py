@@ -4,12 +4,19 @@ through `binding_of` / `find_binding` by the cache, the attention function and t
 ATTRIBUTE = "_ffa_binding"
 
 
-class Binding:
-    """The attention modules of an enabled model, query heads per kv head, the previous
-    attention implementation, the enable() options, and the cache in use (set by
-    FFACache.update while a forward runs)."""
+def refuse(model_type, feature):
+    """The error for a model that needs what FFA cannot do, naming the feature."""
+    raise ValueError(f"FFA cannot run this model ({model_type}): {feature}")
 
-    def __init__(self, modules, group, previous, own_attention, compile, decode_loop, kernel="ffa"):
+
+class Binding:
+    """The attention modules of an enabled model (of transformers' `model_type`), query heads
+    per kv head, the previous attention implementations (of the model, "", and of each
+    sub-model), the enable() options, and the cache in use (set by FFACache.update while a
+    forward runs)."""
+
+    def __init__(self, model_type, modules, group, previous, own_attention, compile, decode_loop, kernel="ffa"):
+        self.model_type = model_type
         self.modules = modules
         self.group = group
         self.num_layers = len(modules)

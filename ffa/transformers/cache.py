@@ -7,6 +7,8 @@ many positions are written) is shared by all layers; the loop (loop.py) saves an
 around warm-up steps through `checkpoint` / `restore`.
 """
 
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
@@ -23,6 +25,7 @@ class _Fill:
         self.filled = False
         self.length = None
         self.host_length = 0  # the same count on the host, kept by eager steps only
+        self.unchecked = 0  # layers whose prefill attention has not been checked (FFALayer.prompt_handed_on)
 
     def seq_length(self):
         return self.length if self.filled else 0
@@ -45,6 +48,7 @@ class FFALayer(CacheLayerMixin):
         self.heads = None
         self.is_compileable = compileable
         self.attn = None
+        self._prompt = None  # weak references to the K/V the last prefill update returned
 
     def lazy_initialization(self, key_states, value_states):
         self.attn = FastForwardAttn(key_states, value_states, self.max_len, kernel=self.kernel)
@@ -79,7 +83,19 @@ class FFALayer(CacheLayerMixin):
             self.values[:, :, :length] = value_states
         else:
             self.lazy_initialization(key_states, value_states)
+        self._prompt = weakref.ref(key_states), weakref.ref(value_states)
         return key_states, value_states
+
+    def prompt_handed_on(self, key, value):
+        """Whether this layer's attention in a prefill is handed the very K/V that this layer's
+        update returned (FFA's decode steps attend over what the cache stored, so attention over
+        anything else, or a layer that stored nothing, could not be continued); None outside a
+        prefill of this cache (a forward without it). Each layer of a prefill is checked once."""
+        if self._prompt is None and not self.fill.unchecked:
+            return None
+        self.fill.unchecked = max(0, self.fill.unchecked - 1)
+        prompt, self._prompt = self._prompt, None
+        return prompt is not None and prompt[0]() is key and prompt[1]() is value
 
     def get_mask_sizes(self, query_length):
         if self.fill.filled:
@@ -104,6 +120,7 @@ class FFALayer(CacheLayerMixin):
 
     def reset(self):
         self.fill.filled = False
+        self._prompt = None
 
 
 class FFACache(Cache):
@@ -148,6 +165,7 @@ class FFACache(Cache):
                 torch._dynamo.mark_static_address(self._fill.length, guard=False)
         self._fill.length.fill_(length)
         self._fill.host_length = length
+        self._fill.unchecked = len(self.layers)
 
     def _count_step(self):
         # Eager steps also count on the host and refuse to run past max_len (the GPU kernel

@@ -9,7 +9,7 @@ from transformers import GenerationMixin
 from . import loop
 from ..attention import KERNELS, FastForwardAttn
 from .attention import NAME, OWN_ATTENTION_MODEL_TYPES, own_attn, register
-from .binding import Binding, binding_of, find_binding
+from .binding import Binding, binding_of, find_binding, refuse
 from .cache import FFACache
 
 # Attention layer types (config.layer_types) that are a window over the cache.
@@ -21,18 +21,19 @@ def is_enabled(model):
 
 
 def _refuse(config, feature):
-    raise ValueError(f"FFA cannot run this model ({config.model_type}): {feature}")
+    refuse(config.model_type, feature)
 
 
 def _attention_modules(model):
     """The self-attention modules of layers 0 .. n-1 (class name ending in Attention, with an
     int layer_idx), one per layer of the model."""
     config, found = model.config, {}
-    for module in model.modules():
+    for name, module in model.named_modules():
         idx = getattr(module, "layer_idx", None)
         if type(module).__name__.endswith("Attention") and isinstance(idx, int):
-            if getattr(module, "is_cross_attention", False):
-                _refuse(config, f"it has cross-attention ({type(module).__name__} of layer {idx})")
+            leaf = name.rsplit(".", 1)[-1]
+            if getattr(module, "is_cross_attention", False) or "cross" in leaf or leaf.startswith("encoder_attn"):
+                _refuse(config, f"it has cross-attention ({type(module).__name__} `{name}` of layer {idx})")
             if idx in found:
                 _refuse(config, f"two attention modules claim layer {idx}")
             found[idx] = module
@@ -59,6 +60,17 @@ def _head_dim(config, module):
             or config.hidden_size // config.num_attention_heads)
 
 
+def _implementations(config):
+    """The attention implementation of the model and of each of its sub-models (a composite
+    model's text and vision parts may differ), as set_attn_implementation takes them back."""
+    found = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            found[key] = sub._attn_implementation
+    return found
+
+
 def _check_features(model, modules):
     """Refuse, naming the feature, a model that needs what FFA cannot do. Runs before anything
     is changed or allocated; the head_dim (and dtype) by probing FastForwardAttn with an empty
@@ -71,6 +83,8 @@ def _check_features(model, modules):
         _refuse(config, "multi-head latent attention (compressed K/V, as in DeepSeek-V3)")
     if any(getattr(m, "sinks", None) is not None for m in modules):
         _refuse(config, "attention sinks (a learned per-head logit in the softmax denominator, as in gpt-oss)")
+    if any(getattr(m, "is_kv_shared_layer", False) for m in modules):
+        _refuse(config, "K/V shared across layers (layers that attend over an earlier layer's K/V, as in Gemma 3n)")
     if any(getattr(m, "is_causal", True) is False for m in modules):
         _refuse(config, "non-causal (bidirectional) attention")
     other = sorted(set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES))
@@ -114,8 +128,8 @@ def enable(model, *, compile=False, decode_loop=True, kernel="ffa"):
     _check_features(model, modules)
     register()
     own_attention = config.model_type in OWN_ATTENTION_MODEL_TYPES
-    binding = Binding(modules, _group(config, modules), config._attn_implementation, own_attention, compile,
-                      decode_loop, kernel)
+    binding = Binding(config.model_type, modules, _group(config, modules), _implementations(config), own_attention,
+                      compile, decode_loop, kernel)
     binding.attach(model)
     if own_attention:
         for module in modules:
@@ -142,7 +156,7 @@ def disable(model):
     if binding.own_attention:
         for module in binding.modules:
             del module._attn
-        model.config._attn_implementation = binding.previous
+        model.config._attn_implementation = binding.previous[""]
     else:
         model.set_attn_implementation(binding.previous)
     del model.generate
