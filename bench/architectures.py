@@ -101,7 +101,10 @@ def outcome_of(arch):
         fft.enable(model)
     except Exception as e:
         return ("refused at enable" if refusal(e) else "error"), None, first_line(e)
-    fft.disable(model)
+    try:
+        fft.disable(model)
+    except Exception as e:
+        return "error", None, f"disable: {first_line(e)}"
     ids, mask = prompts()
     expected = dtype = None
     for dtype in (torch.float64, torch.float32):

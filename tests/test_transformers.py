@@ -337,26 +337,43 @@ def test_generate_reuses_its_cache_across_calls():
     assert torch.equal(first, again)
 
 
-def test_disable_restores_each_part_of_a_composite_model():
-    """A vision-language model whose parts attend differently (GOT-OCR2: eager vision tower, SDPA
-    language model) gets each part's implementation back; FFA's tokens equal the model's own."""
-    config = transformers.GotOcr2Config(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0),
-        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, output_channels=32))
+def composite(arch):
+    """Models made of parts with configs of their own: GOT-OCR2 (an eager vision tower, an SDPA
+    language model) and Moshi (audio and depth-decoder parts that never chose an implementation)."""
+    t = transformers
+    if arch == "got_ocr2":
+        config = t.GotOcr2Config(
+            text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, pad_token_id=0),
+            vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32,
+                               output_channels=32))
+    else:
+        config = t.MoshiConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, head_dim=32, ffn_dim=128, max_position_embeddings=128,
+                               audio_vocab_size=32, num_codebooks=2)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    model = t.AutoModelForCausalLM.from_config(config).eval().double()
     model.config.pad_token_id = 0  # what prompts() and greedy() read
-    parts = lambda: (model.config._attn_implementation, model.config.text_config._attn_implementation,
-                     model.config.vision_config._attn_implementation)
-    before = parts()
-    assert before == ("eager", "sdpa", "eager")
+    return model
+
+
+@pytest.mark.parametrize("arch,parts", [("got_ocr2", {"": "eager", "text_config": "sdpa", "vision_config": "eager"}),
+                                        ("moshi", {"": "sdpa", "audio_encoder_config": None,
+                                                   "depth_decoder_config": None})])
+def test_disable_restores_each_part_of_a_composite_model(arch, parts):
+    """Each part gets its own attention implementation back (or keeps none); FFA's tokens equal
+    the model's own, before and after."""
+    model = composite(arch)
+    config = model.config
+    implementations = lambda: {"": config._attn_implementation,
+                               **{k: getattr(config, k)._attn_implementation for k in config.sub_configs}}
+    assert implementations() == parts
     ids, mask = prompts(model)
     expected = greedy(model, ids, mask)
     fft.enable(model)
     assert torch.equal(greedy(model, ids, mask), expected)
     fft.disable(model)
-    assert parts() == before
+    assert implementations() == parts
     assert torch.equal(greedy(model, ids, mask), expected)
 
 

@@ -61,14 +61,23 @@ def _head_dim(config, module):
 
 
 def _implementations(config):
-    """The attention implementation of the model and of each of its sub-models (a composite
-    model's text and vision parts may differ), as set_attn_implementation takes them back."""
+    """The attention implementation of the model ("") and of each of its sub-models (a
+    composite model's text and vision parts may differ; None: a part that never chose one)."""
     found = {"": config._attn_implementation}
     for key in getattr(config, "sub_configs", {}):
         sub = getattr(config, key, None)
         if sub is not None:
             found[key] = sub._attn_implementation
     return found
+
+
+def _restore_implementations(model, previous):
+    """Every part back to its implementation of _implementations (set_attn_implementation takes
+    the chosen ones; a part that had none gets none again)."""
+    model.set_attn_implementation({key: value for key, value in previous.items() if value is not None})
+    for key, value in previous.items():
+        if value is None:
+            getattr(model.config, key)._attn_implementation = None
 
 
 def _check_features(model, modules):
@@ -158,7 +167,7 @@ def disable(model):
             del module._attn
         model.config._attn_implementation = binding.previous[""]
     else:
-        model.set_attn_implementation(binding.previous)
+        _restore_implementations(model, binding.previous)
     del model.generate
     return model
 
