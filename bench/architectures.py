@@ -106,7 +106,7 @@ def outcome_of(arch):
     except Exception as e:
         return "error", None, f"disable: {first_line(e)}"
     ids, mask = prompts()
-    expected = dtype = None
+    expected = None
     for dtype in (torch.float64, torch.float32):
         try:
             model.to(dtype)

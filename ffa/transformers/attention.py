@@ -85,12 +85,14 @@ def _refuse_what_decode_cannot_continue(module, key, value, attention_mask):
     from another layer or changed after the cache), or a mask other than the one transformers'
     mask function made for SDPA (None or boolean: not a bias the layer computes itself, as in
     Doge's dynamic mask) attends over something FFA's decode step would not: refuse it."""
-    binding = find_binding(module)
+    binding = find_binding(module)  # None for a module FFA did not bind (a vision tower's attention)
     cache = binding.cache if binding is not None else None
-    handed_on = cache.layers[module.layer_idx].prompt_handed_on(key, value) if cache is not None else None
-    if handed_on is None:  # this forward stored no prompt in an FFACache
+    if cache is None:
         return
     layer = module.layer_idx
+    handed_on = cache.layers[layer].prompt_handed_on(key, value)
+    if handed_on is None:  # this forward stored no prompt in the FFACache
+        return
     if not handed_on:
         refuse(binding.model_type, f"the attention of layer {layer} ({type(module).__name__}) is handed K/V other "
                                    "than those it stored in the cache (split, shared from another layer or changed "
