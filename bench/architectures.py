@@ -5,8 +5,9 @@ random-weight model (2 layers, 4 query heads over 2 kv heads, head_dim 32 where 
 these), greedy tokens on a left-padded batch of 3 prompts, first with transformers' own
 attention and cache, then after ffa.transformers.enable (the reference path, the specification
 the CUDA kernels are tested against). In float64, or float32 where transformers' own run needs
-it. The reference is the model's default attention (SDPA for most: for a model with a logit
-softcap, SDPA skips the cap while FFA applies it, so a difference there may be transformers').
+it or its logits are not all finite in float64. The reference is the model's default attention
+(SDPA for most), except for a model with a logit softcap: SDPA skips the cap, so its reference
+is transformers' eager attention, which applies it.
 Each architecture ends in one of OUTCOMES; the tests (tests/test_transformers.py) hold the
 named architectures, this program the rest of the list as transformers grows.
 
@@ -74,9 +75,16 @@ def prompts():
 
 
 def greedy(model, ids, mask):
+    """The new tokens, and whether every step's logits were finite."""
+    import torch
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                         pad_token_id=COMMON["pad_token_id"])
-    return out[:, ids.shape[1]:]
+                         pad_token_id=COMMON["pad_token_id"], return_dict_in_generate=True, output_logits=True)
+    return out.sequences[:, ids.shape[1]:], all(bool(torch.isfinite(x).all()) for x in out.logits)
+
+
+def softcapped(model):
+    """Whether the model's attention caps its logits (Gemma 2, VaultGemma)."""
+    return getattr(model.config.get_text_config(), "attn_logit_softcapping", None) is not None
 
 
 def refusal(error):
@@ -105,23 +113,30 @@ def outcome_of(arch):
         fft.disable(model)
     except Exception as e:
         return "error", None, f"disable: {first_line(e)}"
+    if softcapped(model):
+        model.set_attn_implementation("eager")
     ids, mask = prompts()
-    expected = None
+    expected, problem = None, None
     for dtype in (torch.float64, torch.float32):
         try:
             model.to(dtype)
-            expected = greedy(model, ids, mask)
-            break
+            expected, finite = greedy(model, ids, mask)
         except Exception as e:
-            problem = e
+            expected, problem = None, first_line(e)
+            continue
+        if finite:
+            break
+        expected, problem = None, f"non-finite logits in {dtype}"
     if expected is None:
-        return "no tiny model", None, f"transformers' own generate: {first_line(problem)}"
+        return "no tiny model", None, f"transformers' own generate: {problem}"
     dtype = str(dtype).removeprefix("torch.")
     fft.enable(model)
     try:
-        got = greedy(model, ids, mask)
+        got, finite = greedy(model, ids, mask)
     except Exception as e:
         return ("refused at prefill" if refusal(e) else "error"), dtype, first_line(e)
+    if not finite:
+        return "different tokens", dtype, "non-finite logits"
     if torch.equal(got, expected):
         return "same tokens", dtype, ""
     differ = (got != expected).nonzero()
