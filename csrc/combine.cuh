@@ -25,15 +25,22 @@
 
 namespace ffa {
 
-// Folds the partial (m_i, l_i, o_i) of one output element into (m, l, o). A partial without
-// positions has m = -inf, l = o = 0 and changes nothing; merging two such gives one.
-__device__ __forceinline__ void merge_partial(float &m, float &l, float &o, float m_i, float l_i, float o_i) {
+// The weights that bring two partials to their common max: the partial (m, l, o) becomes
+// (M, x l + y l_i, x o + y o_i) with M = max(m, m_i), x = 2^(m - M), y = 2^(m_i - M); m becomes M.
+// A partial without positions has m = -inf, l = o = 0 and gets weight 0; two such give one.
+__device__ __forceinline__ void merge_weights(float &m, float m_i, float &x, float &y) {
   const float m_new = fmaxf(m, m_i);
   const float ref = m_new == -INFINITY ? 0.f : m_new;
-  const float a = exp2f(m - ref), b = exp2f(m_i - ref);
-  l = l * a + l_i * b;
-  o = o * a + o_i * b;
+  x = exp2f(m - ref), y = exp2f(m_i - ref);
   m = m_new;
+}
+
+// Folds the partial (m_i, l_i, o_i) of one output element into (m, l, o).
+__device__ __forceinline__ void merge_partial(float &m, float &l, float &o, float m_i, float l_i, float o_i) {
+  float x, y;
+  merge_weights(m, m_i, x, y);
+  l = l * x + l_i * y;
+  o = o * x + o_i * y;
 }
 
 // Element d of head h of sequence b of the output.
@@ -68,21 +75,45 @@ __device__ __forceinline__ void write_result(const DecodeArgs &a, int b, int h, 
   }
 }
 
-// The output elements [begin, end) of heads h0 .. (element i: head h0 + i / D, dim i % D) of
-// sequence b, merged from workspace rows [first, first + n) by the block's threads 0 .. threads-1
-// (no barrier: the other threads may leave).
+// The output elements [begin, end) of heads h0 .. (element i: head h0 + i / D, dim i % D; begin
+// and end multiples of 4) of sequence b, merged from workspace rows [first, first + n) by the
+// block's threads 0 .. threads-1 (no barrier: the other threads may leave). The rows come from
+// L2 (other blocks wrote them), so the merge is bound by L2 latency, not by arithmetic: a thread
+// takes 4 consecutive dims of a head (one 16-byte load per row, one pair of weights for the 4)
+// and has kMergeRowsInFlight rows' loads issued before it merges them (4: more raised the
+// registers of the kernels that inline this; bench/results/compare-merge-rows-h200.md).
+constexpr int kMergeRowsInFlight = 4;
+
 template <typename T, int D>
 __device__ __forceinline__ void merge_rows(const DecodeArgs &a, int b, int h0, int begin, int end, int first, int n,
                                            int threads) {
+  static_assert(D % 4 == 0, "a head's elements in whole float4s");
   if (threadIdx.x >= threads) return;
-  for (int i = begin + threadIdx.x; i < end; i += threads) {
+  for (int i = begin + 4 * threadIdx.x; i < end; i += 4 * threads) {
     const int h = h0 + i / D, d = i % D;
     const int64_t row0 = (int64_t(b) * a.heads + h) * a.num_splits + first;
-    float m = -INFINITY, l = 0.f, o = 0.f;
-#pragma unroll 8  // several rows' loads in flight at once
-    for (int s = 0; s < n; ++s)  // L2 reads: the partials were written by other blocks
-      merge_partial(m, l, o, __ldcg(a.part_lse + row0 + s), 1.f, __ldcg(a.part_out + (row0 + s) * D + d));
-    write_output<T>(a, b, h, d, o / l);
+    float m = -INFINITY, l = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s0 = 0; s0 < n; s0 += kMergeRowsInFlight) {
+      float lse[kMergeRowsInFlight];
+      float4 out[kMergeRowsInFlight];
+#pragma unroll
+      for (int k = 0; k < kMergeRowsInFlight; ++k) {  // a row past n: a partial without positions
+        const bool row = s0 + k < n;
+        lse[k] = row ? __ldcg(a.part_lse + row0 + s0 + k) : -INFINITY;
+        out[k] = row ? __ldcg(reinterpret_cast<const float4 *>(a.part_out + (row0 + s0 + k) * D + d))
+                     : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+      for (int k = 0; k < kMergeRowsInFlight; ++k) {
+        float x, y;
+        merge_weights(m, lse[k], x, y);  // each stored partial has l = 1
+        l = l * x + y;
+        o[0] = o[0] * x + out[k].x * y, o[1] = o[1] * x + out[k].y * y;
+        o[2] = o[2] * x + out[k].z * y, o[3] = o[3] * x + out[k].w * y;
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) write_output<T>(a, b, h, d + e, o[e] / l);
   }
 }
 
@@ -120,8 +151,8 @@ __device__ __forceinline__ void combine_if_last(const DecodeArgs &a, int b, int 
 // block without positions: 0 and -inf). Called by every thread of every such block; the merges run
 // on threads 0 .. threads-1, the others only keep the barriers:
 //   1. block `rank` of the cluster merges element share `rank` of the C partials (E = nh D
-//      elements in C shares) from the blocks' shared memory; where the cluster covers all of
-//      [start, pos] this is the output, and the step is done;
+//      elements in C shares of whole float4s) from the blocks' shared memory; where the cluster
+//      covers all of [start, pos] this is the output, and the step is done;
 //   2. else it is the cluster's partial, workspace row `cluster index`; rank 0 counts the cluster
 //      done, and every block of the last cluster to finish merges its share of the rows of the
 //      clusters that overlap [start, pos] into the output.
@@ -133,7 +164,8 @@ __device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int 
   const int size = a.cluster, rank = split % size, cluster = split / size, elems = nh * D;
   const int64_t unit = int64_t(a.split_len) * size;  // positions per cluster
   const int first = int(start / unit), n = int(pos / unit) - first + 1;
-  const int share = (elems + size - 1) / size, begin = min(elems, rank * share), end = min(elems, begin + share);
+  const int share = (elems + 4 * size - 1) / (4 * size) * 4;  // whole float4s, for merge_rows
+  const int begin = min(elems, rank * share), end = min(elems, begin + share);
   cluster_sync();  // every block's partial is in its shared memory
   for (int i = begin + threadIdx.x; i < end && threadIdx.x < threads; i += threads) {
     const int h = i / D, d = i % D;
