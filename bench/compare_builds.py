@@ -4,7 +4,8 @@
 
 For every shape of the kernel grid (bench/kernel_bench.py) and each build, the tuner's search
 (ffa.tuner.search.tune: every candidate, tensor-core ones included, checked against the reference,
-then timed in ffa.measure's layer rotation) gives the best launch and the heuristic's time. Builds alternate
+then timed in ffa.measure's layer rotation) gives the best launch and the heuristic's time (the JSON keeps
+every candidate's time, LaunchConfig.key -> µs, for re-deriving the heuristic). Builds alternate
 shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
 have the Python package's ABI and version (the loader checks).
 """
@@ -56,6 +57,8 @@ def main():
                     heur = r.timings.get(r.heuristic)
                     found.append({"best_us": r.seconds * 1e6, "config": r.config.as_dict(),
                                   "heuristic_us": None if heur is None else heur * 1e6,
+                                  "heuristic": None if r.heuristic is None else r.heuristic.as_dict(),
+                                  "timings_us": {c.key(): t * 1e6 for c, t in r.timings.items()},
                                   "rejected": {str(c): why for c, why in r.rejected.items()}})
                 cells = []
                 for f in found:
