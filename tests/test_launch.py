@@ -73,7 +73,7 @@ def test_choices_measured_on_an_h100():
 def test_tensor_core_choices():
     """With tensor cores available the heuristic uses them where the H100 measured them faster
     (bench/results/h100/kernel-tensor-cores-h100.md), with about one block per SM, splits of at least
-    MIN_SPLIT_TENSOR_CORES positions, 256 threads when unsplit; never where they do not apply."""
+    MIN_SPLIT_TENSOR_CORES positions, 256 threads; never where they do not apply."""
     for batch, kv_heads, group, length, sms in SHAPES:
         for head_dim in (64, 128):
             c = heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=True)
@@ -84,7 +84,7 @@ def test_tensor_core_choices():
             assert largest_heads_per_block(group) > 4 or (group > 1 and kv_bytes <= TENSOR_CORES_MAX_BYTES)
             assert c.split_len == 0 or (MIN_SPLIT_TENSOR_CORES <= c.split_len < length
                                         and grid_blocks(batch, kv_heads, group, length, c) <= sms)
-            assert c.threads == (256 if c.split_len == 0 else 128)
+            assert c.threads == 256
             assert not heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=False).tensor_cores
     h100 = 132
     # a group of 8 reads K/V once for all 8 heads, on tensor cores (faster than 4-head CUDA-core blocks)
@@ -96,7 +96,7 @@ def test_tensor_core_choices():
     assert heuristic(8, 32, 1, 4096, h100, 64, True) == heuristic(8, 32, 1, 4096, h100)
     assert heuristic(1, 32, 1, 256, h100, 64, True) == heuristic(1, 32, 1, 256, h100)
     # batch 1, 8 kv heads of 4 over 64k positions: 16 splits of 4096 (128 blocks)
-    assert heuristic(1, 8, 4, 65536, h100, 64, True) == LaunchConfig(128, 4, 4096, True)
+    assert heuristic(1, 8, 4, 65536, h100, 64, True) == LaunchConfig(256, 4, 4096, True)
 
 
 def test_attention_asks_for_the_bucket_but_never_beyond_the_cache():
