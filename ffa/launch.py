@@ -251,8 +251,8 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. One-head CUDA-core blocks: rows of at most ONE_HEAD_UNSPLIT positions are never split,
        rows of more than ONE_HEAD_MAX_UNSPLIT always (LONG_ROW_SPLIT positions per piece).
-    4. Threads: 256 for tensor-core blocks (split or not: 1.1-1.4x faster than 128 at every split
-       launch measured, bench/results/candidates-h200.md) and for one-head CUDA-core blocks over rows
+    4. Threads: 256 for tensor-core blocks, split or not (faster than 128 at every launch timed both
+       ways: bench/results/candidates-h200.md), and for one-head CUDA-core blocks over rows
        of 2048+ positions (unsplit or in LONG_ROW_SPLIT pieces) or unsplit short ones, else 128."""
     if tma and not prune and 2 * batch * kv_heads * length * head_dim * 2 > TMA_MIN_BYTES:
         return heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim)
