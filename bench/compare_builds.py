@@ -5,21 +5,24 @@
 For every shape of the kernel grid (bench/kernel_bench.py) and each build, the tuner's search
 (ffa.tuner.search.tune: every candidate, tensor-core ones included, checked against the reference,
 then timed in ffa.measure's layer rotation) gives the best launch and the heuristic's time (the JSON keeps
-every candidate's time, LaunchConfig.key -> µs, for re-deriving the heuristic). Builds alternate
+every candidate's time, LaunchConfig.key -> µs, for re-deriving the heuristic:
+`python bench/launch_candidates.py --evaluate f.json` scores the checkout's heuristic on it, first build). Builds alternate
 shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
 have the Python package's ABI and version (the loader checks).
 """
 
 import argparse
+import datetime
 import json
 import math
+import sys
 
 import torch
 
 from ffa import LaunchConfig, _lib
 from ffa.measure import RotationTimer, copies_for, l2_bytes
 from ffa.tuner.search import Problem, Workload, tune
-from shared import HEADS, PAIRS
+from shared import HEADS, PAIRS, source_commit
 
 READ_GBPS = 4600.0  # the floor's bandwidth; the measured figure is bench/kernel_bench.py's job
 
@@ -67,7 +70,8 @@ def main():
                     cells += [f"{f['best_us']:.1f} ({LaunchConfig(**c).key()})", heur]
                 cells += [f"{f['best_us'] / found[0]['best_us']:.2f}" for f in found[1:]]
                 print(f"| {w} | {floor_us:.1f} | " + " | ".join(cells) + " |", flush=True)
-                rows.append({"shape": str(w), "floor_us": floor_us, "builds": found})
+                rows.append({"shape": str(w), "head_dim": head_dim, "kv_heads": kv_heads, "batch": batch,
+                             "length": length, "group": w.group, "floor_us": floor_us, "builds": found})
                 del problem
                 torch.cuda.empty_cache()
     for i, name in enumerate(names):
@@ -75,7 +79,10 @@ def main():
         print(f"build {name} ({args.builds[i]}): geomean best / floor {g:.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"builds": args.builds, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"builds": args.builds, "device": torch.cuda.get_device_name(), "sm_count": sm_count,
+                       "capability": list(torch.cuda.get_device_capability(device)), "dtype": args.dtype,
+                       "commit": source_commit(), "date": datetime.date.today().isoformat(),
+                       "command": " ".join(sys.argv), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

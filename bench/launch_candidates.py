@@ -2,6 +2,7 @@
 
     python bench/launch_candidates.py --out cands.json        # GPU: search every shape, save all timings
     python bench/launch_candidates.py --evaluate cands.json   # anywhere: score ffa.launch.heuristic on them
+                                                              # (or on a bench/compare_builds.py JSON)
 
 The GPU run times, for each shape (the kernel grid of bench/kernel_bench.py in float16, plus
 the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
@@ -76,13 +77,14 @@ def evaluate(path):
     logs = []
     print(f"ffa.launch.heuristic against {path} ({doc['device']}, commit {doc['commit']})")
     print(f"{'shape':<28} {'heuristic':<16} {'best':<14} ratio")
+    dtype = getattr(torch, doc.get("dtype", "float16"))
     for r in doc["rows"]:
-        t = r["timings_us"]
+        t = r["timings_us"] if "timings_us" in r else r["builds"][0]["timings_us"]  # compare_builds.py: build A
         best = min(t, key=t.get)
         capability = doc.get("capability", (0, 0))
         config = heuristic(r["batch"], r["kv_heads"], r["group"], r["length"], doc["sm_count"], r["head_dim"],
-                           tensor_cores_apply(torch.float16, r["head_dim"], capability),
-                           tma=tma_applies(torch.float16, r["head_dim"], capability))
+                           tensor_cores_apply(dtype, r["head_dim"], capability),
+                           tma=tma_applies(dtype, r["head_dim"], capability))
         us, label = timed_as(t, config)
         ratio = us / t[best] if us else None
         if ratio:

@@ -159,15 +159,24 @@ RESIDENT_ONE_HEAD = 5
 RESIDENT_MULTI_HEAD = 4
 CUDA_CORE_MAX_HEADS_PER_BLOCK = 4  # 8-head CUDA-core blocks measured slower than 4-head ones
 MIN_SPLIT = 64
-# Tensor-core blocks want about one block per SM, and splits of at least 512 positions (a warp
-# streams 16-position tiles through a 3-stage ring, and the pipeline needs a run of tiles).
+# Tensor-core blocks want about one multi-head block per SM, and splits of at least 512 positions (a
+# warp streams 16-position tiles through a 3-stage ring, and the pipeline needs a run of tiles).
 MIN_SPLIT_TENSOR_CORES = 512
-# Where the tensor-core kernel is the faster one (measured: bench/results/h100/kernel-tensor-cores-h100.md):
-# always for groups of 5-8 heads (it shares each K/V read among up to 8 heads where the CUDA-core
-# kernel stops at 4); for groups of 2-4 heads on caches up to TENSOR_CORES_MAX_BYTES; never for
-# one head (on tiny caches it wins with a cold L2 only, and loses where the cache stays in L2, as
-# in the original FFA release's protocol).
+# Where the tensor-core kernel is the faster one off Hopper (measured on the H100:
+# bench/results/h100/kernel-tensor-cores-h100.md): always for groups of 5-8 heads (it shares each K/V
+# read among up to 8 heads where the CUDA-core kernel stops at 4); for groups of 2-4 heads on caches
+# up to TENSOR_CORES_MAX_BYTES; never for one head (on tiny caches it wins with a cold L2 only, and
+# loses where the cache stays in L2, as in the original FFA release's protocol). Where the TMA kernel
+# applies (Hopper), the rule over TMA_MIN_BYTES is hopper_kernel's.
 TENSOR_CORES_MAX_BYTES = 128 << 20
+# Short caches at small batch, whose grid does not fill a wave even in MIN_SPLIT_TENSOR_CORES pieces,
+# take tensor-core pieces of SHORT_SPLIT_TENSOR_CORES positions, and a grid within 1/16 of a wave counts
+# as filling it (at batch 1 and 1,024 positions: 2-head blocks in 8 pieces, 128 blocks on 132 SMs,
+# beat 1-head blocks by 5-13%; bench/results/candidates-h200.md).
+SHORT_SPLIT_TENSOR_CORES = 128
+# One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): two per SM make a wave, in pieces of at most
+# ONE_HEAD_TC_MAX_SPLIT positions (bench/results/candidates-h200.md).
+ONE_HEAD_TC_MAX_SPLIT = 4096
 # One-head CUDA-core blocks do not split caches this short: one 256-thread block per head (the
 # default launch's shape) beats 64-position splits and their combine.
 ONE_HEAD_UNSPLIT = 256
@@ -178,38 +187,58 @@ ONE_HEAD_MAX_UNSPLIT = 4096
 LONG_ROW_SPLIT = 2048
 
 
+def kv_bytes(batch, kv_heads, length, head_dim):
+    """K+V bytes of a 16-bit cache."""
+    return 2 * batch * kv_heads * length * head_dim * 2
+
+
 def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
-    """Whether the heuristic picks the tensor-core kernel for this shape (fp16/bf16 bytes);
-    `prune`: p > 0, where only tensor-core blocks of several heads skip V reads to any gain
+    """Whether the heuristic picks the tensor-core kernel off Hopper (fp16/bf16 bytes); `prune`:
+    p > 0, where only tensor-core blocks of several heads skip V reads to any gain
     (bench/results/h100/kernel-tensor-cores-h100.md)."""
-    kv_bytes = 2 * batch * kv_heads * length * head_dim * 2
     if largest_heads_per_block(group) > heads_per_block_options(group, CUDA_CORE_MAX_HEADS_PER_BLOCK)[-1]:
         return True
     if prune and group >= 2:
         return True
-    return group >= 2 and kv_bytes <= TENSOR_CORES_MAX_BYTES
+    return group >= 2 and kv_bytes(batch, kv_heads, length, head_dim) <= TENSOR_CORES_MAX_BYTES
 
 
 # The TMA kernel's launch without a tuner entry: a ring of 2 stages of 128 positions (64 at head_dim
 # 256), one consumer warp per 32-row step of a tile and m-tile of 16 heads (64 to 256 threads; at most
 # 128 at head_dim 256), and splits of whole tiles that fill one wave of blocks (TMA_RESIDENT per SM
-# where two rings fit an SM's shared memory). Measured against 48 rings x threads x splits on 6
-# shapes: bench/results/kernel-tma-launches-h200.md; the tuned launches are in
+# where two rings fit an SM's shared memory and a block has at most 128 consumer threads: 256-thread
+# blocks of 32 heads run one per SM, bench/results/candidates-h200.md). Measured against 48 rings x
+# threads x splits on 6 shapes: bench/results/kernel-tma-launches-h200.md; the tuned launches are in
 # bench/results/tuner-cache-h200.json.
 TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
-# Caches of at most TMA_MIN_BYTES of K+V take the other kernels: in the H200's tuner sweep another
-# kernel is the tuned choice in 66 of the 72 buckets of up to 32 MB (bench/results/tuner-cache-h200.json).
-# Over it the TMA kernel is tuned in 17 of the 136 buckets, the tensor-core kernel in the rest, and this
-# heuristic's TMA launch takes 1.058x the tuned time there on average (at most 1.30x): the kernel choice
-# over 32 MB is due to be re-derived (bench/results/kernel-tma-cluster-h200.md). The TMA launch uses
-# programmatic dependent launch (tuned on in 12 of those 17 buckets).
+# Which kernel a Hopper GPU runs for p = 0 (hopper_kernel). Caches of at most TMA_MIN_BYTES of K+V keep
+# the off-Hopper choice (in the H200's tuner sweep another kernel than the TMA one is tuned in 66 of the
+# 72 buckets up to 32 MB: bench/results/tuner-cache-h200.json). Over it, the tensor-core kernel for groups that one tensor-core block holds (1-8
+# heads: its best launch is the fastest at 25 of 26 such shapes over 32 MB, one head included). Groups
+# larger than that take the TMA kernel (the whole group in one block, each K/V row read once) when the
+# tensor-core grid is large: it reads each row group / 8 times, once per 8-head block, and at batch x
+# kv_heads x (group / 8)^2 >= TMA_MIN_BLOCK_READS those reads no longer share L2 (16 heads from batch x
+# kv_heads 128 on, 32 heads from 32 on); without tensor cores (head_dim 256) the TMA kernel takes every
+# cache over TMA_MIN_BYTES (bench/results/candidates-h200.md).
 TMA_MIN_BYTES = 32 << 20
+TMA_MIN_BLOCK_READS = 512
 # Split TMA launches whose blocks hold at least TMA_CLUSTER_MIN_ELEMENTS output elements (heads per
 # block x head_dim) run in clusters of 2: each block's partial is that large, and merging them in
 # pairs through distributed shared memory halves the rows the last cluster merges and shares that
 # merge between two blocks. Larger clusters do not all fit the GPU at once when each block needs a
 # whole SM (bench/results/kernel-tma-cluster-h200.md).
 TMA_CLUSTER, TMA_CLUSTER_MIN_ELEMENTS = 2, 512
+
+
+def hopper_kernel(batch, kv_heads, group, length, head_dim, tensor_cores):
+    """The kernel ("tma", "tensor_cores" or None: the off-Hopper rule) for a p = 0 step where the TMA
+    kernel applies; `tensor_cores`: whether the tensor-core kernel applies."""
+    if kv_bytes(batch, kv_heads, length, head_dim) <= TMA_MIN_BYTES:
+        return None
+    if not tensor_cores:
+        return "tma"
+    reads = group // largest_heads_per_block(group)
+    return "tma" if batch * kv_heads * reads * reads >= TMA_MIN_BLOCK_READS and reads > 1 else "tensor_cores"
 
 
 def tma_ring(head_dim):
@@ -223,7 +252,7 @@ def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
     hpb = heads_per_block_options(group, max_heads_per_block("tma"))[-1]
     stages, rows = tma_ring(head_dim)
     threads = min(tma_max_threads(head_dim), max(64, rows // TMA_STEP_ROWS * -(-hpb // 16) * 32))
-    resident = 2 if 2 * stages * 2 * rows * head_dim * 2 < TMA_SHARED_BYTES else 1
+    resident = 2 if 2 * stages * 2 * rows * head_dim * 2 < TMA_SHARED_BYTES and threads <= 128 else 1
     blocks = batch * kv_heads * (group // hpb)
     splits = (resident * sm_count) // blocks
     split_len = 0
@@ -238,40 +267,53 @@ def heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim):
 
 def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cores=False, prune=False, tma=False):
     """Fill one wave of the GPU and no more. `tma`: whether the TMA kernel applies (tma_applies);
-    it is then used for steps with p = 0 over more than TMA_MIN_BYTES of K+V (heuristic_tma).
-    `tensor_cores`: whether the
-    tensor-core kernel applies (tensor_cores_apply); it is then used where use_tensor_cores says
-    it is faster (`prune`: for a step with p > 0).
+    for steps with p = 0 hopper_kernel then picks the kernel (heuristic_tma's launch for the TMA
+    one). `tensor_cores`: whether the tensor-core kernel applies (tensor_cores_apply); off Hopper it
+    is used where use_tensor_cores says it is faster (`prune`: for a step with p > 0).
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
        cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
        MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one
-       on tensor cores); small caches thus trade shared K/V reads (they come from L2 anyway)
-       for more, shorter blocks.
+       multi-head or two one-head blocks on tensor cores); small caches thus trade shared K/V reads
+       (they come from L2 anyway) for more, shorter blocks. Tensor-core grids that fill no wave so
+       take SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
     2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. One-head CUDA-core blocks: rows of at most ONE_HEAD_UNSPLIT positions are never split,
        rows of more than ONE_HEAD_MAX_UNSPLIT always (LONG_ROW_SPLIT positions per piece).
-    4. Threads: 256 for tensor-core blocks, split or not (faster than 128 at every launch timed both
-       ways: bench/results/candidates-h200.md), and for one-head CUDA-core blocks over rows
-       of 2048+ positions (unsplit or in LONG_ROW_SPLIT pieces) or unsplit short ones, else 128."""
-    if tma and not prune and 2 * batch * kv_heads * length * head_dim * 2 > TMA_MIN_BYTES:
+       One-head tensor-core pieces are at most ONE_HEAD_TC_MAX_SPLIT positions.
+    4. Threads: 256 for multi-head tensor-core blocks, split or not (faster than 128 at every launch
+       timed both ways: bench/results/candidates-h200.md), 128 for one-head ones, and for CUDA-core
+       blocks 256 where they have one head over rows of 2048+ positions (unsplit or in LONG_ROW_SPLIT
+       pieces) or are unsplit short ones, else 128."""
+    kernel = hopper_kernel(batch, kv_heads, group, length, head_dim, tensor_cores) if tma and not prune else None
+    if kernel == "tma":
         return heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim)
-    tc = tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim, prune)
-    min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
-    pieces = max(1, length // min_split)
-    # from the most heads per block down; ends at 1 when none fills a wave
-    for hpb in reversed(heads_per_block_options(group, max_heads_per_block() if tc else CUDA_CORE_MAX_HEADS_PER_BLOCK)):
+    tc = kernel == "tensor_cores" or (tensor_cores and use_tensor_cores(batch, kv_heads, group, length, head_dim,
+                                                                          prune))
+    options = list(reversed(heads_per_block_options(group, max_heads_per_block() if tc else
+                                                    CUDA_CORE_MAX_HEADS_PER_BLOCK)))
+
+    def wave(hpb):
         if tc:
-            wave = sm_count
-        else:
-            wave = (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
-        if batch * kv_heads * (group // hpb) * pieces >= wave:
-            break
+            return sm_count * (2 if hpb == 1 else 1)
+        return (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
+
+    def fills(hpb, min_split, fraction=1.0):
+        return batch * kv_heads * (group // hpb) * max(1, length // min_split) >= fraction * wave(hpb)
+
+    min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
+    # from the most heads per block down; ends at 1 when none fills a wave
+    hpb = next((h for h in options if fills(h, min_split)), 1)
+    if tc and not fills(hpb, min_split):
+        min_split = SHORT_SPLIT_TENSOR_CORES
+        hpb = next((h for h in options if fills(h, min_split, 15 / 16)), 1)
     blocks = batch * kv_heads * (group // hpb)
-    splits = wave // blocks
+    splits = wave(hpb) // blocks
     split_len = 0
     if splits > 1:
         split_len = max(min_split, round_up(-(-length // splits), 64))
+        if tc and hpb == 1:
+            split_len = min(split_len, ONE_HEAD_TC_MAX_SPLIT)
         if split_len >= length:
             split_len = 0
     short = not tc and hpb == 1 and splits > 1 and length <= ONE_HEAD_UNSPLIT
@@ -280,7 +322,10 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     long_rows = not tc and hpb == 1 and split_len == 0 and length > ONE_HEAD_MAX_UNSPLIT
     if long_rows:
         split_len = LONG_ROW_SPLIT
-    threads = 256 if tc or long_rows or (split_len == 0 and (short or (hpb == 1 and length >= 2048))) else 128
+    if tc:
+        threads = 256 if hpb > 1 else 128
+    else:
+        threads = 256 if long_rows or (split_len == 0 and (short or (hpb == 1 and length >= 2048))) else 128
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc)
 
 

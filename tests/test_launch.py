@@ -9,8 +9,9 @@ import torch
 
 from ffa import FastForwardAttn, LaunchConfig
 from ffa.launch import (CUDA_CORE_MAX_HEADS_PER_BLOCK, LONG_ROW_SPLIT, MIN_SPLIT, MIN_SPLIT_TENSOR_CORES,
-                        ONE_HEAD_MAX_UNSPLIT, RESIDENT_MULTI_HEAD, RESIDENT_ONE_HEAD, TENSOR_CORES_MAX_BYTES, heuristic,
-                        largest_heads_per_block)
+                        ONE_HEAD_MAX_UNSPLIT, ONE_HEAD_TC_MAX_SPLIT, RESIDENT_MULTI_HEAD, RESIDENT_ONE_HEAD,
+                        SHORT_SPLIT_TENSOR_CORES, TENSOR_CORES_MAX_BYTES, TMA_MIN_BYTES, heuristic, heuristic_tma,
+                        hopper_kernel, largest_heads_per_block)
 
 SHAPES = list(itertools.product((1, 2, 5, 16, 128), (1, 4, 32), (1, 2, 3, 4, 6, 8), (64, 1000, 4096, 65536),
                                 (1, 8, 132)))
@@ -72,8 +73,9 @@ def test_choices_measured_on_an_h100():
 
 def test_tensor_core_choices():
     """With tensor cores available the heuristic uses them where the H100 measured them faster
-    (bench/results/h100/kernel-tensor-cores-h100.md), with about one block per SM, splits of at least
-    MIN_SPLIT_TENSOR_CORES positions, 256 threads; never where they do not apply."""
+    (bench/results/h100/kernel-tensor-cores-h100.md), with about one block per SM (two of one head), splits of at least
+    MIN_SPLIT_TENSOR_CORES positions (SHORT_SPLIT_TENSOR_CORES where even those fill no wave), 256
+    threads for blocks of several heads; never where they do not apply."""
     for batch, kv_heads, group, length, sms in SHAPES:
         for head_dim in (64, 128):
             c = heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=True)
@@ -82,9 +84,12 @@ def test_tensor_core_choices():
                 continue
             kv_bytes = 2 * batch * kv_heads * length * head_dim * 2
             assert largest_heads_per_block(group) > 4 or (group > 1 and kv_bytes <= TENSOR_CORES_MAX_BYTES)
-            assert c.split_len == 0 or (MIN_SPLIT_TENSOR_CORES <= c.split_len < length
-                                        and grid_blocks(batch, kv_heads, group, length, c) <= sms)
-            assert c.threads == 256
+            short = batch * kv_heads * group * max(1, length // MIN_SPLIT_TENSOR_CORES) < 2 * sms
+            assert c.split_len == 0 or (c.split_len < length and grid_blocks(batch, kv_heads, group, length, c)
+                                        <= sms * (2 if c.heads_per_block == 1 else 1)
+                                        and c.split_len >= (SHORT_SPLIT_TENSOR_CORES if short else
+                                                            MIN_SPLIT_TENSOR_CORES)), c
+            assert c.threads == (256 if c.heads_per_block > 1 else 128)
             assert not heuristic(batch, kv_heads, group, length, sms, head_dim, tensor_cores=False).tensor_cores
     h100 = 132
     # a group of 8 reads K/V once for all 8 heads, on tensor cores (faster than 4-head CUDA-core blocks)
@@ -158,21 +163,59 @@ def test_launch_key_and_fields_round_trip(config):
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_tma_kernel_above_its_size_threshold(head_dim):
-    """Where the TMA kernel applies, the heuristic takes it (with programmatic dependent launch and
-    the whole group per block) for p = 0 steps over more than TMA_MIN_BYTES of K+V, and the other
-    kernels at or below it and for pruning steps."""
-    from ffa.launch import TMA_MIN_BYTES
-    group, kv_heads = 4, 8
-    at_threshold = TMA_MIN_BYTES // (2 * kv_heads * head_dim * 2)  # positions of a batch-1 cache of that size
-    small = heuristic(1, kv_heads, group, at_threshold, 132, head_dim, head_dim != 256, tma=True)
-    large = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, head_dim != 256, tma=True)
-    pruning = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, head_dim != 256, prune=True, tma=True)
-    assert not small.tma and not pruning.tma
-    assert large.tma and large.pdl and large.heads_per_block == group
-    assert large.tile_rows == (64 if head_dim == 256 else 128) and large.split_len % large.tile_rows == 0
-    assert large.threads <= (128 if head_dim == 256 else 256)
-    assert not heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, True, tma=False).tma
+def test_hopper_kernel_choice(head_dim):
+    """Where the TMA kernel applies (Hopper), p = 0 steps over TMA_MIN_BYTES of K+V take the
+    tensor-core kernel for groups one tensor-core block holds (one head too), the TMA kernel for
+    larger groups on large grids and wherever tensor cores do not apply (head_dim 256); at or
+    below the threshold, and for pruning steps, the off-Hopper choice
+    (bench/results/candidates-h200.md)."""
+    tc = head_dim != 256
+    for group, kv_heads in ((1, 32), (4, 8), (8, 4)):
+        at_threshold = TMA_MIN_BYTES // (2 * kv_heads * head_dim * 2)  # positions of a batch-1 cache of that size
+        small = heuristic(1, kv_heads, group, at_threshold, 132, head_dim, tc, tma=True)
+        large = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, tma=True)
+        pruning = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, prune=True, tma=True)
+        assert small == heuristic(1, kv_heads, group, at_threshold, 132, head_dim, tc)
+        assert pruning == heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, prune=True)
+        if tc:
+            assert large.tensor_cores and large.heads_per_block == group, large
+        else:
+            assert large.tma and large.pdl and large.heads_per_block == group
+            assert large.tile_rows == 64 and large.split_len % large.tile_rows == 0 and large.threads <= 128
+        assert not heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, tma=False).tma
+    if tc:
+        # groups of 16 and 32: TMA from batch x kv_heads 128 (16 heads) and 32 (32 heads) on, over 32 MB
+        assert hopper_kernel(64, 2, 16, 8192, head_dim, True) == "tma"
+        assert hopper_kernel(32, 2, 16, 4096, head_dim, True) == "tensor_cores"
+        assert hopper_kernel(32, 1, 32, 8192, head_dim, True) == "tma"
+        assert hopper_kernel(16, 1, 32, 16384, head_dim, True) == "tensor_cores"
+        assert hopper_kernel(128, 2, 16, 64, head_dim, True) is None  # 4 MB or less: off-Hopper choice
+
+
+def test_hopper_one_head_tensor_core_launch():
+    """One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): 128 threads, about two blocks per SM,
+    pieces of at most ONE_HEAD_TC_MAX_SPLIT positions (bench/results/candidates-h200.md)."""
+    assert heuristic(1, 32, 1, 16384, 132, 64, True, tma=True) == LaunchConfig(128, 1, 2048, True)
+    assert heuristic(1, 32, 1, 65536, 132, 128, True, tma=True) == LaunchConfig(128, 1, ONE_HEAD_TC_MAX_SPLIT, True)
+    assert heuristic(8, 32, 1, 4096, 132, 128, True, tma=True) == LaunchConfig(128, 1, 0, True)
+
+
+def test_short_caches_take_short_tensor_core_splits():
+    """At batch 1 over 1,024 positions no grid of 512-position pieces fills a wave: 2-head blocks in
+    8 pieces of SHORT_SPLIT_TENSOR_CORES (128 blocks, within 1/16 of 132 SMs), while batch 16 runs
+    4-head blocks unsplit (bench/results/candidates-h200.md)."""
+    assert heuristic(1, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 2, SHORT_SPLIT_TENSOR_CORES, True)
+    assert heuristic(1, 8, 4, 1024, 132, 64, True) == LaunchConfig(256, 2, SHORT_SPLIT_TENSOR_CORES, True)
+    assert heuristic(16, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 4, 0, True)
+
+
+def test_tma_launch_blocks_per_sm():
+    """Two TMA blocks share an SM only where both rings fit and a block has at most 128 consumer
+    threads: 32 heads at head_dim 64 (256 threads) split for one block per SM."""
+    wide = heuristic_tma(64, 1, 32, 8192, 132, 64)
+    assert wide.threads == 256 and wide.split_len == 4096
+    narrow = heuristic_tma(64, 2, 16, 8192, 132, 64)
+    assert narrow.threads == 128 and narrow.split_len == 4096  # 128 blocks in 2 pieces: 2 per SM
 
 
 def test_tma_thread_limits_come_from_the_library():
