@@ -174,9 +174,6 @@ TENSOR_CORES_MAX_BYTES = 128 << 20
 # as filling it (at batch 1 and 1,024 positions: 2-head blocks in 8 pieces, 128 blocks on 132 SMs,
 # beat 1-head blocks by 5-13%; bench/results/candidates-h200.md).
 SHORT_SPLIT_TENSOR_CORES = 128
-# One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): two per SM make a wave, in pieces of at most
-# ONE_HEAD_TC_MAX_SPLIT positions (bench/results/candidates-h200.md).
-ONE_HEAD_TC_MAX_SPLIT = 4096
 # One-head CUDA-core blocks do not split caches this short: one 256-thread block per head (the
 # default launch's shape) beats 64-position splits and their combine.
 ONE_HEAD_UNSPLIT = 256
@@ -185,6 +182,9 @@ ONE_HEAD_UNSPLIT = 256
 # bench/results/h100/kernel-targets-h100.md).
 ONE_HEAD_MAX_UNSPLIT = 4096
 LONG_ROW_SPLIT = 2048
+# One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): two per SM make a wave, in pieces of at most
+# LONG_ROW_SPLIT positions (4096-position pieces were as fast in one run and 1.12x slower in another:
+# bench/results/candidates-h200.md).
 
 
 def kv_bytes(batch, kv_heads, length, head_dim):
@@ -280,7 +280,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. One-head CUDA-core blocks: rows of at most ONE_HEAD_UNSPLIT positions are never split,
        rows of more than ONE_HEAD_MAX_UNSPLIT always (LONG_ROW_SPLIT positions per piece).
-       One-head tensor-core pieces are at most ONE_HEAD_TC_MAX_SPLIT positions.
+       One-head tensor-core pieces are at most LONG_ROW_SPLIT positions.
     4. Threads: 256 for multi-head tensor-core blocks, split or not (faster than 128 at every launch
        timed both ways: bench/results/candidates-h200.md), 128 for one-head ones, and for CUDA-core
        blocks 256 where they have one head over rows of 2048+ positions (unsplit or in LONG_ROW_SPLIT
@@ -313,7 +313,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     if splits > 1:
         split_len = max(min_split, round_up(-(-length // splits), 64))
         if tc and hpb == 1:
-            split_len = min(split_len, ONE_HEAD_TC_MAX_SPLIT)
+            split_len = min(split_len, LONG_ROW_SPLIT)
         if split_len >= length:
             split_len = 0
     short = not tc and hpb == 1 and splits > 1 and length <= ONE_HEAD_UNSPLIT

@@ -9,7 +9,7 @@ import torch
 
 from ffa import FastForwardAttn, LaunchConfig
 from ffa.launch import (CUDA_CORE_MAX_HEADS_PER_BLOCK, LONG_ROW_SPLIT, MIN_SPLIT, MIN_SPLIT_TENSOR_CORES,
-                        ONE_HEAD_MAX_UNSPLIT, ONE_HEAD_TC_MAX_SPLIT, RESIDENT_MULTI_HEAD, RESIDENT_ONE_HEAD,
+                        ONE_HEAD_MAX_UNSPLIT, RESIDENT_MULTI_HEAD, RESIDENT_ONE_HEAD,
                         SHORT_SPLIT_TENSOR_CORES, TENSOR_CORES_MAX_BYTES, TMA_MIN_BYTES, heuristic, heuristic_tma,
                         hopper_kernel, largest_heads_per_block)
 
@@ -194,9 +194,9 @@ def test_hopper_kernel_choice(head_dim):
 
 def test_hopper_one_head_tensor_core_launch():
     """One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): 128 threads, about two blocks per SM,
-    pieces of at most ONE_HEAD_TC_MAX_SPLIT positions (bench/results/candidates-h200.md)."""
+    pieces of at most LONG_ROW_SPLIT positions (bench/results/candidates-h200.md)."""
     assert heuristic(1, 32, 1, 16384, 132, 64, True, tma=True) == LaunchConfig(128, 1, 2048, True)
-    assert heuristic(1, 32, 1, 65536, 132, 128, True, tma=True) == LaunchConfig(128, 1, ONE_HEAD_TC_MAX_SPLIT, True)
+    assert heuristic(1, 32, 1, 65536, 132, 128, True, tma=True) == LaunchConfig(128, 1, LONG_ROW_SPLIT, True)
     assert heuristic(8, 32, 1, 4096, 132, 128, True, tma=True) == LaunchConfig(128, 1, 0, True)
 
 
