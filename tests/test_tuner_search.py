@@ -49,6 +49,20 @@ def test_tensor_core_candidates_double_the_space():
     assert len(search.refine_candidates(2, 64, True)) == 2 * len(search.refine_candidates(2, 64))
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8, 16, 32])
+def test_tma_candidates_are_launches_the_library_takes(group, head_dim):
+    """Every TMA candidate of the coarse and refine stages is one the library runs: clusters only on
+    split launches; the coarse stage has none, whatever the heuristic's launch (the refine stage
+    tries them on the best split launch)."""
+    coarse = [c for c in search.coarse_candidates(group, 65536, True, True, head_dim) if c.tma]
+    assert coarse and all(c.cluster == 1 for c in coarse)
+    assert {c.split_len for c in coarse} == set(search.split_options(65536))
+    for c in coarse + [c for s in search.SPLIT_LENS for c in search.refine_candidates(group, s, True, True) if c.tma]:
+        assert c.cluster == 1 or c.split_len > 0, c
+        assert c.heads_per_block == min(group, 32) and c.stages > 0 and c.tile_rows > 0
+
+
 def test_default_and_quick_grids():
     default, quick = search.DEFAULT_GRID.workloads(), search.QUICK_GRID.workloads()
     assert 100 <= len(default) <= 300 and len(quick) <= len(default) // 8

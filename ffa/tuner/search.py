@@ -80,8 +80,8 @@ def coarse_candidates(group, length, tensor_cores=False, tma=False, head_dim=128
     hpb = largest_heads_per_block(group)
     coarse = [LaunchConfig(128, hpb, s, tc) for s in split_options(length) for tc in kernels(tensor_cores)]
     if tma:
-        first = heuristic_tma(1, 1, group, length, 1, head_dim)  # its ring and threads (the split is ours)
-        coarse += [replace(first, split_len=s) for s in split_options(length)]
+        first = heuristic_tma(1, 1, group, length, 1, head_dim)  # its ring and threads (split and cluster are ours)
+        coarse += [replace(first, split_len=s, cluster=1) for s in split_options(length)]
     return coarse
 
 
