@@ -92,6 +92,8 @@ std::string build_info_text() {
          kernel_info("tensor_cores", ffa::kTensorCores, half, json_list(ffa::kTensorCoreHeadDims),
                      ffa::kTensorCoreCapability, ffa::kMaxHeadsPerBlock) + ", " +
          kernel_info("tma", ffa::kTma, half, json_list(ffa::kTmaHeadDims), ffa::kTmaCapability, ffa::kTmaMaxHeads) +
+         "}, \"tensor_cores\": {\"rows_in_flight_per_warp\": " +
+         std::to_string((ffa::kMmaStages - 1) * ffa::kTileRows) +
          "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
          ", \"tile_rows\": " + json_list({ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows, ffa::kTmaTileRowsStep}) +
          ", \"clusters\": " + json_list(ffa::kTmaClusters) + ", \"max_threads\": " + tma_max_threads_info() +

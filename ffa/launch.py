@@ -182,9 +182,8 @@ ONE_HEAD_UNSPLIT = 256
 # bench/results/h100/kernel-targets-h100.md).
 ONE_HEAD_MAX_UNSPLIT = 4096
 LONG_ROW_SPLIT = 2048
-# One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): two per SM make a wave, in pieces of at most
-# LONG_ROW_SPLIT positions (4096-position pieces were as fast in one run and 1.12x slower in another:
-# bench/results/candidates-h200.md).
+# One-head tensor-core blocks (Hopper) take pieces of at most LONG_ROW_SPLIT positions (4096-position
+# pieces were as fast in one run and 1.12x slower in another: bench/results/candidates-h200.md).
 
 
 def kv_bytes(batch, kv_heads, length, head_dim):
@@ -211,17 +210,22 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
 # threads x splits on 6 shapes: bench/results/kernel-tma-launches-h200.md; the tuned launches are in
 # bench/results/tuner-cache-h200.json.
 TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
-# Which kernel a Hopper GPU runs for p = 0 (hopper_kernel). Caches of at most TMA_MIN_BYTES of K+V keep
-# the off-Hopper choice (in the H200's tuner sweep another kernel than the TMA one is tuned in 66 of the
-# 72 buckets up to 32 MB: bench/results/tuner-cache-h200.json). Over it, the tensor-core kernel for groups that one tensor-core block holds (1-8
-# heads: its best launch is the fastest at 25 of 26 such shapes over 32 MB, one head included). Groups
-# larger than that take the TMA kernel (the whole group in one block, each K/V row read once) when the
-# tensor-core grid is large: it reads each row group / 8 times, once per 8-head block, and at batch x
-# kv_heads x (group / 8)^2 >= TMA_MIN_BLOCK_READS those reads no longer share L2 (16 heads from batch x
-# kv_heads 128 on, 32 heads from 32 on); without tensor cores (head_dim 256) the TMA kernel takes every
-# cache over TMA_MIN_BYTES (bench/results/candidates-h200.md).
+# Which kernel a Hopper GPU runs for p = 0 (hopper_kernel): the tensor-core kernel wherever it applies,
+# one head included (in the H200's tuner sweep it is the tuned kernel in 200 of the 208 buckets, the TMA
+# kernel in the other 8, never the CUDA-core one: bench/results/tuner-cache-h200.json), except for groups
+# larger than one tensor-core block holds (8 heads) over TMA_MIN_BYTES of K+V on a large grid: the
+# tensor-core kernel reads each K/V row group / 8 times, once per 8-head block, and from batch x kv_heads
+# x (group / 8)^2 >= TMA_MIN_BLOCK_READS on (16 heads from batch x kv_heads 128, 32 heads from 32) the TMA
+# kernel, which holds the whole group in one block and reads each row once, is faster. Without tensor
+# cores (head_dim 256) the TMA kernel takes every cache over TMA_MIN_BYTES, the CUDA-core kernel the rest
+# (bench/results/candidates-h200.md).
 TMA_MIN_BYTES = 32 << 20
 TMA_MIN_BLOCK_READS = 512
+# Over TMA_MIN_BYTES a tensor-core wave holds enough blocks per SM for this many bytes of K and V in
+# flight (tensor_core_blocks_per_sm): two one-head blocks of 128 threads at head_dim 64, one block
+# otherwise (at batch 1 over 16,384 positions, 8 pieces per head beat 4 by 1.17x at head_dim 64; at
+# head_dim 128 4 pieces were as fast as 8 or faster: bench/results/candidates-h200.md).
+TC_BYTES_IN_FLIGHT_PER_SM = 64 << 10
 # Split TMA launches whose blocks hold at least TMA_CLUSTER_MIN_ELEMENTS output elements (heads per
 # block x head_dim) run in clusters of 2: each block's partial is that large, and merging them in
 # pairs through distributed shared memory halves the rows the last cluster merges and shares that
@@ -231,14 +235,21 @@ TMA_CLUSTER, TMA_CLUSTER_MIN_ELEMENTS = 2, 512
 
 
 def hopper_kernel(batch, kv_heads, group, length, head_dim, tensor_cores):
-    """The kernel ("tma", "tensor_cores" or None: the off-Hopper rule) for a p = 0 step where the TMA
-    kernel applies; `tensor_cores`: whether the tensor-core kernel applies."""
-    if kv_bytes(batch, kv_heads, length, head_dim) <= TMA_MIN_BYTES:
-        return None
+    """The kernel ("tma", "tensor_cores" or None: the CUDA-core kernel) for a p = 0 step where the
+    TMA kernel applies; `tensor_cores`: whether the tensor-core kernel applies."""
+    big = kv_bytes(batch, kv_heads, length, head_dim) > TMA_MIN_BYTES
     if not tensor_cores:
-        return "tma"
+        return "tma" if big else None
     reads = group // largest_heads_per_block(group)
-    return "tma" if batch * kv_heads * reads * reads >= TMA_MIN_BLOCK_READS and reads > 1 else "tensor_cores"
+    return "tma" if big and reads > 1 and batch * kv_heads * reads * reads >= TMA_MIN_BLOCK_READS else "tensor_cores"
+
+
+def tensor_core_blocks_per_sm(threads, head_dim):
+    """Tensor-core blocks of `threads` per SM in a wave over a cache of more than TMA_MIN_BYTES: enough
+    for TC_BYTES_IN_FLIGHT_PER_SM of K and V in flight (each warp keeps the library's
+    rows_in_flight_per_warp positions in flight), at least one."""
+    rows = library_facts()["tensor_cores"]["rows_in_flight_per_warp"]
+    return max(1, TC_BYTES_IN_FLIGHT_PER_SM // (threads // 32 * rows * head_dim * 2 * 2))
 
 
 def tma_ring(head_dim):
@@ -272,8 +283,8 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     is used where use_tensor_cores says it is faster (`prune`: for a step with p > 0).
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
        cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
-       MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one
-       multi-head or two one-head blocks on tensor cores); small caches thus trade shared K/V reads
+       MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one on
+       tensor cores, or tensor_core_blocks_per_sm over TMA_MIN_BYTES); small caches thus trade shared K/V reads
        (they come from L2 anyway) for more, shorter blocks. Tensor-core grids that fill no wave so
        take SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
     2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
@@ -293,9 +304,11 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     options = list(reversed(heads_per_block_options(group, max_heads_per_block() if tc else
                                                     CUDA_CORE_MAX_HEADS_PER_BLOCK)))
 
+    big = kv_bytes(batch, kv_heads, length, head_dim) > TMA_MIN_BYTES
+
     def wave(hpb):
         if tc:
-            return sm_count * (2 if hpb == 1 else 1)
+            return sm_count * (tensor_core_blocks_per_sm(256 if hpb > 1 else 128, head_dim) if big else 1)
         return (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
 
     def fills(hpb, min_split, fraction=1.0):

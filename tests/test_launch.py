@@ -164,40 +164,47 @@ def test_launch_key_and_fields_round_trip(config):
 
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_hopper_kernel_choice(head_dim):
-    """Where the TMA kernel applies (Hopper), p = 0 steps over TMA_MIN_BYTES of K+V take the
-    tensor-core kernel for groups one tensor-core block holds (one head too), the TMA kernel for
-    larger groups on large grids and wherever tensor cores do not apply (head_dim 256); at or
-    below the threshold, and for pruning steps, the off-Hopper choice
-    (bench/results/candidates-h200.md)."""
+    """Where the TMA kernel applies (Hopper), p = 0 steps take the tensor-core kernel wherever it
+    applies, one head included, except larger groups than a tensor-core block holds on large grids
+    over TMA_MIN_BYTES of K+V (the TMA kernel); without tensor cores (head_dim 256) the TMA kernel
+    over TMA_MIN_BYTES and the CUDA-core one at or below it; pruning steps keep the off-Hopper
+    choice (bench/results/candidates-h200.md, bench/results/tuner-cache-h200.json)."""
     tc = head_dim != 256
     for group, kv_heads in ((1, 32), (4, 8), (8, 4)):
         at_threshold = TMA_MIN_BYTES // (2 * kv_heads * head_dim * 2)  # positions of a batch-1 cache of that size
-        small = heuristic(1, kv_heads, group, at_threshold, 132, head_dim, tc, tma=True)
-        large = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, tma=True)
-        pruning = heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, prune=True, tma=True)
-        assert small == heuristic(1, kv_heads, group, at_threshold, 132, head_dim, tc)
-        assert pruning == heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, prune=True)
-        if tc:
-            assert large.tensor_cores and large.heads_per_block == group, large
-        else:
-            assert large.tma and large.pdl and large.heads_per_block == group
-            assert large.tile_rows == 64 and large.split_len % large.tile_rows == 0 and large.threads <= 128
-        assert not heuristic(1, kv_heads, group, 2 * at_threshold, 132, head_dim, tc, tma=False).tma
+        for length in (1024, at_threshold, 2 * at_threshold):
+            c = heuristic(1, kv_heads, group, length, 132, head_dim, tc, tma=True)
+            if tc:
+                assert c.tensor_cores and c.heads_per_block <= group, c
+            elif length > at_threshold:
+                assert c.tma and c.pdl and c.heads_per_block == group
+                assert c.tile_rows == 64 and c.split_len % c.tile_rows == 0 and c.threads <= 128
+            else:
+                assert c == heuristic(1, kv_heads, group, length, 132, head_dim), c
+            pruning = heuristic(1, kv_heads, group, length, 132, head_dim, tc, prune=True, tma=True)
+            assert pruning == heuristic(1, kv_heads, group, length, 132, head_dim, tc, prune=True)
+            assert not heuristic(1, kv_heads, group, length, 132, head_dim, tc, tma=False).tma
     if tc:
         # groups of 16 and 32: TMA from batch x kv_heads 128 (16 heads) and 32 (32 heads) on, over 32 MB
         assert hopper_kernel(64, 2, 16, 8192, head_dim, True) == "tma"
         assert hopper_kernel(32, 2, 16, 4096, head_dim, True) == "tensor_cores"
         assert hopper_kernel(32, 1, 32, 8192, head_dim, True) == "tma"
         assert hopper_kernel(16, 1, 32, 16384, head_dim, True) == "tensor_cores"
-        assert hopper_kernel(128, 2, 16, 64, head_dim, True) is None  # 4 MB or less: off-Hopper choice
+        assert hopper_kernel(128, 2, 16, 64, head_dim, True) == "tensor_cores"  # 4 MB: under the threshold
 
 
 def test_hopper_one_head_tensor_core_launch():
-    """One-head tensor-core blocks (Hopper, over TMA_MIN_BYTES): 128 threads, about two blocks per SM,
-    pieces of at most LONG_ROW_SPLIT positions (bench/results/candidates-h200.md)."""
-    assert heuristic(1, 32, 1, 16384, 132, 64, True, tma=True) == LaunchConfig(128, 1, 2048, True)
+    """One-head tensor-core blocks (Hopper): 128 threads; over TMA_MIN_BYTES enough blocks per SM for
+    TC_BYTES_IN_FLIGHT_PER_SM in flight (two at head_dim 64, one at 128), in pieces of at most
+    LONG_ROW_SPLIT positions; below it one block per SM (bench/results/candidates-h200.md)."""
+    from ffa.launch import tensor_core_blocks_per_sm
+    assert [tensor_core_blocks_per_sm(128, 64), tensor_core_blocks_per_sm(128, 128)] == [2, 1]
+    assert tensor_core_blocks_per_sm(256, 64) == tensor_core_blocks_per_sm(256, 128) == 1
+    assert heuristic(1, 32, 1, 16384, 132, 64, True, tma=True) == LaunchConfig(128, 1, 2048, True)  # 256 blocks
     assert heuristic(1, 32, 1, 65536, 132, 128, True, tma=True) == LaunchConfig(128, 1, LONG_ROW_SPLIT, True)
     assert heuristic(8, 32, 1, 4096, 132, 128, True, tma=True) == LaunchConfig(128, 1, 0, True)
+    assert heuristic(1, 32, 1, 1024, 132, 64, True, tma=True) == LaunchConfig(128, 1, 256, True)  # 128 blocks
+    assert heuristic(4, 8, 1, 4096, 132, 128, True, tma=True) == LaunchConfig(128, 1, 1024, True)
 
 
 def test_short_caches_take_short_tensor_core_splits():
