@@ -87,7 +87,9 @@ def test_softcap_caps_every_logit_before_the_softmax(p):
     cap)) V per sequence over its window (left padding, ragged positions), differs from the
     uncapped one, and pruning keeps its bound on the capped weights."""
     c = Case(batch=3, heads=4, kv_heads=2, prompt_len=40, dtype=torch.float64, ragged=True, padded=True)
-    K, V, q, k, v, t, start = make_inputs(c)
+    # seeded: with fresh draws a short window's softmax can be peaked enough under both caps that the
+    # cap of 50 moves no output by 1e-3
+    K, V, q, k, v, t, start = make_inputs(c, torch.Generator().manual_seed(0))
     q = q * 4
     for cap in (5.0, 50.0):
         f = FastForwardAttn(K, V, c.max_len)
