@@ -3,6 +3,7 @@
     python bench/launch_candidates.py --out cands.json        # GPU: search every shape, save all timings
     python bench/launch_candidates.py --evaluate cands.json   # anywhere: score ffa.launch.heuristic on them
                                                               # (or on a bench/compare_builds.py JSON)
+    python bench/launch_candidates.py --evaluate cands.json --tuner-cache cache.json   # and the tuned launch
 
 The GPU run times, for each shape (the kernel grid of bench/kernel_bench.py in float16, plus
 the decode shapes of summarize.py, bench/hf_generate.py and bench/tp_generate.py), every
@@ -22,7 +23,8 @@ import sys
 
 import torch
 
-from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply, tma_applies
+from ffa.launch import LaunchConfig, fit_splits, heuristic, length_bucket, tensor_cores_apply, tma_applies
+from ffa.tuner.cache import Table, read_file
 from shared import HEADS, PAIRS, source_commit
 
 # (head_dim, kv_heads, batch, length): the grid, then OPT-1.3b decode at prompt 1,000 + 128 new
@@ -72,11 +74,15 @@ def timed_as(timings, config):
     return timings[LaunchConfig.key(near)], LaunchConfig.key(near) + "~"
 
 
-def evaluate(path):
+def evaluate(path, tuner_cache=None):
+    """Score the heuristic on a recorded run; with `tuner_cache` (a cache file) also the launch that
+    FastForwardAttn takes with that cache (its lookup, else the heuristic)."""
     doc = json.load(open(path))
-    logs = []
-    print(f"ffa.launch.heuristic against {path} ({doc['device']}, commit {doc['commit']})")
-    print(f"{'shape':<28} {'heuristic':<16} {'best':<14} ratio")
+    table = Table(read_file(tuner_cache)[1]) if tuner_cache else None
+    logs, tuned_logs = [], []
+    print(f"ffa.launch.heuristic against {path} ({doc['device']}, commit {doc['commit']})"
+          + (f", and the launch with tuner cache {tuner_cache}" if table else ""))
+    print(f"{'shape':<28} {'heuristic':<28} ratio  " + (f"{'with the cache':<28} ratio  " if table else "") + "best")
     dtype = getattr(torch, doc.get("dtype", "float16"))
     for r in doc["rows"]:
         t = r["timings_us"] if "timings_us" in r else r["builds"][0]["timings_us"]  # compare_builds.py: build A
@@ -85,23 +91,33 @@ def evaluate(path):
         config = heuristic(r["batch"], r["kv_heads"], r["group"], r["length"], doc["sm_count"], r["head_dim"],
                            tensor_cores_apply(dtype, r["head_dim"], capability),
                            tma=tma_applies(dtype, r["head_dim"], capability))
-        us, label = timed_as(t, config)
-        ratio = us / t[best] if us else None
-        if ratio:
-            logs.append(math.log(ratio))
+        cells = [config]
+        if table:  # as FastForwardAttn.launch_config with a cache of max_len = the shape's length
+            tuned = table.lookup(dtype, r["head_dim"], r["group"], r["batch"] * r["kv_heads"],
+                                 min(length_bucket(r["length"]), r["length"]))
+            cells.append(config if tuned is None else fit_splits(tuned, r["length"]))
         shape = f"d{r['head_dim']} g{r['group']} b{r['batch']}x{r['kv_heads']} L{r['length']}"
-        print(f"{shape:<28} {label:<16} {best:<14} {ratio:.3f}" if ratio else f"{shape:<28} {label}")
-    print(f"geometric mean heuristic / best over {len(logs)} shapes: {math.exp(sum(logs) / len(logs)):.3f}, "
-          f"max {math.exp(max(logs)):.3f}")
+        line = f"{shape:<28} "
+        for c, sink in zip(cells, (logs, tuned_logs)):
+            us, label = timed_as(t, c)
+            if us:
+                sink.append(math.log(us / t[best]))
+            line += f"{label:<28} " + (f"{us / t[best]:.3f}  " if us else "   -   ")
+        print(line + best)
+    for name, sink in (("heuristic", logs), ("with the cache", tuned_logs)):
+        if sink:
+            print(f"{name} / best, geometric mean over {len(sink)} shapes: {math.exp(sum(sink) / len(sink)):.3f}, "
+                  f"max {math.exp(max(sink)):.3f}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="GPU run: where to write every candidate's time")
     ap.add_argument("--evaluate", help="a JSON written by --out: score ffa.launch.heuristic on it")
+    ap.add_argument("--tuner-cache", help="with --evaluate: also score the launch FastForwardAttn takes with this cache")
     args = ap.parse_args()
     if args.evaluate:
-        evaluate(args.evaluate)
+        evaluate(args.evaluate, args.tuner_cache)
     elif args.out:
         measure(args.out)
     else:

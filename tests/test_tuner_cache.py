@@ -80,47 +80,45 @@ def test_file_named_for_the_hardware():
 
 
 def test_nearest_bucket_lookup():
-    """The nearest bucket by log2 distance (ties to the larger) gives its kernel, threads and
-    heads per block, within one octave (summed over batch*kv_heads and length); its own size
-    gets its configuration exactly; farther sizes get None (the heuristic)."""
+    """Among the buckets of the same dtype, head_dim, group and batch*kv_heads, the nearest length
+    (log2; ties to the longer) gives its kernel, threads and heads per block, within one octave; its
+    own length gets its configuration exactly; farther lengths and other batch*kv_heads get None
+    (the heuristic)."""
     a, b, c, d = LaunchConfig(64, 1, 64), LaunchConfig(128, 1, 128), LaunchConfig(256, 1, 256), LaunchConfig(64, 2, 512)
-    table = cache.Table([entry(8, 1024, a), entry(32, 1024, b), entry(8, 16384, c), entry(512, 16384, d)])
+    table = cache.Table([entry(8, 1024, a), entry(32, 1024, b), entry(8, 16384, c), entry(8, 4096, d)])
     look = lambda bkv, length, **kw: table.lookup(kw.get("dtype", torch.float32), kw.get("head_dim", 64),
                                                   kw.get("group", 2), bkv, length)
     shape = lambda config: (config.threads, config.heads_per_block, config.tensor_cores)
-    assert look(8, 1024) == a and look(32, 1024) == b and look(8, 16384) == c and look(512, 16384) == d
-    assert shape(look(24, 1024)) == shape(b)       # log2(24) is nearer 32 than 8
-    assert shape(look(8, 8192)) == shape(c)        # one octave from 16384, three from 1024
-    assert shape(look(16, 1024)) == shape(b)       # tie between 8 and 32: the larger bucket
-    assert shape(look(1024, 16384)) == shape(d)    # one octave above every bucket
-    assert shape(look(8, 724)) == shape(a)         # half an octave each way
-    assert look(1, 128) is None and look(2048, 65536) is None and look(8, 4096) is None  # two octaves
-    assert look(24, 512) is None                   # 0.4 + 1 octaves
+    assert look(8, 1024) == a and look(32, 1024) == b and look(8, 16384) == c and look(8, 4096) == d
+    assert shape(look(8, 8192)) == shape(c)        # between 4096 and 16384: the longer
+    assert shape(look(8, 2048)) == shape(d)        # between 1024 and 4096: the longer
+    assert shape(look(8, 32768)) == shape(c)       # one octave
+    assert shape(look(8, 724)) == shape(a)         # half an octave
+    assert shape(look(32, 2048)) == shape(b)
+    assert look(8, 65536) is None and look(32, 4096) is None and look(8, 256) is None  # two octaves
+    assert look(16, 1024) is None and look(24, 1024) is None and look(1024, 16384) is None  # no bucket of that batch*kv
     assert look(8, 1024, dtype=torch.float16) is None
     assert look(8, 1024, head_dim=128) is None
     assert look(8, 1024, group=1) is None
     assert look(8, 1024, dtype="float32") == a  # dtype names work too
 
 
-def test_a_bucket_fits_other_sizes_with_as_many_blocks():
-    """Away from its bucket a tuned configuration keeps batch*kv_heads x splits, the number of
-    blocks measured best: the split count scales inversely with batch*kv_heads, the split
-    length with the length (multiples of 64; unsplit when one split would cover it all)."""
-    split = LaunchConfig(128, 4, 1024, tensor_cores=True)  # 4 splits of 4096 positions at 32: 128 blocks
-    assert cache.fit_bucket(32, 4096, split, 32, 4096) == split
-    assert cache.fit_bucket(32, 4096, split, 64, 4096) == LaunchConfig(128, 4, 2048, True)   # 2 splits
-    assert cache.fit_bucket(32, 4096, split, 16, 4096) == LaunchConfig(128, 4, 512, True)    # 8 splits
-    assert cache.fit_bucket(32, 4096, split, 32, 8192) == LaunchConfig(128, 4, 2048, True)   # 4 longer ones
-    assert cache.fit_bucket(32, 4096, split, 32, 3000) == LaunchConfig(128, 4, 768, True)    # 4 shorter
-    assert cache.fit_bucket(32, 4096, split, 128, 4096) == LaunchConfig(128, 4, 0, True)     # 1 block each
-    assert cache.fit_bucket(32, 4096, split, 1024, 4096) == LaunchConfig(128, 4, 0, True)
-    unsplit = LaunchConfig(256, 1, 0)  # 512 blocks
-    assert cache.fit_bucket(512, 4096, unsplit, 128, 4096) == LaunchConfig(256, 1, 1024)
-    assert cache.fit_bucket(512, 4096, unsplit, 128, 64) == unsplit  # 4 splits of 16 positions: one of 64
-    clustered = LaunchConfig(128, 16, 1024, tma=True, stages=2, tile_rows=128, pdl=True, cluster=2)  # 4 splits at 32
-    assert cache.fit_bucket(32, 4096, clustered, 16, 4096) == replace(clustered, split_len=512)  # 8 splits, pairs
-    assert cache.fit_bucket(32, 4096, clustered, 128, 4096) == replace(clustered, split_len=0, cluster=1)
-    cache._config(cache.fit_bucket(32, 4096, clustered, 128, 4096).as_dict(), 16)  # a launch the cache accepts
+def test_a_bucket_fits_other_lengths_with_as_many_splits():
+    """At another length a tuned configuration keeps its split count, the number of blocks measured
+    best for its batch*kv_heads: the split length scales with the length (multiples of 64; unsplit
+    when one split would cover it all, and then without a cluster)."""
+    split = LaunchConfig(128, 4, 1024, tensor_cores=True)  # 4 splits of a 4096-position bucket
+    assert cache.fit_bucket(4096, split, 4096) == split
+    assert cache.fit_bucket(4096, split, 8192) == LaunchConfig(128, 4, 2048, True)   # 4 longer ones
+    assert cache.fit_bucket(4096, split, 3000) == LaunchConfig(128, 4, 768, True)    # 4 shorter
+    assert cache.fit_bucket(4096, split, 100) == LaunchConfig(128, 4, 64, True)      # 2 of 64
+    assert cache.fit_bucket(4096, split, 64) == LaunchConfig(128, 4, 0, True)        # one would cover it all
+    unsplit = LaunchConfig(256, 1, 0)
+    assert cache.fit_bucket(4096, unsplit, 8192) == cache.fit_bucket(4096, unsplit, 2048) == unsplit
+    clustered = LaunchConfig(128, 16, 1024, tma=True, stages=2, tile_rows=128, pdl=True, cluster=2)  # 4 splits
+    assert cache.fit_bucket(4096, clustered, 8192) == replace(clustered, split_len=2048)
+    assert cache.fit_bucket(4096, clustered, 64) == replace(clustered, split_len=0, cluster=1)
+    cache._config(cache.fit_bucket(4096, clustered, 64).as_dict(), 16)  # a launch the cache accepts
 
 
 def test_lookup_traces_under_torch_compile():

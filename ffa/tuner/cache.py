@@ -92,46 +92,44 @@ class Table:
         self.entries = tuple(sorted(entries, key=lambda e: e.bucket))
         self._by_shape = {}
         for e in self.entries:
-            self._by_shape.setdefault((e.dtype, e.head_dim, e.group), []).append(
-                (math.log2(e.batch_kv_heads), math.log2(e.length), e.batch_kv_heads, e.length, e.config))
+            self._by_shape.setdefault((e.dtype, e.head_dim, e.group, e.batch_kv_heads), []).append(
+                (math.log2(e.length), e.length, e.config))
 
     def lookup(self, dtype, head_dim, group, batch_kv_heads, length):
-        """The configuration of the nearest measured bucket with the same dtype, head_dim and
-        group, fitted to this size (`fit_bucket`); None if there is none within MAX_OCTAVES.
-        Nearest by the sum of log2 distances in batch*kv_heads and length; ties go to the
-        larger bucket (its kernel choice was measured on a cache at least as large: tensor
-        cores win on smaller caches only)."""
-        rows = self._by_shape.get((DTYPE_NAMES.get(dtype, dtype), head_dim, group))
-        if not rows or batch_kv_heads < 1 or length < 1:
+        """The configuration of the measured bucket with the same dtype, head_dim, group and
+        batch*kv_heads whose length is nearest (in log2; a tie goes to the longer one: its
+        kernel choice was measured on a cache at least as large), fitted to this length
+        (`fit_bucket`); None if there is none within MAX_OCTAVES (the heuristic's case)."""
+        rows = self._by_shape.get((DTYPE_NAMES.get(dtype, dtype), head_dim, group, batch_kv_heads))
+        if not rows or length < 1:
             return None
-        x, y = math.log2(batch_kv_heads), math.log2(length)
+        y = math.log2(length)
         best, best_key = None, None
-        for lx, ly, bkv, ln, config in rows:
-            key = (abs(lx - x) + abs(ly - y), abs(ly - y), -bkv, -ln)
+        for ly, ln, config in rows:  # a loop, not min(key=...): torch.compile traces this
+            key = (abs(ly - y), -ln)
             if best_key is None or key < best_key:
-                best, best_key = (bkv, ln, config), key
-        return fit_bucket(*best, batch_kv_heads, length) if best_key[0] <= MAX_OCTAVES else None
+                best, best_key = (ln, config), key
+        return fit_bucket(*best, length) if best_key[0] <= MAX_OCTAVES else None
 
 
-# How far (sum of log2 distances) a tuned bucket serves other sizes; beyond, the heuristic,
-# which is computed for the size itself, does better: over the launch benchmark's 61 shapes the
-# tuned launch is 1.025x of the best candidate with 1 octave, 1.039x with no limit, 1.031x with
-# exact buckets only (bench/results/h100/kernel-tensor-cores-h100.md).
+# How far (in log2 of the length) a tuned bucket serves other lengths of its batch*kv_heads. Another
+# batch*kv_heads takes the heuristic, computed for the size itself: on the H200, over 64 shapes in
+# two runs, FastForwardAttn's launch is 1.012x and 1.020x the best candidate so, 1.018x and 1.025x
+# when a bucket also served batch*kv_heads within an octave (its split count scaled to keep the
+# blocks it had: 1.04-1.13x the best at 5 of the 14 shapes it served; bench/results/candidates-h200.md).
 MAX_OCTAVES = 1
 
 
-def fit_bucket(bucket_bkv, bucket_length, config, batch_kv_heads, length):
-    """A bucket's tuned configuration for another batch*kv_heads and length: the same kernel,
-    threads and heads per block, and as many blocks as were measured best (batch*kv_heads x
-    splits), so the split count scales inversely with batch*kv_heads and the split length with
-    the length. A launch left unsplit has no cluster (clusters are of split blocks)."""
-    if (bucket_bkv, bucket_length) == (batch_kv_heads, length):
+def fit_bucket(bucket_length, config, length):
+    """A bucket's tuned configuration for another length: the same kernel, threads, heads per block
+    and number of splits, so the split length scales with the length (multiples of 64; unsplit
+    when one split would cover it all, and then without a cluster: clusters are of split blocks)."""
+    if bucket_length == length or config.split_len == 0:
         return config
-    splits = -(-bucket_length // config.split_len) if config.split_len else 1
-    target = max(1, round(bucket_bkv * splits / batch_kv_heads))
-    split_len = round_up(-(-length // target), 64) if target > 1 else 0
+    splits = -(-bucket_length // config.split_len)
+    split_len = round_up(-(-length // splits), 64) if splits > 1 else 0
     split_len = split_len if split_len < length else 0
-    return replace(config, split_len=split_len, cluster=config.cluster if split_len else 1)  # clusters split
+    return replace(config, split_len=split_len, cluster=config.cluster if split_len else 1)
 
 
 def describe_device(device):

@@ -119,8 +119,8 @@ class Workload:
 @dataclass(frozen=True)
 class Grid:
     """dtype x head_dim x group x batch x context, at a fixed kv_heads, skipping shapes whose
-    K+V exceed max_kv_bytes (those have blocks for every SM anyway and the nearest smaller
-    bucket serves them). `refine` is how many split lengths the refine stage explores."""
+    K+V exceed max_kv_bytes (those have blocks for every SM anyway: a bucket an octave shorter or
+    the heuristic serves them). `refine` is how many split lengths the refine stage explores."""
     dtypes: tuple = (torch.float16, torch.bfloat16)
     head_dims: tuple = (64, 128)
     groups: tuple = (1, 2, 4, 8)
