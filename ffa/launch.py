@@ -183,7 +183,12 @@ ONE_HEAD_UNSPLIT = 256
 ONE_HEAD_MAX_UNSPLIT = 4096
 LONG_ROW_SPLIT = 2048
 # One-head tensor-core blocks (Hopper) take pieces of at most LONG_ROW_SPLIT positions (4096-position
-# pieces were as fast in one run and 1.12x slower in another: bench/results/candidates-h200.md).
+# pieces were as fast in one run and 1.12x slower in another: bench/results/candidates-h200.md). A group
+# of several heads is split into one-head tensor-core blocks only where they make ONE_HEAD_TC_WAVES blocks
+# per SM; else it keeps its shared reads in pieces of SHORT_SPLIT_TENSOR_CORES (groups of 4 over 1,024 to
+# 4,096 positions at batch x kv_heads 8-32: 4-head blocks in 16 pieces 1.00-1.05x the tuned launch, one-head
+# blocks 1.46-1.66x: tuner-cache-h200.json's heuristic times at cd8d099, tuner-sweep-h200.log at 8671e73).
+ONE_HEAD_TC_WAVES = 2
 
 
 def kv_bytes(batch, kv_heads, length, head_dim):
@@ -286,8 +291,9 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
        MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one on
        tensor cores, or tensor_core_blocks_per_sm over TMA_MIN_BYTES); small caches thus trade shared K/V reads
-       (they come from L2 anyway) for more, shorter blocks. Tensor-core grids that fill no wave so
-       take SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
+       (they come from L2 anyway) for more, shorter blocks; one-head tensor-core blocks of a larger
+       group must make ONE_HEAD_TC_WAVES blocks per SM. Tensor-core grids that fill no wave so take
+       SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
     2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. One-head CUDA-core blocks: rows of at most ONE_HEAD_UNSPLIT positions are never split,
@@ -313,7 +319,10 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
         return (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
 
     def fills(hpb, min_split, fraction=1.0):
-        return batch * kv_heads * (group // hpb) * max(1, length // min_split) >= fraction * wave(hpb)
+        # one-head tensor-core blocks take the place of a group's shared reads only where they make two
+        # blocks per SM (ONE_HEAD_TC_WAVES)
+        need = max(wave(hpb), ONE_HEAD_TC_WAVES * sm_count) if tc and hpb == 1 and group > 1 else wave(hpb)
+        return batch * kv_heads * (group // hpb) * max(1, length // min_split) >= fraction * need
 
     min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
     # from the most heads per block down; ends at 1 when none fills a wave

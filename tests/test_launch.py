@@ -216,6 +216,19 @@ def test_short_caches_take_short_tensor_core_splits():
     assert heuristic(16, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 4, 0, True)
 
 
+def test_groups_keep_their_shared_reads_on_tensor_cores():
+    """A group of several heads becomes one-head tensor-core blocks only where they make
+    ONE_HEAD_TC_WAVES blocks per SM: groups of 4 over 1,024-4,096 positions at batch x kv_heads 8-32
+    keep 4-head blocks in short pieces (bench/results/tuner-cache-h200.json)."""
+    from ffa.launch import ONE_HEAD_TC_WAVES
+    for batch, length in ((1, 4096), (4, 1024)):
+        for tma in (False, True):
+            c = heuristic(batch, 8, 4, length, 132, 64, True, tma=tma)
+            assert c == LaunchConfig(256, 4, 2 * SHORT_SPLIT_TENSOR_CORES, True), c
+    # 8 x 4 one-head blocks in 8 pieces of 512 (256) fill one wave but not ONE_HEAD_TC_WAVES
+    assert 132 <= 8 * 4 * (4096 // 512) < ONE_HEAD_TC_WAVES * 132
+
+
 def test_tma_launch_blocks_per_sm():
     """Two TMA blocks share an SM only where both rings fit and a block has at most 128 consumer
     threads: 32 heads at head_dim 64 (256 threads) split for one block per SM."""
