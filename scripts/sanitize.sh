@@ -10,7 +10,8 @@
 # per tool, $OUT/sanitize-<tool>.log; exits 1 unless every tool is clean. OUT defaults to
 # ./sanitize-out. SANITIZE_TOOLS picks tools ("none" is a plain run), SANITIZE_TIMEOUT bounds
 # each run in seconds (default 110: five runs fit one 10-minute command), SANITIZE_ONLY passes
-# --only to the cases program.
+# --only to the cases program. The summary names the commit ($FFA_COMMIT where set, else git's HEAD)
+# and the library's source hash (ffa/lib/libffa.build.json).
 #
 # Flags: --error-exitcode 1 makes any finding fail the tool. PyTorch's caching allocator is off
 # (PYTORCH_NO_CUDA_MEMORY_CACHING=1), so every tensor is its own cudaMalloc: memcheck sees its
@@ -49,7 +50,7 @@ summary=$OUT/sanitize.txt
 {
   echo "# compute-sanitizer over scripts/sanitize_cases.py, $(date -u +%Y-%m-%dT%H:%MZ)"
   echo "# GPU: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-  echo "# $("$sanitizer" --version | tail -1); commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "# $("$sanitizer" --version | tail -1); commit ${FFA_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}; library sources $(python3 -c 'import json; print(json.load(open("ffa/lib/libffa.build.json"))["sources"][:12])' 2>/dev/null || echo unknown)"
   echo "# flags: ${common[*]} (memcheck: $(tool_flags memcheck); racecheck: $(tool_flags racecheck))"
   printf '%-10s %-8s %7s %9s %6s %8s\n' tool status errors warnings cases seconds
 } >"$summary"
