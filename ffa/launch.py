@@ -209,8 +209,8 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
 
 # The TMA kernel's launch without a tuner entry: a ring of 2 stages of 128 positions (64 at head_dim
 # 256), one consumer warp per 32-row step of a tile and m-tile of 16 heads (64 to 256 threads; at most
-# 128 at head_dim 256), and splits of whole tiles that fill one wave of blocks (TMA_RESIDENT per SM
-# where two rings fit an SM's shared memory and a block has at most 128 consumer threads: 256-thread
+# 128 at head_dim 256), and splits of whole tiles that fill one wave of blocks (two per SM where two
+# rings fit an SM's shared memory and a block has at most 128 consumer threads, else one: 256-thread
 # blocks of 32 heads run one per SM, bench/results/candidates-h200.md). Measured against 48 rings x
 # threads x splits on 6 shapes: bench/results/kernel-tma-launches-h200.md; the tuned launches are in
 # bench/results/tuner-cache-h200.json.
@@ -218,13 +218,12 @@ TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
 # Which kernel a Hopper GPU runs for p = 0 (hopper_kernel): the tensor-core kernel wherever it applies,
 # one head included (in the H200's tuner sweep it is the tuned kernel in 200 of the default grid's 208
 # buckets, the TMA kernel in the other 8, never the CUDA-core one: bench/results/tuner-cache-h200.json),
-# except for groups
-# larger than one tensor-core block holds (8 heads) over TMA_MIN_BYTES of K+V on a large grid: the
-# tensor-core kernel reads each K/V row group / 8 times, once per 8-head block, and from batch x kv_heads
-# x (group / 8)^2 >= TMA_MIN_BLOCK_READS on (16 heads from batch x kv_heads 128, 32 heads from 32) the TMA
-# kernel, which holds the whole group in one block and reads each row once, is faster. Without tensor
-# cores (head_dim 256) the TMA kernel takes every cache over TMA_MIN_BYTES, the CUDA-core kernel the rest
-# (bench/results/candidates-h200.md).
+# except for groups larger than one tensor-core block holds (8 heads) over TMA_MIN_BYTES of K+V on a
+# large grid: the tensor-core kernel reads each K/V row group / 8 times, once per 8-head block, and from
+# batch x kv_heads x (group / 8)^2 >= TMA_MIN_BLOCK_READS on (16 heads from batch x kv_heads 128, 32
+# heads from 32) the TMA kernel, which holds the whole group in one block and reads each row once, is
+# faster. Without tensor cores (head_dim 256) the TMA kernel takes every cache over TMA_MIN_BYTES, the
+# CUDA-core kernel the rest (bench/results/candidates-h200.md).
 TMA_MIN_BYTES = 32 << 20
 TMA_MIN_BLOCK_READS = 512
 # Over TMA_MIN_BYTES a tensor-core wave holds enough blocks per SM for this many bytes of K and V in
@@ -248,6 +247,11 @@ def hopper_kernel(batch, kv_heads, group, length, head_dim, tensor_cores):
         return "tma" if big else None
     reads = group // largest_heads_per_block(group)
     return "tma" if big and reads > 1 and batch * kv_heads * reads * reads >= TMA_MIN_BLOCK_READS else "tensor_cores"
+
+
+def tensor_core_threads(heads_per_block):
+    """Threads of the heuristic's tensor-core block (rule 4 of heuristic)."""
+    return 256 if heads_per_block > 1 else 128
 
 
 def tensor_core_blocks_per_sm(threads, head_dim):
@@ -290,10 +294,10 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     1. Heads per block: the largest divisor of the group (at most 4 on CUDA cores, 8 on tensor
        cores) whose grid, split into pieces of the smallest split length (MIN_SPLIT, or
        MIN_SPLIT_TENSOR_CORES), still fills a wave (RESIDENT_* blocks per SM on CUDA cores, one on
-       tensor cores, or tensor_core_blocks_per_sm over TMA_MIN_BYTES); small caches thus trade shared K/V reads
-       (they come from L2 anyway) for more, shorter blocks; one-head tensor-core blocks of a larger
-       group must make ONE_HEAD_TC_WAVES blocks per SM. Tensor-core grids that fill no wave so take
-       SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
+       tensor cores, or tensor_core_blocks_per_sm over TMA_MIN_BYTES); small caches thus trade
+       shared K/V reads (they come from L2 anyway) for more, shorter blocks; one-head tensor-core
+       blocks of a larger group must make ONE_HEAD_TC_WAVES blocks per SM. Tensor-core grids that
+       fill no wave so take SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
     2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. One-head CUDA-core blocks: rows of at most ONE_HEAD_UNSPLIT positions are never split,
@@ -315,7 +319,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
 
     def wave(hpb):
         if tc:
-            return sm_count * (tensor_core_blocks_per_sm(256 if hpb > 1 else 128, head_dim) if big else 1)
+            return sm_count * (tensor_core_blocks_per_sm(tensor_core_threads(hpb), head_dim) if big else 1)
         return (RESIDENT_ONE_HEAD if hpb == 1 else RESIDENT_MULTI_HEAD) * sm_count
 
     def fills(hpb, min_split, fraction=1.0):
@@ -346,7 +350,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     if long_rows:
         split_len = LONG_ROW_SPLIT
     if tc:
-        threads = 256 if hpb > 1 else 128
+        threads = tensor_core_threads(hpb)
     else:
         threads = 256 if long_rows or (split_len == 0 and (short or (hpb == 1 and length >= 2048))) else 128
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc)
