@@ -4,11 +4,11 @@
 
 For every shape of the kernel grid (bench/kernel_bench.py) and each build, the tuner's search
 (ffa.tuner.search.tune: every candidate, tensor-core ones included, checked against the reference,
-then timed in ffa.measure's layer rotation) gives the best launch and the heuristic's time (the JSON keeps
-every candidate's time, LaunchConfig.key -> µs, for re-deriving the heuristic:
-`python bench/launch_candidates.py --evaluate f.json` scores the checkout's heuristic on it, first build). Builds alternate
-shape by shape on the same inputs, so clocks and card drift hit both alike. Both builds must
-have the Python package's ABI and version (the loader checks).
+then timed in ffa.measure's layer rotation) gives the best launch and the heuristic's time. The JSON
+keeps every candidate's time (LaunchConfig.key -> µs) for re-deriving the heuristic:
+`python bench/launch_candidates.py --evaluate f.json` scores the checkout's heuristic on the first
+build's. Builds alternate shape by shape on the same inputs, so clocks and card drift hit both alike.
+Both builds must have the Python package's ABI and version (the loader checks).
 """
 
 import argparse
