@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from ffa.launch import LaunchConfig, fit_splits, heuristic, length_bucket, tensor_cores_apply, tma_applies
+from ffa.launch import LaunchConfig, heuristic, tensor_cores_apply, tma_applies
 from ffa.tuner.cache import Table, read_file
 from shared import HEADS, PAIRS, source_commit
 
@@ -93,9 +93,8 @@ def evaluate(path, tuner_cache=None):
                            tma=tma_applies(dtype, r["head_dim"], capability))
         cells = [config]
         if table:  # as FastForwardAttn.launch_config with a cache of max_len = the shape's length
-            tuned = table.lookup(dtype, r["head_dim"], r["group"], r["batch"] * r["kv_heads"],
-                                 min(length_bucket(r["length"]), r["length"]))
-            cells.append(config if tuned is None else fit_splits(tuned, r["length"]))
+            tuned = table.launch(dtype, r["head_dim"], r["group"], r["batch"] * r["kv_heads"], r["length"], r["length"])
+            cells.append(config if tuned is None else tuned)
         shape = f"d{r['head_dim']} g{r['group']} b{r['batch']}x{r['kv_heads']} L{r['length']}"
         line = f"{shape:<28} "
         for c, sink in zip(cells, (logs, tuned_logs)):

@@ -220,10 +220,9 @@ class FastForwardAttn:
         key = (heads, length_bucket(length), prune)
         config = self._configs.get(key)
         if config is None:
-            longest = min(key[1], self.max_len)  # the bucket's longest sequence, which never exceeds the cache
             if self._tuned is not None and not prune:
-                config = self._tuned.lookup(self.dtype, self.head_dim, group, self.batch * self.kv_heads, longest)
-                config = None if config is None else fit_splits(config, self.max_len)
+                config = self._tuned.launch(self.dtype, self.head_dim, group, self.batch * self.kv_heads, length,
+                                            self.max_len)
             if config is None:
                 config = self.heuristic_config(heads, length, prune)
             self._configs[key] = config

@@ -32,7 +32,8 @@ import torch
 
 from .. import _lib
 from .._version import __version__
-from ..launch import LaunchConfig, kernel_applies, library_facts, max_heads_per_block, round_up, thread_counts
+from ..launch import (LaunchConfig, fit_splits, kernel_applies, length_bucket, library_facts, max_heads_per_block,
+                      round_up, thread_counts)
 
 # Bump whenever a kernel change, or a change of how candidates are timed, can move the fastest
 # configuration.
@@ -110,6 +111,13 @@ class Table:
             if best_key is None or key < best_key:
                 best, best_key = (ln, config), key
         return fit_bucket(*best, length) if best_key[0] <= MAX_OCTAVES else None
+
+    def launch(self, dtype, head_dim, group, batch_kv_heads, length, max_len):
+        """The tuned launch of a step at sequence length `length` over a cache of `max_len` positions
+        (FastForwardAttn.launch_config's): the lookup for the length's bucket, capped at the cache,
+        with splits that cover the whole cache (fit_splits); None where lookup has none."""
+        config = self.lookup(dtype, head_dim, group, batch_kv_heads, min(length_bucket(length), max_len))
+        return None if config is None else fit_splits(config, max_len)
 
 
 # How far (in log2 of the length) a tuned bucket serves other lengths of its batch*kv_heads. Another
