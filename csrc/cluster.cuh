@@ -13,6 +13,11 @@
 
 namespace ffa {
 
+// Split blocks per cluster that a cluster launch may have (the tensor-core and TMA kernels on
+// compute capability 9.0+; 8 is the portable cluster size), and that capability.
+constexpr int kClusterSizes[] = {1, 2, 4, 8};
+constexpr int kClusterCapability = 90;  // compute capability x 10
+
 // Every thread of every block of the cluster arrives; memory operations before it are visible to
 // every thread of the cluster after it (release / acquire at cluster scope).
 __device__ __forceinline__ void cluster_sync() {

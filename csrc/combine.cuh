@@ -75,6 +75,21 @@ __device__ __forceinline__ void write_result(const DecodeArgs &a, int b, int h, 
   }
 }
 
+// Element i (head h0 + i / D, dim i % D) of a block's merged result (m, l, o): in a cluster launch kept
+// in the block's shared memory at `mine` (o / l of its nh x D elements, then its nh log2-sum-exps)
+// for cluster_combine, else written as the output or as the split's partial (write_result).
+template <typename T, int D>
+__device__ __forceinline__ void block_result(const DecodeArgs &a, int b, int h0, int nh, int split, int i, float m,
+                                             float l, float o, float *mine) {
+  const int h = i / D, d = i % D;
+  if (a.cluster > 1) {
+    mine[i] = stored_output(l, o);
+    if (d == 0) mine[nh * D + h] = stored_lse(m, l);
+  } else {
+    write_result<T, D>(a, b, h0 + h, split, d, m, l, o);
+  }
+}
+
 // The output elements [begin, end) of heads h0 .. (element i: head h0 + i / D, dim i % D; begin
 // and end multiples of 4) of sequence b, merged from workspace rows [first, first + n) by the
 // block's threads 0 .. threads-1 (no barrier: the other threads may leave). The rows come from
@@ -145,7 +160,16 @@ __device__ __forceinline__ void combine_if_last(const DecodeArgs &a, int b, int 
   if (last_to_finish(a, b, n)) merge_rows<T, D>(a, b, h0, 0, nh * D, first, n, threads);
 }
 
-// The cluster combine (the TMA kernel's cluster launches, cluster.cuh). The C blocks of a cluster
+// In a cluster launch, whether block `split`'s cluster overlaps the positions [start, pos] of a valid
+// sequence b: then each of its blocks takes part in cluster_combine, one without positions of its own too.
+__device__ __forceinline__ bool cluster_has_work(const DecodeArgs &a, int b, int split) {
+  int64_t start, pos;
+  if (!sequence_range(a, b, start, pos)) return false;
+  const int64_t lo = int64_t(split / a.cluster) * a.cluster * a.split_len;
+  return lo <= pos && lo + int64_t(a.cluster) * a.split_len > start;
+}
+
+// The cluster combine (cluster launches of the tensor-core and TMA kernels, cluster.cuh). The C blocks of a cluster
 // hold C consecutive splits of one sequence b and head group h0 .. h0+nh-1; each left its block's
 // partial in shared memory at `mine`: o / l of its nh x D elements, then its nh log2-sum-exps (a
 // block without positions: 0 and -inf). Called by every thread of every such block; the merges run
@@ -188,6 +212,19 @@ __device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int 
   if (threadIdx.x >= threads || !last) return;
   __threadfence();
   merge_rows<T, D>(a, b, h0, begin, end, first, n, threads);
+}
+
+// Called by every thread of every block after the block's results are in (block_result): the
+// cluster combine in a cluster launch, else the split combine in a split launch; the merges run on
+// threads 0 .. threads-1.
+template <typename T, int D>
+__device__ __forceinline__ void combine_blocks(const DecodeArgs &a, int b, int h0, int nh, int split, const float *mine,
+                                               int64_t start, int64_t pos, int threads) {
+  if (a.cluster > 1) {
+    cluster_combine<T, D>(a, b, h0, nh, split, mine, start, pos, threads);
+  } else if (a.split_len > 0) {
+    combine_if_last<T, D>(a, b, h0, nh, start, pos, threads);
+  }
 }
 
 }  // namespace ffa

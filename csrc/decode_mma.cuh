@@ -26,11 +26,21 @@
 // decode_kernel.cuh. With p > 0 (kPrune) a tile's V rows are copied only after its weights
 // are known, and rows that every head weighs below the bound are not read (see the loop). At
 // the end the warps' results are merged through shared memory with combine.cuh's merge_partial,
-// and a split block hands over to combine_if_last.
+// and a split block hands over to combine_blocks: the split combine (combine_if_last), or in a
+// cluster launch (compute capability 9.0+, the cluster field: blocks of consecutive splits per
+// thread block cluster) cluster_combine, which merges the cluster's partials in distributed shared
+// memory; where one cluster holds every split of a sequence that is the output, with no workspace
+// round trip.
+//
+// Programmatic dependent launch (the pdl field, compute capability 9.0+): the kernel waits for the
+// kernels before it (grid_dependency_wait) before it reads anything (q, the caches and positions
+// may all be written by them), so only its launch and block set-up overlap their tail; it lets the
+// next kernel start once its own reads are done (allow_dependents, after the loop).
 //
 // Shared memory. A stage holds the tile's K rows then its V rows, 16 x D elements each,
 // row-major in 16-byte chunks; chunk c of row r sits at index c ^ (r % 8), so the 8 rows that
-// one ldmatrix reads fall in 8 different bank groups.
+// one ldmatrix reads fall in 8 different bank groups. After the loop the stages hold the warps'
+// outputs ([warp][head][D] floats) and, in a cluster launch, the block's partial after them.
 #pragma once
 
 #include <math.h>
@@ -58,7 +68,8 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   static_assert(sizeof(T) == 2 && (D == 64 || D == 128), "fp16/bf16 rows of 8 or 16 chunks");
   constexpr int VEC = 8, CPR = D / VEC;  // elements per chunk, chunks per row
   constexpr int KSTEPS = D / 16, MTILES = D / 16, STAGE = 2 * kTileRows * CPR;  // STAGE in chunks
-  static_assert(mma_smem_bytes(D, 32) >= kHeads * D * 4, "the stages are reused for the warps' outputs");
+  static_assert(mma_smem_bytes(D, 64) >= (3 * kHeads * D + kHeads) * 4,
+                "the stages are reused for the warps' outputs and the block's partial");
   // The rings start on a 128-byte boundary whatever the static arrays before them (a 16-byte offset
   // made this kernel 6-17% slower: bench/results/kernel-tma-cluster-h200.md). The extern __shared__
   // arrays of one translation unit share this alignment: decode_kernel.cuh's ring in the fp16 / bf16
@@ -68,8 +79,10 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, nwarps = blockDim.x / 32;
   const int g = lane / 4, t4 = lane % 4;  // fragment row and column pair (mma.cuh)
+  grid_dependency_wait();
   DecodeBlock<T> blk;
-  if (!begin_block<T, D>(a, blk)) return;
+  const bool attends = begin_block<T, D>(a, blk);
+  if (!attends && !(a.cluster > 1 && cluster_has_work(a, blk.b, blk.split))) return;
   const int b = blk.b, split = blk.split, h0 = blk.h0, nh = blk.nh;
   const BlockRange &r = blk.r;
   const T *kbase = blk.kbase, *vbase = blk.vbase, *knew = blk.knew, *vnew = blk.vnew;
@@ -83,7 +96,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
     for (int i = 0; i < 2; ++i)
       qb[s][i] = g < nh ? *reinterpret_cast<const uint32_t *>(qrow + 16 * s + 8 * i + 2 * t4) : 0u;
 
-  const int tiles = int((r.hi - r.lo + kTileRows - 1) / kTileRows);
+  const int tiles = attends ? int((r.hi - r.lo + kTileRows - 1) / kTileRows) : 0;  // 0: a cluster's block without positions
   const int mine = warp < tiles ? (tiles - warp + nwarps - 1) / nwarps : 0;  // this warp's tiles
   uint4 *ring = smem + warp * kMmaStages * STAGE;
   auto tile_start = [&](int i) { return r.lo + int64_t(warp + i * nwarps) * kTileRows; };
@@ -212,7 +225,7 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
     // tile i: O is rescaled after it).
     float first[2];
     {
-      const bool needed = !(warp == 0 && r.lo == r.start);  // tile 0 of warp 0 holds position start
+      const bool needed = attends && !(warp == 0 && r.lo == r.start);  // tile 0 of warp 0 holds position start
       const T *krow = r.start == r.pos ? knew : kbase + r.start * a.k_ss;
       float dot = 0.f;  // head g's logit, over this lane's dims of q (those of its B fragments)
       if (needed)
@@ -265,11 +278,13 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
       accumulate(mine - 1, pending);
     }
   }
+  allow_dependents();
   l_run[0] = column_sum(l_run[0]), l_run[1] = column_sum(l_run[1]);
 
-  // Merge the warps (merge_partial; a warp without tiles has m = -inf and adds nothing).
+  // Merge the warps (merge_partial; a warp without tiles has m = -inf and adds nothing) into the
+  // block's result (block_result; in a cluster launch kept after the warps' outputs).
   __syncthreads();  // every warp is done with its stages: they now hold the warps' outputs
-  float *wo = reinterpret_cast<float *>(smem);  // [warp][head][D]
+  float *wo = reinterpret_cast<float *>(smem), *partial = wo + nwarps * kHeads * D;  // [warp][head][D], then the block's partial
   if (g == 0)
 #pragma unroll
     for (int h = 0; h < 2; ++h) warp_max[warp][2 * t4 + h] = m_run[h], warp_sum[warp][2 * t4 + h] = l_run[h];
@@ -283,9 +298,9 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
     float m = -INFINITY, l = 0.f, acc = 0.f;
     for (int w = 0; w < nwarps; ++w)
       merge_partial(m, l, acc, warp_max[w][row], warp_sum[w][row], wo[(w * kHeads + row) * D + d]);
-    write_result<T, D>(a, b, h0 + row, split, d, m, l, acc);
+    block_result<T, D>(a, b, h0, nh, split, i, m, l, acc, partial);
   }
-  if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, r.start, r.pos, blockDim.x);
+  combine_blocks<T, D>(a, b, h0, nh, split, partial, r.start, r.pos, blockDim.x);
 }
 
 }  // namespace ffa

@@ -76,7 +76,6 @@ constexpr int kTmaMinStages = 2, kTmaMaxStages = 8;
 constexpr int kTmaMaxTileRows = 256;  // the copy engine's largest box
 constexpr int kTmaTileRowsStep = 32;  // tile_rows is a multiple of this: a consumer warp's step (kStepRows)
 constexpr int kTmaMaxHeads = 32;      // two m-tiles of 16 heads
-constexpr int kTmaClusters[] = {1, 2, 4, 8};  // split blocks per cluster (8: the portable cluster size)
 constexpr int kBoxBytes = 128;    // one box row: the 128-byte swizzle's span
 
 // Byte offset of 16-byte chunk c of row r in a tile of `rows` rows (D * sizeof(T) / 16 chunks per row)
@@ -350,15 +349,6 @@ __device__ __forceinline__ void store_partial(const WarpState<D> &w, float *slot
   }
 }
 
-// In a cluster launch, whether block `split`'s cluster overlaps the positions [start, pos] of a valid
-// sequence b: then each of its blocks takes part in cluster_combine, one without positions of its own too.
-__device__ __forceinline__ bool cluster_has_work(const DecodeArgs &a, int b, int split) {
-  int64_t start, pos;
-  if (!sequence_range(a, b, start, pos)) return false;
-  const int64_t lo = int64_t(split / a.cluster) * a.cluster * a.split_len;
-  return lo <= pos && lo + int64_t(a.cluster) * a.split_len > start;
-}
-
 template <typename T, int D>
 __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(const DecodeArgs a,
                                                                        const __grid_constant__ CUtensorMap kmap,
@@ -429,18 +419,9 @@ __global__ void __launch_bounds__(tma_max_threads(D) + 32, 1) decode_tma_kernel(
       const float *row = partials + (wi * 16 + h % 16) * (D + 2);
       merge_partial(m, l, o, row[D], row[D + 1], row[d]);
     }
-    if (a.cluster > 1) {
-      mine[i] = stored_output(l, o);
-      if (d == 0) mine[nh * D + h] = stored_lse(m, l);
-    } else {
-      write_result<T, D>(a, b, blk.h0 + h, blk.split, d, m, l, o);
-    }
+    block_result<T, D>(a, b, blk.h0, nh, blk.split, i, m, l, o, mine);
   }
-  if (a.cluster > 1) {
-    cluster_combine<T, D>(a, b, blk.h0, nh, blk.split, mine, r.start, r.pos, consumers);
-  } else if (a.split_len > 0) {
-    combine_if_last<T, D>(a, b, blk.h0, nh, r.start, r.pos, consumers);
-  }
+  combine_blocks<T, D>(a, b, blk.h0, nh, blk.split, mine, r.start, r.pos, consumers);
 }
 
 }  // namespace ffa

@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 7
+#define FFA_ABI_VERSION 8
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -97,12 +97,13 @@ typedef struct {
   int64_t stages;          /* FFA_KERNEL_TMA: shared-memory ring stages, 2..8 (ignored by the others) */
   int64_t tile_rows;       /* FFA_KERNEL_TMA: positions per stage, a multiple of 32 in 32..256 (ignored by the
                               others) */
-  int64_t pdl;             /* FFA_KERNEL_TMA: 1 launches with programmatic dependent launch (its start overlaps the
-                              previous kernel's end on the stream), 0 not (ignored by the others) */
-  int64_t cluster;         /* FFA_KERNEL_TMA with split_len > 0: blocks of this many consecutive splits (one of
-                              ffa_build_info's tma "clusters") form a thread block cluster that merges its
-                              partials in distributed shared memory before the split combine; 1: no cluster,
-                              the only size of an unsplit TMA launch (ignored by the other kernels) */
+  int64_t pdl;             /* the kernels of ffa_build_info's "launch_features" (tensor cores, TMA), on compute
+                              capability 9.0+: 1 launches with programmatic dependent launch (its start overlaps
+                              the previous kernel's end on the stream), 0 not (ignored by the CUDA-core kernel) */
+  int64_t cluster;         /* those kernels with split_len > 0, on compute capability 9.0+: blocks of this many
+                              consecutive splits (one of "launch_features" "clusters") form a thread block cluster
+                              that merges its partials in distributed shared memory before the split combine; 1:
+                              no cluster, the only size of an unsplit launch (ignored by the CUDA-core kernel) */
 
   void *workspace; /* ffa_workspace_bytes() bytes of device memory when split_len > 0, zeroed
                       before its first use; every launch leaves its counters zero again. One
@@ -117,8 +118,9 @@ FFA_API int64_t ffa_abi_version(void);
 FFA_API const char *ffa_version(void);
 /* JSON text: {"version":..., "abi":..., "archs":[...], "dtypes":[...], "head_dims":[...], "threads": [...],
  * "kernels": {name: {"code": ffa_kernel, "dtypes": [...], "head_dims": [...], "compute_capability": x.y,
- * "max_heads_per_block": n}, ...}, "tma": {"stages": [lo, hi], "tile_rows": [lo, hi, step], "clusters": [...],
- * "max_threads": {"head_dim": threads, ...}}, ...} */
+ * "max_heads_per_block": n}, ...}, "tensor_cores": {"rows_in_flight_per_warp": n}, "tma": {"stages": [lo, hi],
+ * "tile_rows": [lo, hi, step], "max_threads": {"head_dim": threads, ...}}, "launch_features": {"kernels": [codes
+ * that take pdl and clusters], "compute_capability": x.y, "clusters": [...]}, ...} */
 FFA_API const char *ffa_build_info(void);
 FFA_API const char *ffa_status_string(int status);
 FFA_API const char *ffa_last_error(void);

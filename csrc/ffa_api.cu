@@ -65,12 +65,17 @@ std::string spoken_list(const int (&xs)[N]) {
   return s;
 }
 
-std::string kernel_info(const char *name, int code, const char *dtypes, const std::string &head_dims, int capability,
-                        int heads) {
+// A compute capability x 10 as JSON's number ("9.0").
+std::string capability_text(int capability) {
   char cc[16];
   snprintf(cc, sizeof cc, "%d.%d", capability / 10, capability % 10);
+  return cc;
+}
+
+std::string kernel_info(const char *name, int code, const char *dtypes, const std::string &head_dims, int capability,
+                        int heads) {
   return std::string("\"") + name + "\": {\"code\": " + std::to_string(code) + ", \"dtypes\": " + dtypes +
-         ", \"head_dims\": " + head_dims + ", \"compute_capability\": " + cc +
+         ", \"head_dims\": " + head_dims + ", \"compute_capability\": " + capability_text(capability) +
          ", \"max_heads_per_block\": " + std::to_string(heads) + "}";
 }
 
@@ -96,8 +101,9 @@ std::string build_info_text() {
          std::to_string((ffa::kMmaStages - 1) * ffa::kTileRows) +
          "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
          ", \"tile_rows\": " + json_list({ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows, ffa::kTmaTileRowsStep}) +
-         ", \"clusters\": " + json_list(ffa::kTmaClusters) + ", \"max_threads\": " + tma_max_threads_info() +
-         "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
+         ", \"max_threads\": " + tma_max_threads_info() + "}, \"launch_features\": {\"kernels\": " +
+         json_list({ffa::kTensorCores, ffa::kTma}) + ", \"compute_capability\": " + capability_text(ffa::kClusterCapability) +
+         ", \"clusters\": " + json_list(ffa::kClusterSizes) + "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 
 int64_t num_splits(const ffa_decode_params *p) {
@@ -164,10 +170,12 @@ int check_shapes(const ffa_decode_params *p) {
         p->tile_rows % ffa::kTmaTileRowsStep != 0)
       return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of %d in [%d, %d]",
                   (long long)p->tile_rows, ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
+  }
+  if (p->kernel != ffa::kCudaCores) {  // the launch features of the tensor-core and TMA kernels
     if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
-    if (!ffa::listed(ffa::kTmaClusters, int(p->cluster)))
+    if (!ffa::listed(ffa::kClusterSizes, int(p->cluster)))
       return fail(FFA_ERR_INVALID_ARGUMENT, "cluster %lld is not %s", (long long)p->cluster,
-                  spoken_list(ffa::kTmaClusters).c_str());
+                  spoken_list(ffa::kClusterSizes).c_str());
     if (p->cluster != 1 && p->split_len == 0)  // a cluster is of split blocks
       return fail(FFA_ERR_INVALID_ARGUMENT,
                   "cluster %lld needs a split launch (split_len > 0); an unsplit launch has cluster 1",
@@ -348,7 +356,7 @@ int ffa_decode(const ffa_decode_params *p) {
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
   a.stages = int(p->stages), a.tile_rows = int(p->tile_rows);
-  a.cluster = p->kernel == ffa::kTma ? int(p->cluster) : 1;  // the other kernels take no cluster
+  a.cluster = p->kernel != ffa::kCudaCores ? int(p->cluster) : 1;  // the CUDA-core kernel takes no cluster
   if (need > 0) {
     a.counters = static_cast<int *>(p->workspace);
     a.part_out = reinterpret_cast<float *>(static_cast<char *>(p->workspace) + counter_bytes(p));
@@ -371,8 +379,8 @@ int ffa_decode(const ffa_decode_params *p) {
   }();
   if (err == cudaErrorNotSupported && kernel == ffa::kTensorCores)  // launch_decode_mma's answer
     return fail(FFA_ERR_UNSUPPORTED,
-                "tensor_cores: device %d cannot run this launch (it needs compute capability 8.0+ and "
-                "%d bytes of shared memory per block for %d threads of head_dim %d)",
+                "tensor_cores: device %d cannot run this launch (it needs compute capability 8.0+, 9.0+ for "
+                "pdl or a cluster, and %d bytes of shared memory per block for %d threads of head_dim %d)",
                 device, ffa::mma_smem_bytes(hd, threads), threads, hd);
   if (err == cudaErrorNotSupported && kernel == ffa::kTma)  // launch_decode_tma's answer
     return fail(FFA_ERR_UNSUPPORTED,

@@ -78,16 +78,56 @@ cudaError_t mma_smem_limit(int device, int &limit) {
 
 // cudaErrorNotSupported: the device cannot run this tensor-core launch (reported by ffa_api.cu
 // as FFA_ERR_UNSUPPORTED).
+// The compute capability of `device` (x 10), found once per device.
+inline cudaError_t device_capability(int device, int &capability) {
+  static std::atomic<int> known[kMaxDevices];
+  if (device < kMaxDevices && (capability = known[device].load()) != 0) return cudaSuccess;
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  capability = 10 * major + minor;
+  if (err == cudaSuccess && device < kMaxDevices) known[device].store(capability);
+  return err;
+}
+
+// Launches `kernel` (its first argument the DecodeArgs `a`) on the current device with programmatic
+// dependent launch when `pdl`, and in thread block clusters of a.cluster split blocks: the splits
+// rounded up to whole clusters (the blocks past the last split have no positions and take part in
+// their cluster's merge only). cudaErrorNotSupported: either is asked for on a device older than
+// kClusterCapability.
+template <typename... Params, typename... Args>
+cudaError_t launch_with_features(void (*kernel)(Params...), dim3 grid, int threads, int smem_bytes, bool pdl,
+                                 cudaStream_t stream, const DecodeArgs &a, const Args &...rest) {
+  if (pdl || a.cluster > 1) {
+    int device = 0, capability = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = device_capability(device, capability);
+    if (err != cudaSuccess) return err;
+    if (capability < kClusterCapability) return cudaErrorNotSupported;
+  }
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+  attr[1].id = cudaLaunchAttributeClusterDimension;
+  attr[1].val.clusterDim.x = a.cluster, attr[1].val.clusterDim.y = 1, attr[1].val.clusterDim.z = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3((grid.x + a.cluster - 1) / a.cluster * a.cluster, grid.y, grid.z);
+  config.blockDim = dim3(threads), config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream, config.attrs = attr;
+  config.numAttrs = a.cluster > 1 ? 2 : pdl ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, a, rest...);
+  return err == cudaSuccess ? cudaGetLastError() : err;
+}
+
 template <typename T, int D, bool kPrune>
-cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, cudaStream_t stream) {
+cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, bool pdl, cudaStream_t stream) {
   int device = 0, limit = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = mma_smem_limit<T, D, kPrune>(device, limit);
   if (err != cudaSuccess) return err;
   const int bytes = mma_smem_bytes(D, threads);
   if (bytes > limit) return cudaErrorNotSupported;
-  decode_mma_kernel<T, D, kPrune><<<grid, threads, bytes, stream>>>(a);
-  return cudaGetLastError();
+  return launch_with_features(decode_mma_kernel<T, D, kPrune>, grid, threads, bytes, pdl, stream, a);
 }
 
 // The most dynamic shared memory a TMA block may use on the current device, -1 where the device
@@ -165,19 +205,7 @@ cudaError_t launch_decode_tma(const DecodeArgs &a, dim3 grid, int batch, int kv_
   if (err == cudaSuccess)
     err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows);
   if (err != cudaSuccess) return err;
-  // A cluster launch rounds the splits up to whole clusters (the blocks past the last split have no
-  // positions and take part in their cluster's merge only).
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
-  attr[1].id = cudaLaunchAttributeClusterDimension;
-  attr[1].val.clusterDim.x = a.cluster, attr[1].val.clusterDim.y = 1, attr[1].val.clusterDim.z = 1;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3((grid.x + a.cluster - 1) / a.cluster * a.cluster, grid.y, grid.z);
-  config.blockDim = dim3(threads + kTmaThreads), config.dynamicSmemBytes = bytes;
-  config.stream = stream, config.attrs = attr, config.numAttrs = a.cluster > 1 ? 2 : 1;
-  err = cudaLaunchKernelEx(&config, decode_tma_kernel<T, D>, a, kmap, vmap);
-  return err == cudaSuccess ? cudaGetLastError() : err;
+  return launch_with_features(decode_tma_kernel<T, D>, grid, threads + kTmaThreads, bytes, pdl, stream, a, kmap, vmap);
 }
 
 template <typename T, int D>
@@ -187,8 +215,8 @@ cudaError_t launch_decode_d(const DecodeArgs &a, dim3 grid, int batch, int kv_he
     if (kernel == kTma) return launch_decode_tma<T, D>(a, grid, batch, kv_heads, threads, pdl, stream);
   if constexpr (has_tensor_core_kernel(sizeof(T), D))
     if (kernel == kTensorCores)
-      return a.prune_p > 0.f ? launch_decode_mma<T, D, true>(a, grid, threads, stream)
-                             : launch_decode_mma<T, D, false>(a, grid, threads, stream);
+      return a.prune_p > 0.f ? launch_decode_mma<T, D, true>(a, grid, threads, pdl, stream)
+                             : launch_decode_mma<T, D, false>(a, grid, threads, pdl, stream);
   switch (template_group(a.heads_per_block)) {
     case 1: decode_kernel<T, D, 1><<<grid, threads, threads * ring_bytes_per_thread<1>(), stream>>>(a); break;
     case 2: decode_kernel<T, D, 2><<<grid, threads, threads * ring_bytes_per_thread<2>(), stream>>>(a); break;

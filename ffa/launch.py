@@ -6,11 +6,13 @@ A LaunchConfig is the part of a launch that does not change results, only speed:
   split_len        positions per block; 0 means one block covers the whole sequence
   tensor_cores     the tensor-core (mma) kernel instead of the CUDA-core one
   tma              the bulk-copy-engine (TMA) kernel on tensor cores, compute capability 9.0+,
-                   with `stages` ring stages of `tile_rows` positions, programmatic
-                   dependent launch when `pdl` (at most one of tensor_cores and tma), and
-                   split blocks in thread block clusters of `cluster` that merge their
-                   partials in distributed shared memory (1: none; one of
-                   library_facts()["tma"]["clusters"])
+                   with `stages` ring stages of `tile_rows` positions (at most one of
+                   tensor_cores and tma)
+  pdl, cluster     the launch features of the tensor-core and TMA kernels on compute
+                   capability 9.0+ (`features_apply`): programmatic dependent launch when
+                   `pdl`, and split blocks in thread block clusters of `cluster` that merge
+                   their partials in distributed shared memory (1: none; one of
+                   `cluster_sizes()`)
 Which kernel exists for which dtype, head_dim and GPU is the library's to say (`library_facts`,
 `kernel_applies`). The tuner (ffa.tuner) measures these per GPU; without its cache, `heuristic`
 decides.
@@ -48,9 +50,21 @@ def thread_counts():
     return tuple(library_facts()["threads"])
 
 
-def tma_clusters():
-    """The cluster sizes a split TMA launch may have (1: no cluster)."""
-    return tuple(library_facts()["tma"]["clusters"])
+def cluster_sizes():
+    """The cluster sizes a split launch of the tensor-core or TMA kernel may have (1: no cluster)."""
+    return tuple(library_facts()["launch_features"]["clusters"])
+
+
+def takes_features(kernel):
+    """Whether launches of `kernel` ("cuda_cores", "tensor_cores", "tma") may have pdl and clusters."""
+    return library_facts()["kernels"][kernel]["code"] in library_facts()["launch_features"]["kernels"]
+
+
+def features_apply(kernel, capability):
+    """Whether launches of `kernel` may have pdl and clusters on a GPU of compute capability
+    `capability` (a (major, minor) tuple)."""
+    major, minor = divmod(round(library_facts()["launch_features"]["compute_capability"] * 10), 10)
+    return takes_features(kernel) and tuple(capability) >= (major, minor)
 
 
 def tma_max_threads(head_dim):
@@ -80,8 +94,8 @@ class LaunchConfig:
 
     def key(self):
         """Short text: threads/heads_per_block/split_len, then /tc for the tensor-core kernel or
-        /tma<stages>x<tile_rows> for the TMA kernel (c<cluster> after it in a cluster launch), +pdl
-        with programmatic dependent launch; LaunchConfig.parse reads it back."""
+        /tma<stages>x<tile_rows> for the TMA kernel (c<cluster> after either in a cluster launch),
+        +pdl with programmatic dependent launch; LaunchConfig.parse reads it back."""
         kernel = "/tc" if self.tensor_cores else f"/tma{self.stages}x{self.tile_rows}" if self.tma else ""
         if self.cluster > 1:
             kernel += f"c{self.cluster}"
@@ -92,11 +106,14 @@ class LaunchConfig:
         fields, pdl = text.removesuffix("+pdl").split("/"), text.endswith("+pdl")
         threads, hpb, split = map(int, fields[:3])
         kernel = fields[3] if len(fields) > 3 else ""
+        cluster = 1
+        if kernel[-1:].isdigit() and "c" in kernel:  # c<cluster> after the kernel's own text
+            kernel, _, size = kernel.rpartition("c")
+            cluster = int(size)
         if kernel.startswith("tma"):
-            ring, _, cluster = kernel[3:].partition("c")
-            stages, rows = map(int, ring.split("x"))
-            return cls(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl, cluster=int(cluster or 1))
-        return cls(threads, hpb, split, tensor_cores=kernel == "tc", pdl=pdl)
+            stages, rows = map(int, kernel[3:].split("x"))
+            return cls(threads, hpb, split, tma=True, stages=stages, tile_rows=rows, pdl=pdl, cluster=cluster)
+        return cls(threads, hpb, split, tensor_cores=kernel == "tc", pdl=pdl, cluster=cluster)
 
     def fields(self):
         """The configuration as a list of ints (the custom op's argument); from_fields inverts it."""
@@ -237,6 +254,12 @@ TC_BYTES_IN_FLIGHT_PER_SM = 64 << 10
 # merge between two blocks. Larger clusters do not all fit the GPU at once when each block needs a
 # whole SM (bench/results/kernel-tma-cluster-h200.md).
 TMA_CLUSTER, TMA_CLUSTER_MIN_ELEMENTS = 2, 512
+# On Hopper, tensor-core launches over caches of at most TC_PDL_MAX_BYTES of K+V take programmatic
+# dependent launch: there the kernel's launch and set-up are a large part of its time, and overlapping
+# them with the previous kernel's tail pays where that kernel lets it (in the layer rotation, the
+# previous layer's step: 0.95x the time on the 24 such launches timed both ways, none slower than
+# 1.01x; over 32 MB 1.00x: bench/results/candidates-features-h200.json).
+TC_PDL_MAX_BYTES = 32 << 20
 
 
 def hopper_kernel(batch, kv_heads, group, length, head_dim, tensor_cores):
@@ -306,7 +329,9 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     4. Threads: 256 for multi-head tensor-core blocks, split or not (faster than 128 at every launch
        timed both ways: bench/results/candidates-h200.md), 128 for one-head ones, and for CUDA-core
        blocks 256 where they have one head over rows of 2048+ positions (unsplit or in LONG_ROW_SPLIT
-       pieces) or are unsplit short ones, else 128."""
+       pieces) or are unsplit short ones, else 128.
+    5. Programmatic dependent launch: p = 0 tensor-core launches on Hopper (`tma`) over at most
+       TC_PDL_MAX_BYTES; the TMA launch always (heuristic_tma)."""
     kernel = hopper_kernel(batch, kv_heads, group, length, head_dim, tensor_cores) if tma and not prune else None
     if kernel == "tma":
         return heuristic_tma(batch, kv_heads, group, length, sm_count, head_dim)
@@ -353,7 +378,8 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
         threads = tensor_core_threads(hpb)
     else:
         threads = 256 if long_rows or (split_len == 0 and (short or (hpb == 1 and length >= 2048))) else 128
-    return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc)
+    pdl = kernel == "tensor_cores" and kv_bytes(batch, kv_heads, length, head_dim) <= TC_PDL_MAX_BYTES
+    return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc, pdl=pdl)
 
 
 def length_bucket(length):

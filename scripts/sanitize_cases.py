@@ -112,6 +112,12 @@ def matrix():
         Run("tma split 32 in clusters of 4 (the last padded past the splits), groups of 16, a window", Case(
             batch=2, heads=32, kv_heads=2, head_dim=128, prompt_len=300, max_len=330, dtype=f16, ragged=True,
             window=100), LaunchConfig(128, 16, 32, pdl=True, cluster=4, **tma)),
+        Run("tensor cores split 32 in clusters of 4 with pdl (the last padded past the splits), a window", Case(
+            batch=2, heads=16, kv_heads=2, head_dim=64, prompt_len=300, max_len=330, dtype=f16, ragged=True,
+            window=100), LaunchConfig(128, 8, 32, tensor_cores=True, pdl=True, cluster=4)),
+        Run("tensor cores split 64 in clusters of 8 (one cluster), pruning", Case(
+            batch=2, heads=8, kv_heads=2, head_dim=128, prompt_len=300, max_len=320, dtype=torch.bfloat16,
+            ragged=True, p=0.01), LaunchConfig(64, 4, 64, tensor_cores=True, cluster=8)),
     ]
     for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16)),
                          ("tma", LaunchConfig(64, 2, 32, **tma))):

@@ -399,8 +399,9 @@ def test_library_knows_where_its_kernels_apply(kernel, dtype, head_dim):
                                                  ("cluster", 2, "cluster 2 needs a split launch")])
 def test_library_checks_the_tma_launch_fields(field, value, message):
     """The TMA kernel's ring and launch fields are range-checked by the library, each error naming
-    the field (the launch is unsplit: a cluster other than 1 is refused there, not ignored); the
-    same values are ignored by the other kernels."""
+    the field (the launch is unsplit: a cluster other than 1 is refused there, not ignored). The
+    launch features (pdl, cluster) are checked the same way for the tensor-core kernel; the CUDA-core
+    kernel ignores them, and the tensor-core kernel the ring's fields."""
     _lib.load()
     fields = dict(abi_version=_lib.ABI_VERSION, dtype=_lib.DTYPE_CODES["float16"], batch=1, heads=64, kv_heads=1,
                   head_dim=128, max_len=256, threads=128, heads_per_block=32, split_len=0, kernel=2, stages=4,
@@ -409,6 +410,13 @@ def test_library_checks_the_tma_launch_fields(field, value, message):
     assert _lib.workspace_bytes(_lib.DecodeParams(**{**fields, "split_len": 64, "cluster": 2})) > 0  # split: clusters
     with pytest.raises(ValueError, match=message):
         _lib.workspace_bytes(_lib.DecodeParams(**{**fields, field: value}))
-    if field != "heads_per_block":
-        other_kernel = {**fields, "heads_per_block": 8, "kernel": 1, field: value}
-        assert _lib.workspace_bytes(_lib.DecodeParams(**other_kernel)) == 0
+    if field == "heads_per_block":
+        return
+    cuda_cores = {**fields, "heads_per_block": 8, "kernel": 0, field: value}
+    assert _lib.workspace_bytes(_lib.DecodeParams(**cuda_cores)) == 0
+    tensor_cores = {**cuda_cores, "kernel": 1}
+    if field in ("pdl", "cluster"):
+        with pytest.raises(ValueError, match=message):
+            _lib.workspace_bytes(_lib.DecodeParams(**tensor_cores))
+    else:
+        assert _lib.workspace_bytes(_lib.DecodeParams(**tensor_cores)) == 0

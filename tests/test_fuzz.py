@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from cases import pruning_bound
 from ffa import FastForwardAttn, LaunchConfig
-from ffa.launch import head_dims, thread_counts, tma_applies, tma_max_threads
+from ffa.launch import features_apply, head_dims, tensor_cores_apply, thread_counts, tma_applies, tma_max_threads
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -138,7 +138,12 @@ def sessions(draw, device):
     launch = draw(st.one_of(st.sampled_from(["heuristic", "default"]), st.builds(
         LaunchConfig, st.sampled_from(thread_counts()),
         st.sampled_from([d for d in range(1, min(group, 8) + 1) if group % d == 0]),
-        st.sampled_from([0, 16, 48, 64])), st.builds(  # the TMA kernel (heuristic where it does not apply)
+        st.sampled_from([0, 16, 48, 64])), st.builds(  # the tensor-core kernel (heuristic where it does not apply)
+        lambda threads, hpb, split, pdl, cluster: LaunchConfig(threads, hpb, split, tensor_cores=True, pdl=pdl,
+                                                               cluster=cluster if split else 1),
+        st.sampled_from(thread_counts()), st.sampled_from([d for d in range(1, min(group, 8) + 1) if group % d == 0]),
+        st.sampled_from([0, 16, 48, 64]), st.booleans(), st.sampled_from([1, 2, 4])), st.builds(
+        # the TMA kernel (heuristic where it does not apply)
         lambda threads, split, ring, pdl, cluster: LaunchConfig(threads, group, split, tma=True, stages=ring[0],
                                                                 tile_rows=ring[1], pdl=pdl,
                                                                 cluster=cluster if split else 1),
@@ -165,6 +170,10 @@ def prompt(s, gen):
     if launch is not None and launch.tma and (not tma_applies(s.dtype, s.head_dim, capability)
                                               or launch.threads > tma_max_threads(s.head_dim)):
         launch = None  # the library refuses it on this GPU or at this head_dim: the heuristic's instead
+    if launch is not None and launch.tensor_cores and not (
+            tensor_cores_apply(s.dtype, s.head_dim, capability)
+            and (features_apply("tensor_cores", capability) or not (launch.pdl or launch.cluster > 1))):
+        launch = None
     return dict(K=kv[0], V=kv[1], max_len=s.max_len, use_default_kernel_launch=s.launch == "default",
                 launch=launch)
 

@@ -8,7 +8,7 @@ import torch
 from cases import Case, exact, make_inputs, pruning_bound, rel_l2
 from ffa import FastForwardAttn, LaunchConfig
 from ffa._lib import UnsupportedError
-from ffa.launch import tensor_cores_apply, tma_applies
+from ffa.launch import features_apply, tensor_cores_apply, tma_applies
 
 pytestmark = pytest.mark.gpu
 
@@ -18,10 +18,12 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 HEAD_DIMS = [32, 64, 80, 96, 128, 256]
 HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
 LAUNCHES = ["default", "split"]
-# The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split; the TMA kernel (fp16/bf16,
-# head_dim 64/128/256, compute capability 9.0+) unsplit, split, split with programmatic
-# dependent launch, and split in clusters of 4 blocks.
+# The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split, and with its launch features
+# (compute capability 9.0+) split with programmatic dependent launch and split in clusters of 4
+# blocks; the TMA kernel (fp16/bf16, head_dim 64/128/256, compute capability 9.0+) unsplit, split,
+# split with programmatic dependent launch, and split in clusters of 4 blocks.
 TENSOR_CORE_LAUNCHES = ["tensor_cores", "tensor_cores_split"]
+TENSOR_CORE_FEATURE_LAUNCHES = ["tensor_cores_split_pdl", "tensor_cores_split_cluster"]
 TMA_LAUNCHES = ["tma", "tma_split", "tma_split_pdl", "tma_split_cluster"]
 CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
 
@@ -30,6 +32,8 @@ def kernel_matrix():
     """(dtype, head_dim, launch) for every launch that applies to the dtype and head_dim on this GPU."""
     return [(dtype, d, launch) for dtype in DTYPES for d in HEAD_DIMS
             for launch in LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, d, (8, 0)) else [])
+            + (TENSOR_CORE_FEATURE_LAUNCHES if tensor_cores_apply(dtype, d, (8, 0))
+               and features_apply("tensor_cores", CAPABILITY) else [])
             + (TMA_LAUNCHES if tma_applies(dtype, d, CAPABILITY) else [])]
 
 
@@ -43,7 +47,8 @@ def launch_for(name, heads, kv_heads):
                             stages=4 if split == 0 else 2, tile_rows=32, pdl=name.endswith("pdl"),
                             cluster=4 if name.endswith("cluster") else 1)
     return LaunchConfig(threads=128, heads_per_block=min(group, 8), split_len=split,
-                        tensor_cores=name.startswith("tensor_cores"))
+                        tensor_cores=name.startswith("tensor_cores"), pdl=name.endswith("pdl"),
+                        cluster=4 if name.endswith("cluster") else 1)
 
 
 def run_case(c, launch_name, seed):

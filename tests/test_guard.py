@@ -19,7 +19,7 @@ import torch
 
 from cases import pruning_bound
 from ffa import LaunchConfig, ops
-from ffa.launch import tensor_cores_apply, tma_applies
+from ffa.launch import features_apply, tensor_cores_apply, tma_applies
 from ffa.reference import decode_reference
 from test_gpu_kernel import TOL as GPU_TOL
 
@@ -32,6 +32,10 @@ LAUNCHES = [LaunchConfig(256, 1, 0), LaunchConfig(128, 2, 0), LaunchConfig(64, 1
             LaunchConfig(128, 2, 16), LaunchConfig(256, 1, 48)]  # 48 >= MAX_LEN: one split
 TENSOR_CORE_LAUNCHES = [LaunchConfig(128, 2, 0, True), LaunchConfig(64, 2, 16, True),
                         LaunchConfig(256, 1, 48, True)]
+# Its launch features (compute capability 9.0+): clusters of 2 (two clusters, the last padded past the
+# splits) and of 4 (one cluster), programmatic dependent launch.
+TENSOR_CORE_FEATURE_LAUNCHES = [LaunchConfig(64, 2, 16, True, cluster=2), LaunchConfig(128, 1, 16, True, pdl=True),
+                                LaunchConfig(256, 2, 16, True, pdl=True, cluster=4)]
 # The TMA kernel: the smallest tiles (32 rows), splits shorter than a tile, of one tile and of two;
 # clusters of 2 (two clusters, the last padded past the splits) and of 4 and 8 (one cluster).
 TMA_LAUNCHES = [LaunchConfig(128, 2, 0, tma=True, stages=2, tile_rows=32), LaunchConfig(64, 1, 32, tma=True, stages=3,
@@ -83,7 +87,8 @@ class Guarded:
         self.out_inside = torch.zeros(self.out_buf.shape, dtype=torch.bool)
         self.out_inside[:BATCH, :, 8:head_dim + 8] = True
         # zeroed once, 256 sentinel bytes around
-        size = max(self.workspace_bytes(c) for c in LAUNCHES + TENSOR_CORE_LAUNCHES + TMA_LAUNCHES)
+        size = max(self.workspace_bytes(c) for c in LAUNCHES + TENSOR_CORE_LAUNCHES + TENSOR_CORE_FEATURE_LAUNCHES
+                   + TMA_LAUNCHES)
         self.ws_buf = torch.full((size + 512,), 0xFF, dtype=torch.uint8, device=device)
         self.ws_buf[256:256 + size] = 0
 
@@ -167,7 +172,9 @@ def launches_for(dtype, head_dim, device):
     """Every launch shape, with the tensor-core and TMA kernels' where they apply (the CPU reference
     ignores the launch)."""
     capability = torch.cuda.get_device_capability() if device == "cuda" else (9, 0)
-    return (LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores_apply(dtype, head_dim, capability) else [])
+    tensor_cores = tensor_cores_apply(dtype, head_dim, capability)
+    return (LAUNCHES + (TENSOR_CORE_LAUNCHES if tensor_cores else [])
+            + (TENSOR_CORE_FEATURE_LAUNCHES if tensor_cores and features_apply("tensor_cores", capability) else [])
             + (TMA_LAUNCHES if tma_applies(dtype, head_dim, capability) else []))
 
 

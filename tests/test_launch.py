@@ -152,7 +152,9 @@ def test_heuristic_traces_under_torch_compile(tma, tensor_cores):
 @pytest.mark.parametrize("config", [LaunchConfig(), LaunchConfig(64, 2, 128, tensor_cores=True),
                                     LaunchConfig(256, 32, 4096, tma=True, stages=3, tile_rows=64, pdl=True),
                                     LaunchConfig(128, 4, 0, tma=True, stages=2, tile_rows=128),
-                                    LaunchConfig(128, 16, 1024, tma=True, stages=2, tile_rows=128, pdl=True, cluster=8)])
+                                    LaunchConfig(128, 16, 1024, tma=True, stages=2, tile_rows=128, pdl=True, cluster=8),
+                                    LaunchConfig(128, 1, 256, tensor_cores=True, cluster=4),
+                                    LaunchConfig(256, 8, 512, tensor_cores=True, pdl=True, cluster=2)])
 def test_launch_key_and_fields_round_trip(config):
     """The short form (tuner output, benchmark JSON) and the custom op's int list both give the
     launch back; the key names the kernel and its ring."""
@@ -203,7 +205,7 @@ def test_hopper_one_head_tensor_core_launch():
     assert heuristic(1, 32, 1, 16384, 132, 64, True, tma=True) == LaunchConfig(128, 1, 2048, True)  # 256 blocks
     assert heuristic(1, 32, 1, 65536, 132, 128, True, tma=True) == LaunchConfig(128, 1, LONG_ROW_SPLIT, True)
     assert heuristic(8, 32, 1, 4096, 132, 128, True, tma=True) == LaunchConfig(128, 1, 0, True)
-    assert heuristic(1, 32, 1, 1024, 132, 64, True, tma=True) == LaunchConfig(128, 1, 256, True)  # 128 blocks
+    assert heuristic(1, 32, 1, 1024, 132, 64, True, tma=True) == LaunchConfig(128, 1, 256, True, pdl=True)  # 128 blocks
     assert heuristic(4, 8, 1, 4096, 132, 128, True, tma=True) == LaunchConfig(128, 1, 1024, True)
 
 
@@ -211,9 +213,10 @@ def test_short_caches_take_short_tensor_core_splits():
     """At batch 1 over 1,024 positions no grid of 512-position pieces fills a wave: 2-head blocks in
     8 pieces of SHORT_SPLIT_TENSOR_CORES (128 blocks, within 1/16 of 132 SMs), while batch 16 runs
     4-head blocks unsplit (bench/results/candidates-h200.md)."""
-    assert heuristic(1, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 2, SHORT_SPLIT_TENSOR_CORES, True)
+    assert heuristic(1, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 2, SHORT_SPLIT_TENSOR_CORES, True,
+                                                                            pdl=True)
     assert heuristic(1, 8, 4, 1024, 132, 64, True) == LaunchConfig(256, 2, SHORT_SPLIT_TENSOR_CORES, True)
-    assert heuristic(16, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 4, 0, True)
+    assert heuristic(16, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 4, 0, True, pdl=True)
 
 
 def test_groups_keep_their_shared_reads_on_tensor_cores():
@@ -224,9 +227,21 @@ def test_groups_keep_their_shared_reads_on_tensor_cores():
     for batch, length in ((1, 4096), (4, 1024)):
         for tma in (False, True):
             c = heuristic(batch, 8, 4, length, 132, 64, True, tma=tma)
-            assert c == LaunchConfig(256, 4, 2 * SHORT_SPLIT_TENSOR_CORES, True), c
+            assert c == LaunchConfig(256, 4, 2 * SHORT_SPLIT_TENSOR_CORES, True, pdl=tma), c
     # 8 x 4 one-head blocks in 8 pieces of 512 (256) fill one wave but not ONE_HEAD_TC_WAVES
     assert 132 <= 8 * 4 * (4096 // 512) < ONE_HEAD_TC_WAVES * 132
+
+
+def test_hopper_tensor_core_launches_take_pdl_on_small_caches():
+    """On Hopper a p = 0 tensor-core launch over at most TC_PDL_MAX_BYTES of K+V takes programmatic
+    dependent launch, a larger one not, nor one off Hopper or a pruning step
+    (bench/results/candidates-features-h200.json)."""
+    from ffa.launch import TC_PDL_MAX_BYTES, kv_bytes
+    at = TC_PDL_MAX_BYTES // kv_bytes(1, 8, 1, 128)  # positions of a batch-1 cache of that size
+    assert heuristic(1, 8, 4, at, 132, 128, True, tma=True).pdl
+    assert not heuristic(1, 8, 4, 2 * at, 132, 128, True, tma=True).pdl
+    assert not heuristic(1, 8, 4, at, 132, 128, True).pdl
+    assert not heuristic(1, 8, 4, at, 132, 128, True, prune=True, tma=True).pdl
 
 
 def test_tma_launch_blocks_per_sm():

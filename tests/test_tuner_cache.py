@@ -248,7 +248,8 @@ BAD_FILES = {
     "tma not a bool": (_config_field("tma", 0), "tma=0 is not true or false"),
     "tma ring out of range": (_config_field("tma", True, "float16", stages=1, tile_rows=64), "stages or tile_rows"),
     "cluster size not the kernel's": (_config_field("cluster", 3), "cluster size"),
-    "cluster on a launch without TMA": (_config_field("cluster", 2), "cluster size"),
+    "cluster on a CUDA-core launch": (_config_field("cluster", 2), "cluster size"),
+    "pdl on a CUDA-core launch": (_config_field("pdl", True), "pdl on a kernel that does not take it"),
     "unreadable": (_directory, "could not be read"),
 }
 

@@ -14,7 +14,7 @@ import torch
 
 from cases import exact, rel_l2
 from ffa import FastForwardAttn, LaunchConfig, _lib
-from ffa.launch import heuristic
+from ffa.launch import cluster_sizes, heuristic
 from ffa.measure import Progress
 from ffa.tuner import cache
 from ffa.tuner import search
@@ -208,6 +208,26 @@ def test_search_tries_tensor_cores_where_they_apply(dtype, head_dim, capability,
     assert not result.rejected
     assert set(result.unsupported) == ({too_big} if tried else set())
     assert too_big not in result.timings
+
+
+@pytest.mark.parametrize("capability,features", [((9, 0), True), ((8, 0), False)])
+def test_search_tries_launch_features_on_tensor_cores(capability, features):
+    """On compute capability 9.0 the best tensor-core launch of each refined split length is timed in
+    every cluster size, and the fastest launch with programmatic dependent launch too; where they
+    win the search keeps them. On 8.0 neither is tried."""
+    w = search.Workload(torch.float16, 128, 4, 1, 2, 512)
+
+    def seconds(w, c):  # tensor cores fastest, in clusters of 4 more so, with pdl more still
+        return separable(c) * (0.5 if c.tensor_cores else 1.0) * (0.8 if c.cluster == 4 else 1.0) \
+            * (0.9 if c.pdl else 1.0)
+    gpu = FakeGPU(seconds)
+    result = search.tune(search.Problem(w, "cpu"), 132, gpu.timer, gpu.run, refine=2, capability=capability)
+    tried = [c for c in result.timings if c.tensor_cores and (c.pdl or c.cluster > 1)]
+    assert bool(tried) == features
+    assert all(c.split_len > 0 for c in tried if c.cluster > 1)
+    best = LaunchConfig(64, 2, 128, tensor_cores=True)
+    assert result.config == (replace(best, cluster=4, pdl=True) if features else best)
+    assert set(cluster_sizes()) - {1} <= {c.cluster for c in tried} or not features
 
 
 def test_sweep_saves_winners_that_attention_then_uses(capsys):

@@ -32,12 +32,12 @@ import torch
 
 from .. import _lib
 from .._version import __version__
-from ..launch import (LaunchConfig, fit_splits, kernel_applies, length_bucket, library_facts, max_heads_per_block,
-                      round_up, thread_counts)
+from ..launch import (LaunchConfig, cluster_sizes, fit_splits, kernel_applies, length_bucket, library_facts,
+                      max_heads_per_block, round_up, takes_features, thread_counts)
 
 # Bump whenever a kernel change, or a change of how candidates are timed, can move the fastest
 # configuration.
-KERNEL_VERSION = 8
+KERNEL_VERSION = 9
 FORMAT = 1
 ENV_DIR = "FFA_TUNER_CACHE_DIR"
 LOCK_TIMEOUT_S = 60
@@ -188,8 +188,11 @@ def _config(obj, group):
         if not low <= c.stages <= high or not 16 <= c.tile_rows <= library_facts()["tma"]["tile_rows"][1] \
                 or c.tile_rows % 16:
             raise CacheProblem(f"{c} has stages or tile_rows out of range")
-    if c.cluster not in library_facts()["tma"]["clusters"] or (c.cluster > 1 and not (c.tma and c.split_len)):
-        raise CacheProblem(f"{c} has a cluster size that is not one of the TMA kernel's or not on a split TMA launch")
+    if c.cluster not in cluster_sizes() or (c.cluster > 1 and not (takes_features(c.kernel) and c.split_len)):
+        raise CacheProblem(f"{c} has a cluster size that is not one of {cluster_sizes()} or not on a split launch "
+                           "of the tensor-core or TMA kernel")
+    if c.pdl and not takes_features(c.kernel):
+        raise CacheProblem(f"{c} has pdl on a kernel that does not take it")
     return c
 
 

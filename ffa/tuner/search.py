@@ -8,8 +8,10 @@ For every workload (dtype, head_dim, group, batch x kv_heads, context length) th
   2. coarse stage: every split_len at 128 threads and the largest heads_per_block, on CUDA
      cores and (where they apply) on tensor cores, plus the heuristic's own choice;
   3. refine stage: every threads x heads_per_block x kernel at the `refine` best split lengths,
-     and the best TMA launch of each of them in every cluster size;
-  4. keeps the fastest candidate.
+     and, on a GPU where they apply (launch.features_apply), the best tensor-core and the best
+     TMA launch of each of them in every cluster size;
+  4. times the fastest with programmatic dependent launch too, where it applies, and keeps the
+     fastest candidate.
 A candidate is timed only after one run into a NaN-filled output matched the reference; one
 that raises ValueError or disagrees is rejected, except that a launch the GPU cannot run
 (UnsupportedError: a tensor-core block with more shared memory than the GPU has) is only
@@ -28,8 +30,9 @@ import torch
 
 from .._lib import UnsupportedError
 from ..attention import FastForwardAttn
-from ..launch import (LaunchConfig, heads_per_block_options, heuristic, heuristic_tma, largest_heads_per_block,
-                      max_heads_per_block, tensor_cores_apply, thread_counts, tma_applies, tma_clusters)
+from ..launch import (LaunchConfig, cluster_sizes, features_apply, heads_per_block_options, heuristic, heuristic_tma,
+                      largest_heads_per_block, max_heads_per_block, takes_features, tensor_cores_apply, thread_counts,
+                      tma_applies)
 from ..measure import Progress
 from ..reference import decode_reference
 from .cache import DTYPE_NAMES, Entry
@@ -65,14 +68,18 @@ def tma_launch(group, split_len, threads, ring, pdl=False):
     return LaunchConfig(threads, hpb, split_len, tma=True, stages=ring[0], tile_rows=ring[1], pdl=pdl)
 
 
-def candidates(group, length, tensor_cores=False, tma=False):
-    """The whole candidate space of one workload."""
+def candidates(group, length, tensor_cores=False, tma=False, features=False):
+    """The whole candidate space of one workload (`features`: tensor-core launches with pdl and
+    clusters too; TMA launches always have them)."""
     space = [LaunchConfig(t, h, s, tc) for s in split_options(length)
              for t in thread_counts() for h in heads_per_block_options(group) for tc in kernels(tensor_cores)]
+    if tensor_cores and features:
+        space += [replace(c, pdl=pdl, cluster=size) for c in space if c.tensor_cores for pdl in (False, True)
+                  for size in (cluster_sizes() if c.split_len else (1,)) if pdl or size > 1]
     if tma:
         space += [replace(tma_launch(group, s, t, ring, pdl), cluster=c) for s in split_options(length)
                   for t in thread_counts() for ring in TMA_RINGS for pdl in (False, True)
-                  for c in (tma_clusters() if s else (1,))]
+                  for c in (cluster_sizes() if s else (1,))]
     return space
 
 
@@ -237,6 +244,7 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
     w = problem.workload
     tensor_cores = capability is not None and tensor_cores_apply(w.dtype, w.head_dim, capability)
     tma = capability is not None and tma_applies(w.dtype, w.head_dim, capability)
+    features = capability is not None and features_apply("tensor_cores", capability)
     result = Result(w, heuristic(w.batch, w.kv_heads, w.group, w.length, sm_count, w.head_dim, tensor_cores,
                                  tma=tma))
 
@@ -268,13 +276,15 @@ def tune(problem, sm_count, timer, run=run_candidate, refine=2, capability=None)
     for split_len in sorted(per_split, key=per_split.get)[:refine]:
         for config in refine_candidates(w.group, split_len, tensor_cores, tma):
             measure(config)
-        split_tma = [c for c in result.timings if c.tma and c.split_len == split_len and split_len > 0]
-        if split_tma:  # the best TMA launch of this split length in each cluster size
-            base = min(split_tma, key=result.timings.get)
-            for cluster in tma_clusters():
+        kernels_with_features = {c.kernel for c in result.timings if takes_features(c.kernel)}
+        for kernel in sorted(kernels_with_features) if features and split_len > 0 else ():
+            # the best launch of this kernel and split length in each cluster size
+            base = min((c for c in result.timings if c.kernel == kernel and c.split_len == split_len),
+                       key=result.timings.get, default=None)
+            for cluster in cluster_sizes() if base else ():
                 measure(replace(base, cluster=cluster))
     best = result.config
-    if best is not None and best.tma:
+    if best is not None and features and takes_features(best.kernel):
         measure(replace(best, pdl=True))
     return result
 
