@@ -233,8 +233,9 @@ def use_tensor_cores(batch, kv_heads, group, length, head_dim, prune=False):
 # bench/results/tuner-cache-h200.json.
 TMA_STAGES, TMA_STEP_ROWS, TMA_SHARED_BYTES = 2, 32, 227 << 10
 # Which kernel a Hopper GPU runs for p = 0 (hopper_kernel): the tensor-core kernel wherever it applies,
-# one head included (in the H200's tuner sweep it is the tuned kernel in 200 of the default grid's 208
-# buckets, the TMA kernel in the other 8, never the CUDA-core one: bench/results/tuner-cache-h200.json),
+# one head included (in the H200's tuner sweeps it is the tuned kernel in 200 of the default grid's 208
+# buckets at cd8d099 and in all 208 at 92441a1, the TMA kernel in the rest, never the CUDA-core one:
+# bench/results/tuner-sweep-h200.log),
 # except for groups larger than one tensor-core block holds (8 heads) over TMA_MIN_BYTES of K+V on a
 # large grid: the tensor-core kernel reads each K/V row group / 8 times, once per 8-head block, and from
 # batch x kv_heads x (group / 8)^2 >= TMA_MIN_BLOCK_READS on (16 heads from batch x kv_heads 128, 32
