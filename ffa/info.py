@@ -27,12 +27,17 @@ def _library_lines():
     kernels = [f"{name:<14} {', '.join(k['dtypes'])} at head_dim {', '.join(map(str, k['head_dims']))}, "
                f"compute capability {k['compute_capability']}+, up to {k['max_heads_per_block']} heads per block"
                for name, k in build.get("kernels", {}).items()]
+    features = build.get("launch_features", {})
+    takers = [name for name, k in build.get("kernels", {}).items() if k["code"] in features.get("kernels", [])]
     return [
         f"library        {path}",
         f"               loaded: ABI {build.get('abi')}, CUDA runtime {runtime} (static)",
         f"architectures  {archs or '?'}",
         "kernels",
         *(f"  {line}" for line in kernels),
+        f"launch         programmatic dependent launch and clusters of "
+        f"{', '.join(map(str, features.get('clusters', [])))} split blocks for {', '.join(takers) or 'no kernel'}, "
+        f"compute capability {features.get('compute_capability', '?')}+",
     ]
 
 

@@ -143,6 +143,8 @@ def test_report_names_version_torch_and_tuner_cache(monkeypatch, tmp_path):
     if _lib.available():
         assert "  tensor_cores   float16, bfloat16 at head_dim 64, 128, compute capability 8.0+, up to 8 heads" in text
         assert "  tma            float16, bfloat16 at head_dim 64, 128, 256, compute capability 9.0+, up to 32 heads" in text
+        assert ("launch         programmatic dependent launch and clusters of 1, 2, 4, 8 split blocks for "
+                "tensor_cores, tma, compute capability 9.0+") in text
 
 
 def test_report_without_tuner_cache(monkeypatch, tmp_path):
