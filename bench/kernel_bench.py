@@ -34,6 +34,11 @@ Sections:
              a prompt of x - 128 over one cache, the optimized launch's total attention time over
              the default launch's; the 128 steps replayed from one CUDA graph, and as eager calls
   prune      p = 1e-3 against p = 0 on a peaked distribution (an attention sink), by launch
+  pdl        what programmatic dependent launch keeps where the kernel before each call is not
+             FFA's (not in the default sections): on the grid's batch-1 shapes up to 32 MB (fp16),
+             FFA's heuristic launch with and without pdl and cuDNN's SDPA, each in the plain
+             rotation and with every call preceded by a copy into q (a stand-in for the projection
+             that writes q in a model: one small kernel the attention depends on), and the copy alone
 With --out it writes the JSON and, beside it, bench/report.py's Markdown and PNG. (No bench
 program is named like an installed package: transformers imports a package called `kernels`.)
 """
@@ -309,6 +314,45 @@ def prune(dtype=torch.float16, head_dim=128):
     return rows
 
 
+def pdl_effect(dtype=torch.float16):
+    """The pdl section: µs per call of FFA's heuristic launch with and without pdl and of cuDNN's
+    SDPA, alone and after a copy into q, on the batch-1 grid shapes up to 32 MB."""
+    from dataclasses import replace
+    rows = []
+    l2 = l2_bytes(torch.device("cuda"))
+    for batch, kv_heads, context, head_dim in [s for s in GRID if s[0] == 1]:
+        nbytes = 2 * batch * kv_heads * context * head_dim * dtype.itemsize
+        if nbytes > 32 << 20:
+            continue
+        case = Case(batch, kv_heads, context, head_dim, dtype, copies_for(nbytes, l2))
+        q_source = case.q.clone()
+
+        def after_copy(call):
+            return lambda: (case.q.copy_(q_source), call())[1]
+
+        launch = case.attns[0].heuristic_config(case.heads, case.context)
+        methods = {"ffa_pdl": lambda: case.ffa_calls(launch=replace(launch, pdl=True)),  # made when timed: the
+                   "ffa_no_pdl": lambda: case.ffa_calls(launch=replace(launch, pdl=False)),  # launch is the caches'
+                   "sdpa_cudnn": lambda: case.sdpa_calls("cudnn")}
+        row = {"batch": batch, "kv_heads": kv_heads, "context": context, "head_dim": head_dim, "dtype": str(dtype),
+               "copies": len(case.attns), "launch": launch.key(), "us": {}, "rel_error": {}}
+        for name, make in methods.items():
+            calls = make()
+            row["rel_error"][name] = case.error(calls[0])
+            if not row["rel_error"][name] <= TOLERANCE[dtype]:
+                raise AssertionError(f"{name} at b{batch} kv{kv_heads} L{context}: error {row['rel_error'][name]}")
+            row["us"][name] = TIMER(calls) * 1e6
+            row["us"][name + "_after_copy"] = TIMER([after_copy(c) for c in calls]) * 1e6
+        row["us"]["copy"] = TIMER([lambda: case.q.copy_(q_source) for _ in case.attns]) * 1e6
+        rows.append(row)
+        us = row["us"]
+        say(f"pdl b{batch} kv{kv_heads} L{context} d{head_dim} {row['launch']}: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in us.items()))
+        del case
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="bandwidth,grid,original,prune")
@@ -342,6 +386,8 @@ def main(argv=None):
                                                [int(b) for b in args.original_batches.split(",")])
     if "prune" in sections:
         result["prune"] = prune()
+    if "pdl" in sections:
+        result["pdl"] = pdl_effect()
     if args.out:
         write_json(args.out, result)
         report.main(args.out)

@@ -150,6 +150,23 @@ def prune_section(res):
     return out
 
 
+def pdl_section(res):
+    out = ["## Programmatic dependent launch where the kernel before is not FFA's (fp16, batch 1, µs per call)", "",
+           "FFA's heuristic launch with pdl and without, and cuDNN's SDPA: alone (each call follows the previous "
+           "layer's) and after a copy into q (each call preceded by one small kernel the attention depends on, as "
+           "a projection is in a model; the pair's time); `copy`: the copy alone.", "",
+           "| shape | launch | FFA pdl | FFA no pdl | cuDNN | after copy: FFA pdl | FFA no pdl | cuDNN | copy | "
+           "cuDNN / FFA pdl, alone | after copy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["pdl"]:
+        us = r["us"]
+        cells = [us[m] for m in ("ffa_pdl", "ffa_no_pdl", "sdpa_cudnn")]
+        cells += [us[f"{m}_after_copy"] for m in ("ffa_pdl", "ffa_no_pdl", "sdpa_cudnn")] + [us["copy"]]
+        ratios = [us["sdpa_cudnn"] / us["ffa_pdl"], us["sdpa_cudnn_after_copy"] / us["ffa_pdl_after_copy"]]
+        out.append(f"| b{r['batch']} kv{r['kv_heads']} L{r['context']} d{r['head_dim']} | {r['launch']} | "
+                   + " | ".join(f"{x:.2f}" for x in cells) + " | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+    return out
+
+
 def plots(res, png):
     import matplotlib
     matplotlib.use("Agg")
@@ -206,7 +223,7 @@ def main(path):
             + " (copy: read + write bytes).", ""]
     sections = [("grid", headline_section), ("grid", targets_section), ("grid", grid_section),
                 ("grid", failures_section), ("groups", groups_section), ("original", original_section),
-                ("prune", prune_section)]
+                ("prune", prune_section), ("pdl", pdl_section)]
     for key, section in sections:
         if key in res:
             lines += section(res) + [""]

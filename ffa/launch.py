@@ -257,9 +257,10 @@ TC_BYTES_IN_FLIGHT_PER_SM = 64 << 10
 TMA_CLUSTER, TMA_CLUSTER_MIN_ELEMENTS = 2, 512
 # On Hopper, tensor-core launches over caches of at most TC_PDL_MAX_BYTES of K+V take programmatic
 # dependent launch: there the kernel's launch and set-up are a large part of its time, and overlapping
-# them with the previous kernel's tail pays where that kernel lets it (in the layer rotation, the
-# previous layer's step: 0.95x the time on the 24 such launches timed both ways, none slower than
-# 1.01x; over 32 MB 1.00x: bench/results/candidates-features-h200.json).
+# them with the previous kernel's tail pays where that kernel is FFA's (in the layer rotation: 0.95x the
+# time on the 24 such launches timed both ways, none slower than 1.01x; over 32 MB 1.00x:
+# bench/results/candidates-features-h200.json). After another kernel it neither pays nor costs (within
+# 0.5%: bench/results/kernel-bench-h200.md, the pdl section).
 TC_PDL_MAX_BYTES = 32 << 20
 
 
