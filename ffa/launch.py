@@ -189,7 +189,13 @@ TENSOR_CORES_MAX_BYTES = 128 << 20
 # Short caches at small batch, whose grid does not fill a wave even in MIN_SPLIT_TENSOR_CORES pieces,
 # take tensor-core pieces of SHORT_SPLIT_TENSOR_CORES positions, and a grid within 1/16 of a wave counts
 # as filling it (at batch 1 and 1,024 positions: 2-head blocks in 8 pieces, 128 blocks on 132 SMs,
-# beat 1-head blocks by 5-13%; bench/results/candidates-h200.md).
+# beat 1-head blocks by 5-13%; bench/results/candidates-h200.md). So do grids whose blocks hold a whole
+# group (up to 8 heads) and fill a wave in such pieces where 512-position pieces would need fewer heads
+# per block, on Hopper: each K/V row is then read once, not once per block of the group (groups of 8 on 8 MB
+# caches, batch x kv_heads 8-32: 8-head blocks in 256-position pieces, the tuned launch at 6 of the
+# default grid's 8 such buckets and 1.07-1.28x faster than the 2-head blocks in long pieces the
+# heuristic took before; the other 2, head_dim 128 at batch x kv_heads 32, have no time for it:
+# bench/results/tuner-cache-h200.json, 92441a1).
 SHORT_SPLIT_TENSOR_CORES = 128
 # One-head CUDA-core blocks do not split caches this short: one 256-thread block per head (the
 # default launch's shape) beats 64-position splits and their combine.
@@ -322,7 +328,9 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
        tensor cores, or tensor_core_blocks_per_sm over TMA_MIN_BYTES); small caches thus trade
        shared K/V reads (they come from L2 anyway) for more, shorter blocks; one-head tensor-core
        blocks of a larger group must make ONE_HEAD_TC_WAVES blocks per SM. Tensor-core grids that
-       fill no wave so take SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full.
+       fill no wave so take SHORT_SPLIT_TENSOR_CORES pieces, and 15/16 of a wave counts as full; so
+       do, for p = 0 on Hopper (`tma`), blocks of a whole group that fill a wave in such pieces where
+       512-position ones would need fewer heads per block.
     2. Splits: floor(wave / blocks) pieces of at least the smallest split length; rounding down
        matters: a second, partial wave of blocks costs more than the parallelism it adds.
     3. One-head CUDA-core blocks: rows of at most ONE_HEAD_UNSPLIT positions are never split,
@@ -358,9 +366,9 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     min_split = MIN_SPLIT_TENSOR_CORES if tc else MIN_SPLIT
     # from the most heads per block down; ends at 1 when none fills a wave
     hpb = next((h for h in options if fills(h, min_split)), 1)
-    if tc and not fills(hpb, min_split):
-        min_split = SHORT_SPLIT_TENSOR_CORES
-        hpb = next((h for h in options if fills(h, min_split, 15 / 16)), 1)
+    short_hpb = next((h for h in options if fills(h, SHORT_SPLIT_TENSOR_CORES, 15 / 16)), 1)  # in short pieces
+    if tc and (not fills(hpb, min_split) or (kernel == "tensor_cores" and short_hpb == group > hpb)):
+        min_split, hpb = SHORT_SPLIT_TENSOR_CORES, short_hpb
     blocks = batch * kv_heads * (group // hpb)
     splits = wave(hpb) // blocks
     split_len = 0

@@ -219,6 +219,17 @@ def test_short_caches_take_short_tensor_core_splits():
     assert heuristic(16, 2, 16, 1024, 132, 128, True, tma=True) == LaunchConfig(256, 4, 0, True, pdl=True)
 
 
+def test_whole_group_blocks_take_short_pieces():
+    """Groups of 8 on 8 MB caches (batch x kv_heads 8-32): 8-head blocks in 256-position pieces, not
+    2-head blocks in long pieces, where a whole-group block fills a wave only in short pieces
+    (bench/results/tuner-cache-h200.json); a group larger than a block holds keeps its choice."""
+    for batch, length in ((1, 4096), (4, 1024)):
+        for head_dim in (64, 128):
+            assert heuristic(batch, 8, 8, length, 132, head_dim, True, tma=True) == LaunchConfig(
+                256, 8, 2 * SHORT_SPLIT_TENSOR_CORES, True, pdl=True)
+    assert heuristic(16, 2, 16, 1024, 132, 128, True, tma=True).heads_per_block == 4  # unsplit 4-head blocks
+
+
 def test_groups_keep_their_shared_reads_on_tensor_cores():
     """A group of several heads becomes one-head tensor-core blocks only where they make
     ONE_HEAD_TC_WAVES blocks per SM: groups of 4 over 1,024-4,096 positions at batch x kv_heads 8-32
