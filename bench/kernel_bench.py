@@ -48,6 +48,7 @@ import datetime
 import functools
 import math
 import sys
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -317,7 +318,6 @@ def prune(dtype=torch.float16, head_dim=128):
 def pdl_effect(dtype=torch.float16):
     """The pdl section: µs per call of FFA's heuristic launch with and without pdl and of cuDNN's
     SDPA, alone and after a copy into q, on the batch-1 grid shapes up to 32 MB."""
-    from dataclasses import replace
     rows = []
     l2 = l2_bytes(torch.device("cuda"))
     for batch, kv_heads, context, head_dim in [s for s in GRID if s[0] == 1]:

@@ -102,7 +102,7 @@ std::string build_info_text() {
          "}, \"tma\": {\"stages\": " + json_list({ffa::kTmaMinStages, ffa::kTmaMaxStages}) +
          ", \"tile_rows\": " + json_list({ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows, ffa::kTmaTileRowsStep}) +
          ", \"max_threads\": " + tma_max_threads_info() + "}, \"launch_features\": {\"kernels\": " +
-         json_list({ffa::kTensorCores, ffa::kTma}) + ", \"compute_capability\": " + capability_text(ffa::kClusterCapability) +
+         json_list(ffa::kFeatureKernels) + ", \"compute_capability\": " + capability_text(ffa::kClusterCapability) +
          ", \"clusters\": " + json_list(ffa::kClusterSizes) + "}, \"cuda_runtime\": " FFA_STR(CUDART_VERSION) "}";
 }
 
@@ -171,7 +171,8 @@ int check_shapes(const ffa_decode_params *p) {
       return fail(FFA_ERR_INVALID_ARGUMENT, "tile_rows %lld is not a multiple of %d in [%d, %d]",
                   (long long)p->tile_rows, ffa::kTmaTileRowsStep, ffa::kTmaTileRowsStep, ffa::kTmaMaxTileRows);
   }
-  if (p->kernel != ffa::kCudaCores) {  // the launch features of the tensor-core and TMA kernels
+  const bool features = ffa::listed(ffa::kFeatureKernels, int(p->kernel));
+  if (features) {  // the launch features (pdl, cluster)
     if (p->pdl != 0 && p->pdl != 1) return fail(FFA_ERR_INVALID_ARGUMENT, "pdl %lld is not 0 or 1", (long long)p->pdl);
     if (!ffa::listed(ffa::kClusterSizes, int(p->cluster)))
       return fail(FFA_ERR_INVALID_ARGUMENT, "cluster %lld is not %s", (long long)p->cluster,
@@ -356,7 +357,7 @@ int ffa_decode(const ffa_decode_params *p) {
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));
   a.stages = int(p->stages), a.tile_rows = int(p->tile_rows);
-  a.cluster = p->kernel != ffa::kCudaCores ? int(p->cluster) : 1;  // the CUDA-core kernel takes no cluster
+  a.cluster = ffa::listed(ffa::kFeatureKernels, int(p->kernel)) ? int(p->cluster) : 1;  // the others take none
   if (need > 0) {
     a.counters = static_cast<int *>(p->workspace);
     a.part_out = reinterpret_cast<float *>(static_cast<char *>(p->workspace) + counter_bytes(p));

@@ -40,6 +40,8 @@ constexpr int kTensorCoreHeadDims[] = {64, 128};
 constexpr int kTmaHeadDims[] = {64, 128, 256};
 constexpr int kTensorCoreCapability = 80, kTmaCapability = 90;  // compute capability x 10
 constexpr int kTmaThreads = 32;  // the producer warp, on top of the launch's (consumer) threads
+// The kernels that take the launch features (pdl, cluster) on kClusterCapability and newer.
+constexpr int kFeatureKernels[] = {kTensorCores, kTma};
 
 template <int N>
 constexpr bool listed(const int (&list)[N], int x) {
@@ -76,8 +78,6 @@ cudaError_t mma_smem_limit(int device, int &limit) {
   return err;
 }
 
-// cudaErrorNotSupported: the device cannot run this tensor-core launch (reported by ffa_api.cu
-// as FFA_ERR_UNSUPPORTED).
 // The compute capability of `device` (x 10), found once per device.
 inline cudaError_t device_capability(int device, int &capability) {
   static std::atomic<int> known[kMaxDevices];
@@ -90,18 +90,17 @@ inline cudaError_t device_capability(int device, int &capability) {
   return err;
 }
 
-// Launches `kernel` (its first argument the DecodeArgs `a`) on the current device with programmatic
-// dependent launch when `pdl`, and in thread block clusters of a.cluster split blocks: the splits
-// rounded up to whole clusters (the blocks past the last split have no positions and take part in
-// their cluster's merge only). cudaErrorNotSupported: either is asked for on a device older than
-// kClusterCapability.
+// Launches `kernel` (its first argument the DecodeArgs `a`) on `device`, the current one, with
+// programmatic dependent launch when `pdl`, and in thread block clusters of a.cluster split blocks:
+// the splits rounded up to whole clusters (the blocks past the last split have no positions and take
+// part in their cluster's merge only). cudaErrorNotSupported: either is asked for on a device older
+// than kClusterCapability.
 template <typename... Params, typename... Args>
-cudaError_t launch_with_features(void (*kernel)(Params...), dim3 grid, int threads, int smem_bytes, bool pdl,
-                                 cudaStream_t stream, const DecodeArgs &a, const Args &...rest) {
+cudaError_t launch_with_features(void (*kernel)(Params...), int device, dim3 grid, int threads, int smem_bytes,
+                                 bool pdl, cudaStream_t stream, const DecodeArgs &a, const Args &...rest) {
   if (pdl || a.cluster > 1) {
-    int device = 0, capability = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = device_capability(device, capability);
+    int capability = 0;
+    const cudaError_t err = device_capability(device, capability);
     if (err != cudaSuccess) return err;
     if (capability < kClusterCapability) return cudaErrorNotSupported;
   }
@@ -119,6 +118,8 @@ cudaError_t launch_with_features(void (*kernel)(Params...), dim3 grid, int threa
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
+// cudaErrorNotSupported: the device cannot run this tensor-core launch (reported by ffa_api.cu
+// as FFA_ERR_UNSUPPORTED).
 template <typename T, int D, bool kPrune>
 cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, bool pdl, cudaStream_t stream) {
   int device = 0, limit = 0;
@@ -127,7 +128,7 @@ cudaError_t launch_decode_mma(const DecodeArgs &a, dim3 grid, int threads, bool 
   if (err != cudaSuccess) return err;
   const int bytes = mma_smem_bytes(D, threads);
   if (bytes > limit) return cudaErrorNotSupported;
-  return launch_with_features(decode_mma_kernel<T, D, kPrune>, grid, threads, bytes, pdl, stream, a);
+  return launch_with_features(decode_mma_kernel<T, D, kPrune>, device, grid, threads, bytes, pdl, stream, a);
 }
 
 // The most dynamic shared memory a TMA block may use on the current device, -1 where the device
@@ -205,7 +206,8 @@ cudaError_t launch_decode_tma(const DecodeArgs &a, dim3 grid, int batch, int kv_
   if (err == cudaSuccess)
     err = cache_tensor_map<T, D>(vmap, a.v_cache, a.max_len, kv_heads, batch, a.v_ss, a.v_sh, a.v_sb, a.tile_rows);
   if (err != cudaSuccess) return err;
-  return launch_with_features(decode_tma_kernel<T, D>, grid, threads + kTmaThreads, bytes, pdl, stream, a, kmap, vmap);
+  return launch_with_features(decode_tma_kernel<T, D>, device, grid, threads + kTmaThreads, bytes, pdl, stream, a, kmap,
+                              vmap);
 }
 
 template <typename T, int D>

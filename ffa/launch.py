@@ -266,7 +266,7 @@ TMA_CLUSTER, TMA_CLUSTER_MIN_ELEMENTS = 2, 512
 # them with the previous kernel's tail pays where that kernel is FFA's (in the layer rotation: 0.95x the
 # time on the 24 such launches timed both ways, none slower than 1.01x; over 32 MB 1.00x:
 # bench/results/candidates-features-h200.json). After another kernel it neither pays nor costs (within
-# 0.5%: bench/results/kernel-bench-h200.md, the pdl section).
+# 0.6%: bench/results/kernel-bench-h200.md, the pdl section).
 TC_PDL_MAX_BYTES = 32 << 20
 
 
@@ -350,7 +350,8 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
     options = list(reversed(heads_per_block_options(group, max_heads_per_block() if tc else
                                                     CUDA_CORE_MAX_HEADS_PER_BLOCK)))
 
-    big = kv_bytes(batch, kv_heads, length, head_dim) > TMA_MIN_BYTES
+    cache_bytes = kv_bytes(batch, kv_heads, length, head_dim)
+    big = cache_bytes > TMA_MIN_BYTES
 
     def wave(hpb):
         if tc:
@@ -388,7 +389,7 @@ def heuristic(batch, kv_heads, group, length, sm_count, head_dim=128, tensor_cor
         threads = tensor_core_threads(hpb)
     else:
         threads = 256 if long_rows or (split_len == 0 and (short or (hpb == 1 and length >= 2048))) else 128
-    pdl = kernel == "tensor_cores" and kv_bytes(batch, kv_heads, length, head_dim) <= TC_PDL_MAX_BYTES
+    pdl = kernel == "tensor_cores" and cache_bytes <= TC_PDL_MAX_BYTES
     return LaunchConfig(threads=threads, heads_per_block=hpb, split_len=split_len, tensor_cores=tc, pdl=pdl)
 
 
