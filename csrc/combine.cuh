@@ -49,6 +49,15 @@ __device__ __forceinline__ void write_output(const DecodeArgs &a, int b, int h, 
   static_cast<T *>(a.out)[b * a.o_sb + h * a.o_sh + d] = T(value);
 }
 
+// The softmax denominator of head h from the partial (m, l, o) over all of a sequence's positions:
+// l, or with attention sinks l + 2^(sink log2 e - m), head h's sink logit joining it; the output is
+// o / denominator. Every output write of a merged result divides by it, so each kernel and each
+// combine applies the sink once.
+template <typename T>
+__device__ __forceinline__ float denominator(const DecodeArgs &a, int h, float m, float l) {
+  return a.sinks == nullptr ? l : l + exp2f(float(static_cast<const T *>(a.sinks)[h]) * float(kLog2e) - m);
+}
+
 // The stored form of the partial (m, l, o): its output o / l and its log2-sum-exp m + log2 l; a
 // partial without positions (l = 0) stores 0 and -inf, which merge_partial skips.
 __device__ __forceinline__ float stored_output(float l, float o) { return l > 0.f ? o / l : 0.f; }
@@ -69,7 +78,7 @@ template <typename T, int D>
 __device__ __forceinline__ void write_result(const DecodeArgs &a, int b, int h, int split, int d, float m, float l,
                                              float o) {
   if (a.split_len == 0) {
-    write_output<T>(a, b, h, d, o / l);
+    write_output<T>(a, b, h, d, o / denominator<T>(a, h, m, l));
   } else {
     write_partial<D>(a, b, h, split, d, m, l, o);
   }
@@ -127,6 +136,7 @@ __device__ __forceinline__ void merge_rows(const DecodeArgs &a, int b, int h0, i
         o[2] = o[2] * x + out[k].z * y, o[3] = o[3] * x + out[k].w * y;
       }
     }
+    l = denominator<T>(a, h, m, l);
 #pragma unroll
     for (int e = 0; e < 4; ++e) write_output<T>(a, b, h, d + e, o[e] / l);
   }
@@ -196,7 +206,7 @@ __device__ __forceinline__ void cluster_combine(const DecodeArgs &a, int b, int 
     float m = -INFINITY, l = 0.f, o = 0.f;
     for (int q = 0; q < size; ++q) merge_partial(m, l, o, cluster_load(mine + elems + h, q), 1.f, cluster_load(mine + i, q));
     if (n == 1) {
-      write_output<T>(a, b, h0 + h, d, o / l);
+      write_output<T>(a, b, h0 + h, d, o / denominator<T>(a, h0 + h, m, l));
     } else {
       write_partial<D>(a, b, h0 + h, cluster, d, m, l, o);
     }

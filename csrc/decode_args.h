@@ -6,6 +6,8 @@
 
 namespace ffa {
 
+constexpr double kLog2e = 1.4426950408889634;  // logits are kept in base-2 units: s_2 = s_e log2 e
+
 struct DecodeArgs {
   const void *q, *new_k, *new_v;
   void *k_cache, *v_cache, *out;
@@ -19,6 +21,7 @@ struct DecodeArgs {
   float scale_log2;  // softmax_scale * log2(e): logits are kept in base-2 units
   float cap_log2, inv_cap_log2;  // softcap * log2(e) and its inverse; 0, 0: no softcap (cap_logit)
   float prune_p;
+  const void *sinks;  // [heads] sink logits of the kernel's dtype T, or nullptr (denominator, combine.cuh)
   int heads, group, heads_per_block, max_len;
   int split_len, num_splits;  // split_len == 0: one block per sequence, no combine
   int stages, tile_rows;      // the TMA kernel's ring: stages of tile_rows positions (decode_tma.cuh)

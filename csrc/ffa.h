@@ -18,7 +18,7 @@
 extern "C" {
 #endif
 
-#define FFA_ABI_VERSION 8
+#define FFA_ABI_VERSION 9
 
 #if defined(__GNUC__)
 #define FFA_API __attribute__((visibility("default")))
@@ -83,6 +83,9 @@ typedef struct {
   double softcap; /* 0: none. > 0: every logit s = softmax_scale * q.k becomes softcap * tanh(s / softcap)
                      before the softmax (attention-logit softcapping); softcap * log2(e) must be a
                      normal float32 */
+  const void *sinks; /* NULL: none. Else [heads] attention sinks of dtype `dtype`, contiguous: head h's logit sinks[h]
+                        (natural units, taken as is: neither scaled nor capped) joins the softmax's denominator
+                        without a value row, out = sum_i e^(s_i) v_i / (sum_i e^(s_i) + e^(sinks[h])) (gpt-oss) */
 
   /* Launch configuration. split_len == 0: one block covers all positions of a sequence.
    * split_len > 0: blocks of split_len positions, combined exactly by the last block of each

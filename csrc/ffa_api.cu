@@ -35,8 +35,6 @@ int fail(int status, const char *fmt, ...) {
   return status;
 }
 
-constexpr double kLog2e = 1.4426950408889634;  // logits are kept in base-2 units (decode_args.h)
-
 int64_t dtype_size(int64_t dtype) { return dtype == FFA_F32 ? 4 : 2; }
 
 const char *dtype_name(int64_t dtype) {
@@ -328,10 +326,13 @@ int ffa_decode(const ffa_decode_params *p) {
     return fail(FFA_ERR_INVALID_ARGUMENT, "softmax_scale is not finite");
   if (!(p->prune_p >= 0.0 && p->prune_p < 1.0))
     return fail(FFA_ERR_INVALID_ARGUMENT, "prune_p %g is outside [0, 1)", p->prune_p);
-  const double cap_log2 = p->softcap * kLog2e;
+  const double cap_log2 = p->softcap * ffa::kLog2e;
   if (p->softcap != 0.0 && !(cap_log2 >= FLT_MIN && cap_log2 <= FLT_MAX))
     return fail(FFA_ERR_INVALID_ARGUMENT, "softcap %g is neither 0 (none) nor a positive number of float32 range",
                 p->softcap);
+  if (p->sinks && reinterpret_cast<uintptr_t>(p->sinks) % dtype_size(p->dtype))
+    return fail(FFA_ERR_INVALID_ARGUMENT, "sinks is not aligned to its %lld-byte elements",
+                (long long)dtype_size(p->dtype));
   const int64_t need = workspace_needed(p);
   if (need > 0 && (!p->workspace || p->workspace_bytes < need || !aligned16(p->workspace)))
     return fail(FFA_ERR_INVALID_ARGUMENT,
@@ -349,10 +350,11 @@ int ffa_decode(const ffa_decode_params *p) {
   a.o_sb = p->out_stride_b, a.o_sh = p->out_stride_h;
   a.pos_ptr = p->pos_ptr, a.pos_is64 = p->pos_bits == 64, a.pos_scalar = p->pos_scalar;
   a.start_ptr = p->start_ptr, a.start_is64 = p->start_bits == 64, a.start_scalar = p->start_scalar;
-  a.scale_log2 = float(p->softmax_scale * kLog2e);
+  a.scale_log2 = float(p->softmax_scale * ffa::kLog2e);
   a.cap_log2 = float(cap_log2);
   a.inv_cap_log2 = p->softcap != 0.0 ? float(1.0 / cap_log2) : 0.f;
   a.prune_p = float(p->prune_p);
+  a.sinks = p->sinks;
   a.heads = int(p->heads), a.group = int(p->heads / p->kv_heads);
   a.heads_per_block = int(p->heads_per_block), a.max_len = int(p->max_len);
   a.split_len = int(p->split_len), a.num_splits = int(num_splits(p));

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ._version import __version__
 
-ABI_VERSION = 8  # must equal FFA_ABI_VERSION in csrc/ffa.h
+ABI_VERSION = 9  # must equal FFA_ABI_VERSION in csrc/ffa.h
 
 OK, INVALID_ARGUMENT, UNSUPPORTED, NO_KERNEL_IMAGE, CUDA_ERROR, ABI_MISMATCH = range(6)
 DTYPE_CODES = {"float16": 0, "bfloat16": 1, "float32": 2}
@@ -65,6 +65,7 @@ class DecodeParams(ctypes.Structure):
         ("softmax_scale", ctypes.c_double),
         ("prune_p", ctypes.c_double),
         ("softcap", ctypes.c_double),
+        ("sinks", ctypes.c_void_p),
         ("threads", ctypes.c_int64),
         ("heads_per_block", ctypes.c_int64),
         ("split_len", ctypes.c_int64),

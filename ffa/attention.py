@@ -1,7 +1,7 @@
 """FastForwardAttn: a preallocated KV cache and the decode step over it.
 
     ffa = FastForwardAttn(K, V, max_len, use_default_kernel_launch=False)
-    out = ffa.attention(q, k, v, softmax_scale, t, p=0.0, softcap=None)
+    out = ffa.attention(q, k, v, softmax_scale, t, p=0.0, softcap=None, sinks=None)
 
 K, V: [batch, kv_heads, prompt_len, head_dim], copied once into a cache of max_len positions.
 q: [batch, heads, 1, head_dim] (or [batch, heads, head_dim]); k, v: [batch, kv_heads, 1,
@@ -13,7 +13,9 @@ the kernel itself, so a captured CUDA graph sees their new values on every repla
 p is the pruning threshold: value rows whose softmax weight is below p may be skipped, which
 bounds the error of each output element by sum_{w_i < p} w_i |v_i|; p = 0 is exact.
 softcap caps the attention logits before the softmax: s becomes softcap * tanh(s / softcap)
-(Gemma 2's attention-logit softcapping); None: no cap. reference.py is the specification.
+(Gemma 2's attention-logit softcapping); None: no cap. sinks, a tensor [heads] of the cache's
+dtype, are attention sinks (gpt-oss): head h's logit sinks[h] joins the softmax's denominator
+without a value row; None: none. reference.py is the specification.
 """
 
 import math
@@ -131,6 +133,22 @@ def _softcap(softcap):
     return float(softcap)
 
 
+def _check_sinks(sinks, heads, dtype, device):
+    """Attention sinks as the library takes them: None, or a contiguous [heads] tensor of the
+    cache's dtype on its device (read by the kernel where it is: no copy per step)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"sinks must be None or a torch.Tensor, got {type(sinks).__name__}")
+    if sinks.shape != (heads,) or not sinks.is_contiguous():
+        raise ValueError(f"sinks must be a contiguous tensor of shape [{heads}] (one logit per query head), "
+                         f"got shape {tuple(sinks.shape)}")
+    if sinks.dtype != dtype:
+        raise TypeError(f"sinks has dtype {sinks.dtype}, the cache holds {dtype}")
+    if sinks.device != device:
+        raise ValueError(f"sinks is on {sinks.device}, the cache is on {device}")
+
+
 def _mark_static(*tensors):
     """Tell torch.compile these buffers keep their address: CUDA graphs replay in-place writes
     only into inputs marked static (as transformers' StaticCache marks its buffers). Skipped
@@ -245,10 +263,12 @@ class FastForwardAttn:
         self._workspace_for(heads, config)
         return config
 
-    def attention(self, q, k, v, softmax_scale=None, t=None, p=0.0, *, start=0, out=None, softcap=None):
+    def attention(self, q, k, v, softmax_scale=None, t=None, p=0.0, *, start=0, out=None, softcap=None,
+                  sinks=None):
         """Append k, v at position t and attend q over start .. t; returns [batch, heads, head_dim]
         (written into `out` when given: a contiguous tensor of that shape and q's dtype). softcap:
-        logits s become softcap * tanh(s / softcap) before the softmax (None: not capped)."""
+        logits s become softcap * tanh(s / softcap) before the softmax (None: not capped). sinks: None,
+        or [heads] attention sinks of the cache's dtype, one logit per head in the denominator."""
         _expect_tensor("q", q, (3, 4))
         heads = q.shape[1]
         if heads == 0 or heads % self.kv_heads:
@@ -268,6 +288,7 @@ class FastForwardAttn:
         if not _is_real(p) or not 0.0 <= p < 1.0:
             raise ValueError(f"p must be a number in [0, 1), got {p!r}")
         cap = _softcap(softcap)
+        _check_sinks(sinks, heads, self.dtype, self.device)
 
         shape = (self.batch, heads, self.head_dim)
         if out is None:
@@ -281,20 +302,20 @@ class FastForwardAttn:
         length = self.max_len if pos is not None else pos_int + 1
         scale, p = float(softmax_scale), float(p)
         if self.kernel == "sdpa":
-            if p > 0 or cap:
-                raise ValueError(f"p={p}, softcap={softcap}: pruning and softcapping need FFA's kernel (kernel='ffa'), "
-                                 "not kernel='sdpa'")
+            if p > 0 or cap or sinks is not None:
+                raise ValueError(f"p={p}, softcap={softcap}, sinks {'given' if sinks is not None else 'None'}: "
+                                 "pruning, softcapping and sinks need FFA's kernel (kernel='ffa'), not kernel='sdpa'")
             ops.sdpa_decode_into(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos,
                                  pos_int, start_t, start_int, scale)
             return out
         config = self.launch_config(heads, length, p > 0)
         if self._cuda and not torch.compiler.is_compiling():  # the eager fast path: no op, no views
             ops.cuda_decode(self._launch_params(heads, config), out, q, k, v, pos, pos_int, start_t, start_int,
-                            scale, p, cap)
+                            scale, p, cap, sinks)
             return out
         op = ops.decode if torch.compiler.is_compiling() else ops.decode_into
         op(out, _row_view(q), _row_view(k), _row_view(v), self.k_cache, self.v_cache, pos, pos_int, start_t,
-           start_int, scale, p, cap, config.fields(), self._workspace_for(heads, config))
+           start_int, scale, p, cap, sinks, config.fields(), self._workspace_for(heads, config))
         return out
 
     def _launch_params(self, heads, config):

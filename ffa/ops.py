@@ -62,13 +62,13 @@ def launch_params(k_cache, v_cache, heads, config, workspace):
     return params
 
 
-def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap):
+def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap, sinks=None):
     """Queue one decode step on the current stream of q's device: a copy of `fixed` (from
     launch_params) completed with this step's tensors and numbers. A copy, not `fixed` itself:
     the library call releases the GIL, and another thread's step must not rewrite the struct
     under it. q, new_k and new_v may keep their position dimension ([batch, heads, 1,
     head_dim]): the kernel reads rows through their batch and head strides, so no view is made.
-    softcap 0: logits not capped."""
+    softcap 0: logits not capped; sinks: None, or [heads] contiguous of q's dtype."""
     P = _lib.DecodeParams.from_buffer_copy(fixed)
     vec = 16 // q.element_size()
     q, P.q, P.q_stride_b, P.q_stride_h = _rows(q, vec)
@@ -81,6 +81,8 @@ def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, sca
     if start is not None:
         P.start_ptr, P.start_bits = start.data_ptr(), start.element_size() * 8
     P.pos_scalar, P.start_scalar, P.softmax_scale, P.prune_p, P.softcap = pos_int, start_int, scale, p, softcap
+    if sinks is not None:
+        P.sinks = sinks.data_ptr()
     # torch's raw bindings, as Inductor's generated code uses them: torch.cuda.current_stream
     # builds a Stream object, which costs microseconds per call.
     device = q.get_device()
@@ -95,18 +97,18 @@ def cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, sca
 def decode_into(out: torch.Tensor, q: torch.Tensor, new_k: torch.Tensor, new_v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, pos: Optional[torch.Tensor], pos_int: int,
                 start: Optional[torch.Tensor], start_int: int, scale: float, p: float, softcap: float,
-                launch: List[int], workspace: torch.Tensor) -> None:
-    """One decode step (see reference.py for the semantics; softcap 0: none), written into `out`
-    [batch, heads, head_dim]; launch: LaunchConfig.fields()."""
+                sinks: Optional[torch.Tensor], launch: List[int], workspace: torch.Tensor) -> None:
+    """One decode step (see reference.py for the semantics; softcap 0: none; sinks None: none), written
+    into `out` [batch, heads, head_dim]; launch: LaunchConfig.fields()."""
     if q.is_cuda:
         config = LaunchConfig.from_fields(launch)
         fixed = launch_params(k_cache, v_cache, q.shape[1], config, workspace)
-        cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap)
+        cuda_decode(fixed, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, softcap, sinks)
         return
     batch = q.shape[0]
     out.copy_(decode_reference(q, new_k, new_v, k_cache, v_cache,
                                _positions(pos, pos_int, batch, q.device),
-                               _positions(start, start_int, batch, q.device), scale, p, softcap))
+                               _positions(start, start_int, batch, q.device), scale, p, softcap, sinks))
 
 
 # SDPA backends in the order sdpa_decode_into tries them: a boolean mask rules flash attention out.
@@ -143,7 +145,8 @@ decode = torch.library.custom_op("ffa::decode", decode_into, mutates_args=("out"
 
 
 @decode.register_fake
-def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p, softcap, launch, workspace):
+def _(out, q, new_k, new_v, k_cache, v_cache, pos, pos_int, start, start_int, scale, p, softcap, sinks, launch,
+      workspace):
     return None
 
 

@@ -11,7 +11,8 @@ written for clarity, not speed: every shape and rule is visible here.
 Step: write new_k/new_v at cache position pos[b]; then for every query head
   s = scale * q . K[start[b] .. pos[b]]                (accumulated in float32, or float64)
   s = softcap * tanh(s / softcap)                      (attention-logit softcapping; softcap = 0: none)
-  w = softmax(s)
+  w = softmax(s), or with attention sinks [heads]     w_i = e^s_i / (sum_j e^s_j + e^sinks[h]): the sink, taken
+                                                       as is (not scaled, not capped), weighs no value row
   out = sum_i w_i * V_i, where rows with w_i < p may be skipped (the reference skips exactly
         those; the kernel skips a subset of them), so |out - exact| <= sum_{w_i < p} w_i |V_i|.
 """
@@ -23,7 +24,7 @@ def accumulation_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p, softcap=0.0):
+def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p, softcap=0.0, sinks=None):
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
@@ -42,7 +43,11 @@ def decode_reference(q, new_k, new_v, k_cache, v_cache, pos, start, scale, p, so
     positions = torch.arange(length, device=q.device)
     outside = (positions < start[:, None]) | (positions > pos[:, None])  # [batch, length]
     logits = logits.masked_fill(outside[:, None, None, :], float("-inf"))
-    weights = torch.softmax(logits, dim=-1)
+    if sinks is not None:  # one more logit per head, taken as is, then dropped from the weights
+        sink = sinks.to(acc).view(1, kv_heads, group, 1).expand(batch, -1, -1, -1)
+        weights = torch.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        weights = torch.softmax(logits, dim=-1)
     if p > 0:
         weights = torch.where(weights < p, torch.zeros_like(weights), weights)
     # Rows outside the range weigh 0, but 0 * NaN is NaN: what they hold must not matter.

@@ -3,7 +3,8 @@
 Every kernel family runs at least once: default (unsplit) and split launches (whose last
 block to finish combines the splits), every dtype, every head_dim, MHA/GQA/MQA, every compiled
 heads-per-block template (1, 2, 4, 8, and a partial block), 64/128/256 threads, ragged t as
-int32 and int64 device tensors, left padding, a sliding window with softcapped logits, p > 0
+int32 and int64 device tensors, left padding, a sliding window with softcapped logits, attention
+sinks (every kernel, split, unsplit and in clusters), p > 0
 and p near 1, several sub-chunks per block, 63 splits to combine, one workspace reused by
 launches of every shape (its split counters must come back to zero), t = 0 on an empty prompt,
 t = max_len - 1, and device positions out of range (NaN rows, no cache write). Each case is checked against the float64
@@ -32,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ.setdefault("FFA_TUNER_CACHE_DIR", tempfile.mkdtemp())  # no tuned table: the launch is given
 
-from cases import Case, exact, make_inputs, pruning_bound, rel_l2  # noqa: E402
+from cases import Case, exact, make_inputs, make_sinks, pruning_bound, rel_l2  # noqa: E402
 from test_gpu_kernel import DTYPES, HEAD_DIMS, TOL  # noqa: E402
 
 from ffa import FastForwardAttn, LaunchConfig  # noqa: E402
@@ -119,6 +120,13 @@ def matrix():
             batch=2, heads=8, kv_heads=2, head_dim=128, prompt_len=300, max_len=320, dtype=torch.bfloat16,
             ragged=True, p=0.01), LaunchConfig(64, 4, 64, tensor_cores=True, cluster=8)),
     ]
+    # Attention sinks, in each kernel's output writes: unsplit, the split combine, the cluster combine.
+    sinks = dict(batch=3, heads=8, kv_heads=2, head_dim=64, prompt_len=300, max_len=320, dtype=f16, ragged=True,
+                 padded=True, sinks=True)
+    runs += [Run(f"sinks, {name}", Case(**sinks, p=p), launch) for name, launch, p in (
+        ("default", LaunchConfig(256, 1, 0), 0.0), ("split 64, pruning", LaunchConfig(128, 4, 64), 0.01),
+        ("tensor cores unsplit", LaunchConfig(128, 4, 0, tensor_cores=True), 0.0),
+        ("tma split 32 in clusters of 4", LaunchConfig(128, 4, 32, cluster=4, **tma), 0.0))]
     for name, launch in (("default", LaunchConfig(256, 1, 0)), ("split", LaunchConfig(128, 2, 16)),
                          ("tma", LaunchConfig(64, 2, 32, **tma))):
         runs += [
@@ -140,17 +148,20 @@ def check(run, seed):
     """One decode step on the GPU (repeated with each launch of run.then, on the same
     FastForwardAttn and workspace), held to the float64 reference."""
     c = run.case
-    K, V, q, k, v, t, start = make_inputs(c, torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    K, V, q, k, v, t, start = make_inputs(c, gen)
     K, V, q, k, v = (x.to(c.dtype).double() for x in (K, V, q, k, v))  # what the kernel sees
+    sinks = make_sinks(c, gen)
+    sinks = sinks.to(c.dtype).double() if sinks is not None else None
     explicit = run.t is not None
     if explicit:
         t, start = torch.tensor(run.t), torch.tensor(run.start)
     valid = [b for b in range(c.batch) if b not in run.invalid]
     scale = 1 / math.sqrt(c.head_dim)
     ref, kc, vc = exact(K[valid], V[valid], q[valid], k[valid], v[valid], t[valid], start[valid], scale,
-                        c.max_len, c.softcap)
+                        c.max_len, c.softcap, sinks)
     if c.p > 0:  # the pruned output may differ from the exact one by this much
-        allowed = pruning_bound(q[valid], kc, vc, t[valid], start[valid], scale, c.p, c.softcap)
+        allowed = pruning_bound(q[valid], kc, vc, t[valid], start[valid], scale, c.p, c.softcap, sinks)
         allowed += 4 * TOL[c.dtype] * ref.abs().max()
 
     dev = lambda x: x.to("cuda", c.dtype)
@@ -161,7 +172,8 @@ def check(run, seed):
     for launch in [run.launch, *run.then]:
         f.launch = launch
         out = dev(torch.full((c.batch, c.heads, c.head_dim), math.nan))
-        f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out, softcap=c.softcap or None)
+        f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out, softcap=c.softcap or None,
+                    sinks=dev(sinks) if sinks is not None else None)
         torch.cuda.synchronize()
         out = out.cpu()
 

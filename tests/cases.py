@@ -1,5 +1,6 @@
 """Random decode problems and their float64 answers, shared by the CPU and GPU tests."""
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ class Case:
     window: int = 0       # > 0: a sliding window, start = t - window + 1 where that is past the start
     p: float = 0.0
     softcap: float = 0.0  # > 0: logits capped to softcap * tanh(s / softcap)
+    sinks: bool = False   # attention sinks (make_sinks)
 
 
 def make_inputs(c, generator=None):
@@ -48,19 +50,29 @@ def make_inputs(c, generator=None):
     return K, V, q, k, v, t, start
 
 
-def exact(K, V, q, k, v, t, start, scale, max_len, softcap=0.0):
+def make_sinks(c, generator=None):
+    """Attention sinks [heads] (float64) when c.sinks, else None: logits about log(prompt_len), where
+    e^sink is of the order of the positions' own sum of weights, spread so that the heads range from a
+    sink of little weight to one of most."""
+    if not c.sinks:
+        return None
+    return math.log(c.prompt_len) + 2 * torch.randn(c.heads, generator=generator, dtype=torch.float64)
+
+
+def exact(K, V, q, k, v, t, start, scale, max_len, softcap=0.0, sinks=None):
     """Float64 attention over start..t (p = 0) from the reference, and its caches."""
     b, kvh, _, d = K.shape
     kc = torch.zeros(b, kvh, max_len, d, dtype=torch.float64)
     vc = torch.zeros_like(kc)
     kc[:, :, : K.shape[2]] = K
     vc[:, :, : V.shape[2]] = V
-    out = decode_reference(q[:, :, 0], k[:, :, 0], v[:, :, 0], kc, vc, t, start, scale, 0.0, softcap)
+    out = decode_reference(q[:, :, 0], k[:, :, 0], v[:, :, 0], kc, vc, t, start, scale, 0.0, softcap, sinks)
     return out, kc, vc
 
 
-def pruning_bound(q, kc, vc, t, start, scale, p, softcap=0.0):
-    """sum over rows with weight < p of w_i * |v_i|, per output element [batch, heads, d]."""
+def pruning_bound(q, kc, vc, t, start, scale, p, softcap=0.0, sinks=None):
+    """sum over rows with weight < p of w_i * |v_i|, per output element [batch, heads, d] (the
+    weights with the sinks, when given, in their denominators)."""
     b, h, _, d = q.shape
     kvh = kc.shape[1]
     g = h // kvh
@@ -70,9 +82,15 @@ def pruning_bound(q, kc, vc, t, start, scale, p, softcap=0.0):
         logits = softcap * torch.tanh(logits / softcap)
     pos = torch.arange(length)
     outside = (pos < start[:, None]) | (pos > t[:, None])
-    w = torch.softmax(logits.masked_fill(outside[:, None, None], float("-inf")), -1)
+    logits = logits.masked_fill(outside[:, None, None], float("-inf"))
+    if sinks is not None:
+        sink = sinks.to(logits.dtype).view(1, kvh, g, 1).expand(b, -1, -1, -1)
+        w = torch.softmax(torch.cat([logits, sink], -1), -1)[..., :-1]
+    else:
+        w = torch.softmax(logits, -1)
     w = torch.where(w < p, w, torch.zeros_like(w))
-    return torch.einsum("bkgl,bkld->bkgd", w, vc[:, :, :length].abs()).reshape(b, h, d)
+    values = vc[:, :, :length].abs().masked_fill(outside[:, None, :, None], 0)  # rows never written may hold NaN
+    return torch.einsum("bkgl,bkld->bkgd", w, values).reshape(b, h, d)
 
 
 def rel_l2(x, ref):

@@ -11,13 +11,18 @@ from ffa import FastForwardAttn, LaunchConfig, _lib, ops
 from ffa.launch import kernel_applies, library_facts, tensor_cores_apply
 
 
-def naive(K, V, q, scale, softcap=None):
+def naive(K, V, q, scale, softcap=None, sinks=None):
     """softmax(q K^T * scale) V per (batch, head), float64, K/V already expanded to q's heads;
-    with softcap, the logits s are capped to softcap * tanh(s / softcap) first."""
+    with softcap, the logits s are capped to softcap * tanh(s / softcap) first; with sinks [heads],
+    the weights are e^s_i / (sum_j e^s_j + e^sinks[h])."""
     s = torch.einsum("bhd,bhld->bhl", q, K) * scale
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
-    return torch.einsum("bhl,bhld->bhd", torch.softmax(s, -1), V)
+    w = s.exp()
+    denominator = w.sum(-1, keepdim=True)
+    if sinks is not None:
+        denominator = denominator + sinks.exp()[None, :, None]
+    return torch.einsum("bhl,bhld->bhd", w / denominator, V)
 
 
 def test_original_api_and_import_line():
@@ -79,6 +84,33 @@ def test_sdpa_kernel_computes_the_same_step():
         sdpa.attention(q, k, v, 0.2, t, 1e-3, start=start)
     with pytest.raises(ValueError, match="softcapping"):
         sdpa.attention(q, k, v, 0.2, t, start=start, softcap=30.0)
+    with pytest.raises(ValueError, match="sinks"):
+        sdpa.attention(q, k, v, 0.2, t, start=start, sinks=torch.zeros(c.heads, dtype=c.dtype))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.01])
+def test_sinks_join_each_heads_denominator(p):
+    """Attention sinks from hardly any weight to most of it, one per query head (grouped heads,
+    ragged positions, left padding, a softcap): the output equals e^s_i / (sum_j e^s_j + e^sink)
+    weights of V per sequence, differs from the sinkless one, and pruning keeps its bound on the
+    weights with the sink in the denominator."""
+    c = Case(batch=3, heads=4, kv_heads=2, prompt_len=40, dtype=torch.float64, ragged=True, padded=True)
+    K, V, q, k, v, t, start = make_inputs(c, torch.Generator().manual_seed(0))
+    sinks = torch.tensor([-2.0, 1.0, 3.0, 5.0], dtype=c.dtype)
+    for cap in (None, 5.0):
+        f = FastForwardAttn(K, V, c.max_len)
+        out = f.attention(q, k, v, 0.5, t, p, start=start, softcap=cap, sinks=sinks)
+        sinkless = FastForwardAttn(K, V, c.max_len).attention(q, k, v, 0.5, t, start=start, softcap=cap)
+        expected = torch.cat([naive(f.k_cache[b:b + 1, :, start[b]:t[b] + 1].repeat_interleave(2, 1),
+                                    f.v_cache[b:b + 1, :, start[b]:t[b] + 1].repeat_interleave(2, 1),
+                                    q[b:b + 1, :, 0], 0.5, cap, sinks) for b in range(c.batch)])
+        bound = pruning_bound(q, f.k_cache, f.v_cache, t, start, 0.5, p, cap or 0.0, sinks) if p else 0
+        assert ((out - expected).abs() <= bound + 1e-12).all()
+        assert ((out - sinkless).abs().amax((0, 2)) > 1e-3).all(), "a head's sink changed nothing"
+        # each output is the sinkless one scaled by the weight the positions keep: (0, 1)
+        if p == 0:
+            kept = out / sinkless
+            assert ((kept > 0) & (kept < 1)).all()
 
 
 @pytest.mark.parametrize("p", [0.0, 0.01])
@@ -222,6 +254,12 @@ BAD_CALLS = [
     (lambda f, q, k: dict(softcap=1e31), ValueError, "softcap"),
     (lambda f, q, k: dict(softcap="50"), ValueError, "softcap"),
     (lambda f, q, k: dict(softcap=True), ValueError, "softcap"),
+    (lambda f, q, k: dict(sinks=[0.0] * 4), TypeError, "sinks must be None or a torch.Tensor"),
+    (lambda f, q, k: dict(sinks=torch.zeros(2)), ValueError, r"sinks must be a contiguous tensor of shape \[4\]"),
+    (lambda f, q, k: dict(sinks=torch.zeros(1, 4)), ValueError, r"shape \[4\]"),
+    (lambda f, q, k: dict(sinks=torch.zeros(8)[::2]), ValueError, "contiguous"),
+    (lambda f, q, k: dict(sinks=torch.zeros(4, dtype=torch.float64)), TypeError, "sinks has dtype"),
+    (lambda f, q, k: dict(sinks=torch.zeros(4, device="meta")), ValueError, "sinks is on meta"),
     (lambda f, q, k: dict(out=torch.empty(2, 4, 32)), ValueError, "out"),
     (lambda f, q, k: dict(out=torch.empty(2, 64, 4).transpose(1, 2)), ValueError, "out"),
 ]
@@ -243,7 +281,7 @@ def test_accepted_calls_let_no_bad_one_through(change, exc, word):
     f, q, k = make()
     good = [dict(q=q, k=k, v=k, t=8), dict(q=q[:, :, 0], k=k[:, :, 0], v=k[:, :, 0], t=torch.tensor([9, 9])),
             dict(q=q, k=k[:, :, 0], v=k, t=torch.tensor(10, dtype=torch.int32), start=torch.tensor([0, 2]),
-                 softcap=30.0)]
+                 softcap=30.0, sinks=torch.zeros(4))]
     for args in good:
         f.attention(softmax_scale=0.125, **args)
     cache = [c.clone() for c in f.get_cache()]

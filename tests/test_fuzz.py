@@ -2,7 +2,8 @@
 (non-contiguous, misaligned, overlapping expand() views, the 3-D form), values (NaN and inf
 in q/k/v and the prompt, logits of +-1e4), empty batches and prompts, positions of every form
 (int, numpy int, int32/int64 tensors on either device, 0-dim tensors, ragged, at both ends),
-p at its edges, softcaps from none to 1e-30, and one bad argument at a time.
+p at its edges, softcaps from none to 1e-30, attention sinks from -inf to 1e4, and one bad argument at a
+time.
 
 Every call either matches a float64 model of the decode step or raises a ValueError or
 TypeError whose message names the bad argument, and a rejected call changes nothing. The model
@@ -192,9 +193,10 @@ class Model:
         self.v[:, :, :s.prompt_len] = V.double().cpu()
         self.filled = torch.full((s.batch,), s.prompt_len)  # rows 0 .. filled-1 hold data
 
-    def step(self, q, k, v, scale, t, start, p, softcap, valid):
+    def step(self, q, k, v, scale, t, start, p, softcap, sinks, valid):
         """Writes the new rows of the valid sequences; returns (expected output, allowed error,
-        rows that may be anything) for q [b, h, d], t and start int64 [b], valid bool [b]."""
+        rows that may be anything) for q [b, h, d], t and start int64 [b], valid bool [b], sinks
+        None or float64 [h]."""
         s, rows = self.s, valid.nonzero()[:, 0]
         self.k[rows, :, t[rows]] = k[rows]
         self.v[rows, :, t[rows]] = v[rows]
@@ -215,7 +217,7 @@ class Model:
         clean_v = values.masked_fill(~attended[:, None, :, None], 0)
         qr = q[rows]
         expected[rows] = decode_reference(qr, k[rows], v[rows], clean_k.clone(), clean_v.clone(), tv, sv, scale, p,
-                                          softcap or 0.0)
+                                          softcap or 0.0, sinks)
 
         bad_rows = ~(keys.isfinite().all(-1) & values.isfinite().all(-1)) & attended[:, None]
         tainted = bad_rows.any(-1).repeat_interleave(s.group, 1) | ~qr.isfinite().all(-1)
@@ -227,7 +229,7 @@ class Model:
         allowed[rows] = bound[..., None].expand(-1, -1, s.head_dim)
         if p > 0:  # rows whose weight is within 0.1% of p may go either way
             allowed[rows] += pruning_bound(qr[:, :, None], clean_k, clean_v, tv, sv, scale, p * (1 + 1e-3),
-                                           softcap or 0.0)
+                                           softcap or 0.0, sinks)
         return expected, allowed, free
 
 
@@ -306,6 +308,13 @@ def step_calls(draw, s, model):
     softcap = draw(st.sampled_from([None, None, None, 30.0, 1.0, 1e-30]))
     if softcap is not None:  # capping is a contraction: the logits' error bound holds for capped logits
         args["softcap"] = softcap
+    sinks = draw(st.sampled_from([None, None, None, "random", "edges"]))
+    if sinks == "random":  # from little weight to most of it
+        args["sinks"] = (math.log(s.prompt_len + 1) + 3 * torch.randn(s.heads, generator=gen, dtype=torch.float64)
+                         ).to(s.device, s.dtype)
+    elif sinks == "edges":  # no weight, and (where the logits are of order 1) all of it
+        edges = torch.tensor([-math.inf, -1e4, 0.0, 1e4], dtype=torch.float64)
+        args["sinks"] = edges[torch.arange(s.heads) % 4].to(s.device, s.dtype)
     if draw(st.booleans()):
         args["out"] = torch.full((s.batch, s.heads, s.head_dim), math.nan, dtype=s.dtype, device=s.device)
     device_positions = on_device(args["t"]) or on_device(args.get("start"))
@@ -396,6 +405,12 @@ BAD_CALLS = [
     *each("start", "start", (-1, 2**40), ValueError),
     *each("p", "p", (1.0, -1e-9, math.nan, math.inf, True, None, "0.1", torch.tensor(0.1)), ValueError),
     *each("softcap", "softcap", (0.0, -1.0, math.nan, math.inf, 1e31, "30", True), ValueError),
+    bad("sinks not a tensor", "sinks", lambda s, x: [0.0] * s.heads, TypeError),
+    bad("sinks shape", "sinks", lambda s, x: torch.zeros(s.heads + 1, dtype=s.dtype, device=s.device), ValueError),
+    bad("sinks per kv head", "sinks", lambda s, x: torch.zeros(s.kv_heads, dtype=s.dtype, device=s.device),
+        ValueError, applies=lambda s: s.group > 1),
+    bad("sinks dtype", "sinks", lambda s, x: torch.zeros(s.heads, dtype=other_dtype(s), device=s.device), TypeError),
+    bad("sinks on the CPU", "sinks", lambda s, x: torch.zeros(s.heads, dtype=s.dtype), ValueError, applies=ON_GPU),
     bad("out shape", "out", lambda s, x: torch.empty(s.batch, s.heads, s.head_dim + 1, dtype=s.dtype,
                                                       device=s.device), ValueError),
     bad("out dtype", "out", lambda s, x: torch.empty(s.batch, s.heads, s.head_dim, dtype=other_dtype(s),
@@ -481,7 +496,8 @@ def run_session(data, device):
 
         q, k, v = (rows3(args[n]) for n in "qkv")
         scale = args.get("softmax_scale", 1 / math.sqrt(s.head_dim))
-        expected, allowed, free = model.step(q, k, v, scale, t, start, args["p"], args.get("softcap"), valid)
+        sinks = args["sinks"].double().cpu() if "sinks" in args else None
+        expected, allowed, free = model.step(q, k, v, scale, t, start, args["p"], args.get("softcap"), sinks, valid)
         out = f.attention(**args)
         if "out" in args:
             assert out is args["out"]

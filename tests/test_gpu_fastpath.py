@@ -44,17 +44,17 @@ def rows64(x):
     return (x[:, :, 0] if x.dim() == 4 else x).double().cpu()
 
 
-def expected(f, q, k, v, scale, t, start, softcap):
+def expected(f, q, k, v, scale, t, start, softcap, sinks):
     """The float64 reference of one step on copies of f's caches: (out, k_cache, v_cache)."""
     kc, vc = (c.double().cpu() for c in f.get_cache())
     out = decode_reference(rows64(q), rows64(k), rows64(v), kc, vc, as_vector(t), as_vector(start), scale, 0.0,
-                           softcap or 0.0)
+                           softcap or 0.0, sinks.double().cpu() if sinks is not None else None)
     return out, kc, vc
 
 
 def random_step(f, rng, gen):
     """Keyword arguments of one valid call with a random head count, launch, layout per tensor,
-    position form, softcap and output buffer; sets f.launch (as the tuner does)."""
+    position form, softcap, sinks and output buffer; sets f.launch (as the tuner does)."""
     heads = rng.choice(HEADS)
     launch = rng.choice(LAUNCHES)
     f.launch = launch if launch is None or (heads // KV_HEADS) % launch.heads_per_block == 0 else None
@@ -67,7 +67,8 @@ def random_step(f, rng, gen):
     start = rng.choice([0, rng.randrange(0, PROMPT), torch.tensor([rng.randrange(0, PROMPT) for _ in range(BATCH)],
                                                                   device="cuda")])
     args = dict(q=q, k=k, v=v, softmax_scale=rng.choice([None, 0.05, 0.1]), t=t, start=start,
-                softcap=rng.choice([None, None, 0.5, 30.0]))  # kept launches must not keep a softcap
+                softcap=rng.choice([None, None, 0.5, 30.0]),  # kept launches must keep neither
+                sinks=rng.choice([None, (2 * torch.randn(heads, generator=gen) + 3).to("cuda", dtype)]))
     if rng.random() < 0.5:
         args["out"] = torch.full((BATCH, heads, HEAD_DIM), float("nan"), dtype=dtype, device="cuda")
     return args
@@ -81,7 +82,8 @@ def test_changing_calls_on_one_cache_match_the_reference(dtype):
     for step in range(60):
         args = random_step(f, rng, gen)
         scale = args["softmax_scale"] or HEAD_DIM ** -0.5
-        ref, kc, vc = expected(f, args["q"], args["k"], args["v"], scale, args["t"], args["start"], args["softcap"])
+        ref, kc, vc = expected(f, args["q"], args["k"], args["v"], scale, args["t"], args["start"], args["softcap"],
+                               args["sinks"])
         out = f.attention(**args)
         torch.cuda.synchronize()
         where = f"seed {seed}, step {step}, launch {f.launch}"
@@ -116,7 +118,8 @@ def test_fast_path_equals_the_op_path(p):
         config = f.launch_config(q.shape[1], MAX_LEN if pos is not None else t_int + 1, p > 0)
         op = torch.full_like(fast, float("nan"))
         ops.decode_into(op, q, k, v, f.k_cache, f.v_cache, pos, t_int, start, start_int,
-                        args["softmax_scale"] or HEAD_DIM ** -0.5, p, args["softcap"] or 0.0, config.fields(),
+                        args["softmax_scale"] or HEAD_DIM ** -0.5, p, args["softcap"] or 0.0, args["sinks"],
+                        config.fields(),
                         f._workspace_for(q.shape[1], config))
         where = f"seed {seed}, step {step}, launch {config}"
         assert torch.equal(fast, op), where
@@ -159,6 +162,8 @@ def bad_calls(good):
         ("start beyond t", dict(start=PROMPT + 1), ValueError, "start"),
         ("p", dict(p=1.0), ValueError, "p must"),
         ("softcap", dict(softcap=-1.0), ValueError, "softcap"),
+        ("sinks on the CPU", dict(sinks=torch.zeros(q.shape[1], dtype=q.dtype)), ValueError, "sinks is on cpu"),
+        ("sinks dtype", dict(sinks=torch.zeros(q.shape[1], device="cuda")), TypeError, "sinks has dtype"),
         ("out on the CPU", dict(out=torch.empty(BATCH, q.shape[1], HEAD_DIM, dtype=q.dtype)), ValueError, "out"),
         ("out strided", dict(out=torch.empty(BATCH, HEAD_DIM, q.shape[1], dtype=q.dtype, device="cuda")
                               .transpose(1, 2)), ValueError, "out"),

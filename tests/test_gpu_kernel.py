@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cases import Case, exact, make_inputs, pruning_bound, rel_l2
+from cases import Case, exact, make_inputs, make_sinks, pruning_bound, rel_l2
 from ffa import FastForwardAttn, LaunchConfig
 from ffa._lib import UnsupportedError
 from ffa.launch import features_apply, tensor_cores_apply, tma_applies
@@ -54,10 +54,12 @@ def launch_for(name, heads, kv_heads):
 def run_case(c, launch_name, seed):
     gen = torch.Generator().manual_seed(seed)
     K, V, q, k, v, t, start = make_inputs(c, gen)
+    sinks = make_sinks(c, gen)
     rounded = [x.to(c.dtype).double() for x in (K, V, q, k, v)]  # what the kernel sees
     K, V, q, k, v = rounded
+    sinks = sinks.to(c.dtype).double() if sinks is not None else None
     scale = 1 / math.sqrt(c.head_dim)
-    ref, kc, vc = exact(K, V, q, k, v, t, start, scale, c.max_len, c.softcap)
+    ref, kc, vc = exact(K, V, q, k, v, t, start, scale, c.max_len, c.softcap, sinks)
 
     dev = lambda x: x.to("cuda", c.dtype)
     f = FastForwardAttn(dev(K), dev(V), c.max_len, launch_name == "default",
@@ -65,7 +67,8 @@ def run_case(c, launch_name, seed):
     out = torch.full((c.batch, c.heads, c.head_dim), float("nan"), dtype=c.dtype, device="cuda")
     tt = t.cuda() if c.ragged else int(t[0])
     st = start.cuda() if c.padded or c.window else 0
-    f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out, softcap=c.softcap or None)
+    f.attention(dev(q), dev(k), dev(v), scale, tt, c.p, start=st, out=out, softcap=c.softcap or None,
+                sinks=dev(sinks) if sinks is not None else None)
     torch.cuda.synchronize()
 
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output"
@@ -76,7 +79,7 @@ def run_case(c, launch_name, seed):
         err = rel_l2(out, ref)
         assert err < TOL[c.dtype], f"relative L2 error {err:.3g}"
     else:
-        bound = pruning_bound(q, kc, vc, t, start, scale, c.p, c.softcap)
+        bound = pruning_bound(q, kc, vc, t, start, scale, c.p, c.softcap, sinks)
         slack = 4 * TOL[c.dtype] * ref.abs().max()
         excess = ((out.double().cpu() - ref).abs() - bound - slack).max()
         assert excess <= 0, f"pruning error exceeds its bound by {excess:.3g}"
@@ -110,6 +113,24 @@ def test_softcap_and_sliding_window(dtype, head_dim, launch, p):
     run_case(c, launch, seed)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.01])
+@pytest.mark.parametrize("dtype,head_dim,launch", kernel_matrix(), ids=str)
+def test_attention_sinks(dtype, head_dim, launch, p):
+    """A gpt-oss layer's step: one sink logit per query head joins its softmax's denominator (make_sinks:
+    from a sink of little weight to one of most; the answer is far from the sinkless one), grouped heads,
+    ragged positions and left padding, so that split and cluster launches apply it in every combine."""
+    c = Case(batch=3, heads=8, kv_heads=2, head_dim=head_dim, prompt_len=300, max_len=400, dtype=dtype,
+             ragged=True, padded=True, sinks=True, p=p)
+    seed = torch.randint(0, 2**31, ()).item()
+    gen = torch.Generator().manual_seed(seed)
+    K, V, q, k, v, t, start = make_inputs(c, gen)
+    sinks = make_sinks(c, gen)
+    scale = 1 / math.sqrt(head_dim)
+    with_sinks, sinkless = (exact(K, V, q, k, v, t, start, scale, c.max_len, 0.0, s)[0] for s in (sinks, None))
+    assert rel_l2(sinkless, with_sinks) > 10 * TOL[dtype]
+    run_case(c, launch, seed)
+
+
 def test_library_rejects_a_softcap_out_of_float_range():
     """The library's own check (for callers of the C ABI): a softcap that is negative, not a
     number, or whose base-2 value is no normal float32 is a ValueError naming it."""
@@ -124,6 +145,28 @@ def test_library_rejects_a_softcap_out_of_float_range():
             ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, softcap)
     ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, 1e-30)  # SOFTCAP_RANGE's ends pass
     ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, 1e30)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+
+
+def test_library_rejects_misaligned_sinks():
+    """The library's own check (for callers of the C ABI): sinks not aligned to their elements are a
+    ValueError naming them, and aligned ones pass."""
+    from ffa import ops
+    K = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.float16)
+    f = FastForwardAttn(K, K.clone(), 8)
+    q = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
+    params = ops.launch_params(f.k_cache, f.v_cache, 1, LaunchConfig(128, 1, 0), f._no_workspace)
+    out = torch.empty_like(q)
+    sinks = torch.zeros(2, device="cuda", dtype=torch.float16)
+
+    class Misaligned:  # a pointer one byte into the sinks
+        def data_ptr(self):
+            return sinks.data_ptr() + 1
+
+    with pytest.raises(ValueError, match="sinks is not aligned"):
+        ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, 0.0, Misaligned())
+    ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, 0.0, sinks[1:])
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
 

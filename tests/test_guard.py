@@ -6,7 +6,8 @@ in every float dtype. The output and the split workspace sit inside sentinel buf
 zeroed workspace serves every launch shape, as in FastForwardAttn, and each launch must stay
 inside its share of it and leave the split counters at its start zero again.
 Many steps at random positions (t = 0, t = max_len - 1, ragged batches with sequences at
-both ends, left padding, pruning, softcapping, every launch shape) must change no byte but the rows at t,
+both ends, left padding, pruning, softcapping, attention sinks (inside a sentinel buffer too), every
+launch shape) must change no byte but the rows at t,
 write new_k/new_v there bit for bit, and give the reference's answer (a read of a sentinel
 would turn it into NaN). FastForwardAttn allocates its own cache, so this runs at the op
 level, ffa.ops.decode_into, on the CPU reference path and on the GPU.
@@ -91,6 +92,9 @@ class Guarded:
                    + TMA_LAUNCHES)
         self.ws_buf = torch.full((size + 512,), 0xFF, dtype=torch.uint8, device=device)
         self.ws_buf[256:256 + size] = 0
+        self.sinks_buf = sentinel((HEADS + PAD,), dtype, device)  # a sink read past its heads would be NaN
+        self.sinks = self.sinks_buf[8:HEADS + 8]
+        self.sinks.copy_(3 * self.random((HEADS,), gen))
 
     def random(self, shape, gen):
         return torch.randn(shape, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
@@ -98,23 +102,24 @@ class Guarded:
     def workspace_bytes(self, config):
         return ops.workspace_bytes(BATCH, HEADS, self.head_dim, MAX_LEN, config) if self.device == "cuda" else 0
 
-    def launch(self, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, config, softcap=0.0):
+    def launch(self, out, q, new_k, new_v, pos, pos_int, start, start_int, scale, p, config, softcap=0.0,
+               sinks=None):
         """ops.decode_into over this problem's caches and its share of the workspace; then no
         workspace byte past that share changed, and the split counters are zero again."""
         need = self.workspace_bytes(config)
         before = self.ws_buf.clone()
         ops.decode_into(out, q, new_k, new_v, self.k_cache, self.v_cache, pos, pos_int, start, start_int,
-                        scale, p, softcap, config.fields(), self.ws_buf[256:256 + need])
+                        scale, p, softcap, sinks, config.fields(), self.ws_buf[256:256 + need])
         share = torch.zeros(self.ws_buf.shape, dtype=torch.bool, device=self.device)
         share[256:256 + need] = True
         assert torch.equal(self.ws_buf[~share], before[~share]), f"{config}: workspace bytes past its share changed"
         counters = (BATCH * HEADS * 4 + 15) // 16 * 16 if need else 0  # int32 [batch, heads], 16-byte padded
         assert not self.ws_buf[256:256 + counters].any(), f"{config}: split counters not left at zero"
 
-    def step(self, q, new_k, new_v, t, start, config, p, softcap, t_form, start_form):
+    def step(self, q, new_k, new_v, t, start, config, p, softcap, sinks, t_form, start_form):
         """One decode_into call. t and start are int64 CPU tensors [BATCH]; *_form says how
-        they are passed: "int" (when all equal), or a tensor of int32 or int64 on the device.
-        Checks every guard and the output."""
+        they are passed: "int" (when all equal), or a tensor of int32 or int64 on the device;
+        sinks: whether the step takes self.sinks. Checks every guard and the output."""
         def as_arg(values, form):
             if form == "int" and bool((values == values[0]).all()):
                 return None, int(values[0])
@@ -124,7 +129,10 @@ class Guarded:
         scale = 1 / math.sqrt(self.head_dim)
 
         kc, vc = host64(self.k_cache), host64(self.v_cache)
-        ref = decode_reference(host64(q), host64(new_k), host64(new_v), kc, vc, t, start, scale, 0.0, softcap)
+        sinks = self.sinks if sinks else None
+        sinks64 = host64(sinks) if sinks is not None else None
+        ref = decode_reference(host64(q), host64(new_k), host64(new_v), kc, vc, t, start, scale, 0.0, softcap,
+                               sinks64)
         expected = self.cache_buf.clone()  # every byte as it is, but the rows at t
         ek, ev = cache_views(expected, self.head_dim)
         rows, at = torch.arange(BATCH, device=self.device), t.to(self.device)
@@ -132,7 +140,7 @@ class Guarded:
         inputs = [x.clone() for x in (q, new_k, new_v)]
         out_before = self.out_buf.clone()
 
-        self.launch(self.out, q, new_k, new_v, pos, pos_int, st, st_int, scale, p, config, softcap)
+        self.launch(self.out, q, new_k, new_v, pos, pos_int, st, st_int, scale, p, config, softcap, sinks)
 
         changed = (bits(self.cache_buf) != bits(expected)).nonzero()
         assert changed.numel() == 0, f"{len(changed)} cache elements differ, first at {changed[0].tolist()}"
@@ -143,7 +151,7 @@ class Guarded:
         allowed = TOL[self.dtype] * vc.abs().max()  # kc, vc now hold the new rows too
         if p > 0:  # rows whose weight is within 0.1% of p may go either way
             allowed = allowed + pruning_bound(host64(q)[:, :, None], kc, vc, t, start, scale, p * (1 + 1e-3),
-                                              softcap)
+                                              softcap, sinks64)
         excess = ((host64(self.out) - ref).abs() - allowed).max()
         assert excess <= 0, f"output differs from the reference by {excess:.3g} more than allowed"
 
@@ -197,8 +205,9 @@ def test_only_rows_at_t_change(device, head_dim):
             config = launches[step % len(launches)]
             p = 0.02 if step % 4 == 3 else 0.0
             softcap = 0.5 if step % 5 >= 3 else 0.0
+            sinks = step % 7 >= 4
             forms = ("int", "int32", "int64")
-            g.step(q, new_k, new_v, t, start, config, p, softcap, forms[step % 3], forms[step // 3 % 3])
+            g.step(q, new_k, new_v, t, start, config, p, softcap, sinks, forms[step % 3], forms[step // 3 % 3])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,6 +1,6 @@
 """ffa.transformers on tiny random-weight models of every named architecture (CPU reference path;
 GPU cases marked): FFA's greedy tokens equal Hugging Face's, padded batches equal single
-sequences, each layer's window, softmax scale and softcap reach FFA, models FFA cannot run are
+sequences, each layer's window, softmax scale, softcap and sinks reach FFA, models FFA cannot run are
 refused before any work, and a decode step touches the cache only through FFA's fused append."""
 
 import contextlib
@@ -29,13 +29,14 @@ WINDOW = 10  # sliding windows shorter than prompt + new tokens
 SOFTCAP = 2.0  # Gemma 2's attention softcap; its tiny model's weights are large enough for the cap to bend logits
 PRE_ATTN_SCALAR = 64  # Gemma's query_pre_attn_scalar: softmax scale 1/8, not head_dim's 1/sqrt(32)
 GRANITE_SCALE = 0.5  # Granite's attention multiplier: the softmax scale
+SINK_LOGITS = (-1.0, 2.0, 3.0, 4.0)  # gpt-oss's per-head sinks: from hardly any weight to most of it (tiny())
 
 
 def tiny_config(arch):
     """The config of a 2-layer model of `arch`: head_dim 32, grouped-query heads where the
     architecture has them; sliding-window layers (all of them,
     or alternating with full layers) shorter than the sequence; Gemma's and Granite's own
-    softmax scales, Gemma 2's softcap."""
+    softmax scales, Gemma 2's softcap, gpt-oss's attention sinks (tiny() sets their logits)."""
     t = transformers
     common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
@@ -71,31 +72,38 @@ def tiny_config(arch):
         "granite": lambda: t.GraniteConfig(attention_multiplier=GRANITE_SCALE, embedding_multiplier=2.0,
                                            residual_multiplier=0.5, logits_scaling=2.0, **common),
         "smollm3": lambda: t.SmolLM3Config(**common),
+        "gpt_oss": lambda: t.GptOssConfig(head_dim=32, num_local_experts=4, **moe, **alternating, **common),
     }
     return configs[arch]()
 
 
 # Architectures whose prefill reference must be transformers' eager attention: SDPA skips Gemma
-# 2's softcap (FFA's prefill then runs the model's eager attention as well).
+# 2's softcap (FFA's prefill then runs the model's eager attention as well; gpt-oss's sinks take
+# the same path, and its default attention is eager already).
 EAGER_REFERENCE = ("gemma2",)
 
 
 def tiny(arch):
     """A model of tiny_config(arch) with random weights (seeded), in eval mode, on transformers'
-    attention that computes what the model defines (EAGER_REFERENCE, else SDPA)."""
+    attention that computes what the model defines (EAGER_REFERENCE, else SDPA). gpt-oss's
+    sinks get SINK_LOGITS (its initialization leaves them near 0, where they weigh little)."""
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
     if arch in EAGER_REFERENCE:
         model.set_attn_implementation("eager")
+    if arch == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.tensor(SINK_LOGITS))
     return model
 
 
 ARCHS = ["opt", "gpt2", "gptj", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "phi3", "mixtral", "olmo2", "granite", "smollm3"]
+         "phi3", "mixtral", "olmo2", "granite", "smollm3", "gpt_oss"]
 # Where transformers' own code fixes the dtype at float32: its MoE experts (grouped_mm takes no
 # float64), and eager attention, whose float32 softmax turns the fully masked rows of left
 # padding into NaN in a float64 model.
-FLOAT32_ONLY = ("qwen3_moe", "mixtral", "gemma2")
+FLOAT32_ONLY = ("qwen3_moe", "mixtral", "gemma2", "gpt_oss")
 
 
 def exact_dtype(arch):
@@ -188,9 +196,11 @@ def test_sdpa_kernel_in_ffa_cache_gives_the_same_tokens(arch):
         fft.enable(model, kernel="cudnn")
 
 
-# What each tiny model's layers pass to FFA: softmax scale, softcap, and which layers slide.
+# What each tiny model's layers pass to FFA: softmax scale, softcap, and which layers slide (and every
+# layer its attention sinks, the module's own tensor, where it has them: gpt-oss).
 LAYER_FACTS = {
     "llama": (32 ** -0.5, None, "full"), "mistral": (32 ** -0.5, None, "all sliding"),
+    "gpt_oss": (32 ** -0.5, None, "layer_types"),
     "phi3": (32 ** -0.5, None, "all sliding"), "qwen3": (32 ** -0.5, None, "layer_types"),
     "gemma2": (PRE_ATTN_SCALAR ** -0.5, SOFTCAP, "layer_types"),
     "gemma3_text": (PRE_ATTN_SCALAR ** -0.5, None, "layer_types"), "granite": (GRANITE_SCALE, None, "full"),
@@ -221,6 +231,7 @@ def test_each_layer_gets_its_window_scale_and_softcap(arch):
         assert torch.equal(args["start"], first), (layer, args["start"], first)
         assert args["softmax_scale"] == pytest.approx(scale, rel=1e-12), layer
         assert args.get("softcap") == softcap, layer
+        assert args.get("sinks") is getattr(model.model.layers[layer].self_attn, "sinks", None), layer
     assert len(calls) == (NEW - 1) * len(layers)
     assert cut > 0 or sliding == "full", "no window was shorter than the sequence"
 
@@ -430,8 +441,8 @@ def unsupported_models():
     causal = t.AutoModelForCausalLM.from_config
     return [
         ("latent attention", lambda: causal(t.DeepseekV3Config(**small)), "multi-head latent attention"),
-        ("attention sinks", lambda: causal(t.GptOssConfig(head_dim=32, num_local_experts=2, num_experts_per_tok=1,
-                                                          **small)), "attention sinks"),
+        ("values of another head_dim", lambda: causal(t.MiMoV2FlashConfig(head_dim=32, v_head_dim=16, **small)),
+         "values of another head_dim than the keys"),
         ("bidirectional", lambda: causal(t.Gemma3TextConfig(head_dim=32, use_bidirectional_attention=True, **small)),
          "non-causal"),
         ("encoder-decoder", lambda: t.AutoModelForSeq2SeqLM.from_config(t.BartConfig(
@@ -477,8 +488,9 @@ def test_models_ffa_cannot_run_are_refused_before_any_work(label, build, words):
 def attention_of_its_own(arch):
     """Models whose layers attend over something other than what their cache stored: DiffLlama
     (each layer attends twice, over halves of its values), Doge (a dynamic mask computed in
-    the layer), and a Llama whose layer 1 keeps its K/V in a cache of its own (stores nothing
-    in the model's cache, as a layer that borrows another layer's K/V does)."""
+    the layer), a Llama whose layer 1 keeps its K/V in a cache of its own (stores nothing
+    in the model's cache, as a layer that borrows another layer's K/V does), and a Llama whose
+    layer 0 has attention sinks that its forward does not pass on (as s_aux)."""
     t = transformers
     small = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -494,13 +506,18 @@ def attention_of_its_own(arch):
 
         attention.forward = keeping_its_own_cache
         return model
+    if arch == "llama, sinks not passed on":
+        model = t.AutoModelForCausalLM.from_config(t.LlamaConfig(**small))
+        model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(small["num_attention_heads"]))
+        return model
     config = {"diffllama": t.DiffLlamaConfig, "doge": t.DogeConfig}[arch]
     return t.AutoModelForCausalLM.from_config(config(**small))
 
 
 @pytest.mark.parametrize("arch,words", [("diffllama", "layer 0 .* is handed K/V other than those it stored"),
                                         ("doge", "layer 0 .* gets a mask of its own"),
-                                        ("llama, a layer with a cache of its own", "layer 1 .* is handed K/V other")])
+                                        ("llama, a layer with a cache of its own", "layer 1 .* is handed K/V other"),
+                                        ("llama, sinks not passed on", "layer 0 .* sinks that it does not pass")])
 def test_attention_a_decode_step_cannot_continue_is_refused_at_the_prefill(arch, words):
     """What enable() cannot see in the modules shows in the prefill, before any decode step: one
     ValueError naming the layer and what it does, instead of wrong tokens or a crash."""

@@ -6,9 +6,10 @@ transformers hands to every layer untouched. The first valid position comes from
 attention mask (left padding) and, for sliding-window layers, from the window (transformers
 passes a layer type's window as the mask function's `local_size`). The attention function
 hands q, k, v and that window to the layer's FastForwardAttn, with the layer's own softmax
-scale (`scaling`: Gemma's query_pre_attn_scalar, Granite's attention multiplier) and softcap
-(Gemma 2). Any other call (prefill) runs the prefill attention: SDPA, or, for a layer with a
-softcap, which SDPA lacks, the eager attention of the model's own modeling file.
+scale (`scaling`: Gemma's query_pre_attn_scalar, Granite's attention multiplier), softcap
+(Gemma 2) and attention sinks (`s_aux`: gpt-oss). Any other call (prefill) runs the prefill
+attention: SDPA, or, for a layer with a softcap or sinks, which SDPA lacks, the eager attention
+of the model's own modeling file.
 """
 
 import math
@@ -51,7 +52,7 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atte
         attention_mask=attention_mask, local_size=local_size, config=config, device=device, **kwargs)
 
 
-def _decode(module, query, key, value, window, scaling, dropout, softcap=None):
+def _decode(module, query, key, value, window, scaling, dropout, softcap=None, sinks=None):
     """One decode step of one layer through FastForwardAttn; returns [batch, heads, head_dim]."""
     binding = find_binding(module)
     if binding is None:
@@ -66,7 +67,7 @@ def _decode(module, query, key, value, window, scaling, dropout, softcap=None):
     # .to is a no-op unless the model spans several devices; view + unbind costs a third of
     # indexing the window twice, and this runs for every layer of every step.
     start, t = window.to(query.device).view(2, -1).unbind()
-    return attn.attention(query, key, value, scaling, t, start=start, softcap=softcap)
+    return attn.attention(query, key, value, scaling, t, start=start, softcap=softcap, sinks=sinks)
 
 
 def _refuse_unwindowed_decode(module, query, key):
@@ -79,12 +80,13 @@ def _refuse_unwindowed_decode(module, query, key):
                          "pass a 2-D attention_mask (custom 4-D masks are not supported)")
 
 
-def _refuse_what_decode_cannot_continue(module, key, value, attention_mask):
+def _refuse_what_decode_cannot_continue(module, key, value, attention_mask, s_aux):
     """At the prefill, before any decode step: a layer whose attention is handed K/V other than
     the ones its FFACache layer returned (differential attention's split values, K/V shared
-    from another layer or changed after the cache), or a mask other than the one transformers'
+    from another layer or changed after the cache), a mask other than the one transformers'
     mask function made for SDPA (None or boolean: not a bias the layer computes itself, as in
-    Doge's dynamic mask) attends over something FFA's decode step would not: refuse it."""
+    Doge's dynamic mask), or attention sinks (a `sinks` parameter) that do not reach the
+    attention function as s_aux, attends over something FFA's decode step would not: refuse it."""
     binding = find_binding(module)  # None for a module FFA did not bind (a vision tower's attention)
     cache = binding.cache if binding is not None else None
     if cache is None:
@@ -101,6 +103,9 @@ def _refuse_what_decode_cannot_continue(module, key, value, attention_mask):
         refuse(binding.model_type, f"the attention of layer {layer} ({type(module).__name__}) gets a mask of its own "
                                    f"({attention_mask.dtype} {tuple(attention_mask.shape)}), not transformers' causal "
                                    "mask (a bias or dynamic mask computed in the layer)")
+    if s_aux is None and getattr(module, "sinks", None) is not None:
+        refuse(binding.model_type, f"the attention of layer {layer} ({type(module).__name__}) has attention sinks "
+                                   "that it does not pass to the attention function (as s_aux)")
 
 
 def _eager_attention(module):
@@ -127,21 +132,21 @@ def attention_function(module, query, key, value, attention_mask, scaling=None, 
                        s_aux=None, **kwargs):
     """The "ffa" attention function: FFA for a decode step, the prefill attention otherwise.
     Returns [batch, q_len, heads, head_dim] and no weights, as transformers expects."""
-    if s_aux is not None:  # enable() refuses models with sinks; this catches one it did not recognize
-        raise ValueError(f"{type(module).__name__} passes attention sinks (s_aux), which FFA does not support")
     if is_window(attention_mask):
         if scaling is None:
             scaling = 1.0 / math.sqrt(query.shape[-1])
-        return _decode(module, query, key, value, attention_mask, scaling, dropout, softcap).unsqueeze(1), None
+        return _decode(module, query, key, value, attention_mask, scaling, dropout, softcap,
+                       s_aux).unsqueeze(1), None
     _refuse_unwindowed_decode(module, query, key)
-    _refuse_what_decode_cannot_continue(module, key, value, attention_mask)
-    if softcap is not None:
+    _refuse_what_decode_cannot_continue(module, key, value, attention_mask, s_aux)
+    if softcap is not None or s_aux is not None:
         eager = _eager_attention(module)
         if eager is None:
-            raise ValueError(f"{type(module).__name__} caps its logits (softcap) and its modeling file has no "
-                             "eager_attention_forward for FFA's prefill (SDPA has no softcap)")
+            raise ValueError(f"{type(module).__name__} caps its logits (softcap) or has attention sinks (s_aux), "
+                             "and its modeling file has no eager_attention_forward for FFA's prefill (SDPA has "
+                             "neither)")
         return eager(module, query, key, value, _additive(attention_mask, query, key), scaling=scaling,
-                     dropout=dropout, softcap=softcap, **kwargs)
+                     dropout=dropout, softcap=softcap, s_aux=s_aux, **kwargs)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, scaling=scaling,
                                           dropout=dropout, **kwargs)
 

@@ -90,8 +90,8 @@ def _check_features(model, modules):
         _refuse(config, "its attention does not go through transformers' attention interface (AttentionInterface)")
     if getattr(config, "kv_lora_rank", None) is not None or any(hasattr(m, "kv_lora_rank") for m in modules):
         _refuse(config, "multi-head latent attention (compressed K/V, as in DeepSeek-V3)")
-    if any(getattr(m, "sinks", None) is not None for m in modules):
-        _refuse(config, "attention sinks (a learned per-head logit in the softmax denominator, as in gpt-oss)")
+    if any(getattr(m, "v_head_dim", None) not in (None, _head_dim(config, m)) for m in modules):
+        _refuse(config, "values of another head_dim than the keys (v_head_dim, as in MiMo-V2-Flash)")
     if any(getattr(m, "is_kv_shared_layer", False) for m in modules):
         _refuse(config, "K/V shared across layers (layers that attend over an earlier layer's K/V, as in Gemma 3n)")
     if any(getattr(m, "is_causal", True) is False for m in modules):
