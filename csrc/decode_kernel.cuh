@@ -62,14 +62,21 @@ struct RowShape {
   static constexpr int CPL = (CHUNKS + TPK - 1) / TPK;    // chunks per lane
 };
 
+// The final reduction across warps goes through the logits buffer, kReduceDims<D> dims of a head at a
+// time: one pass up to head_dim 256, two at 512.
+template <int D>
+constexpr int kReduceDims = cmin(D, kLogitFloats / kMaxWarps);
+
 // Registers bound occupancy, and occupancy bounds the loads in flight: at 256 threads a block
 // of the one-head kernel must fit three times on a multiprocessor (<= 85 registers), the
 // 2- and 4-head kernels twice (<= 128); the 8-head kernel's q and accumulators alone need 128.
-template <int G>
-constexpr int min_blocks() { return G == 1 ? 3 : G >= 8 ? 1 : 2; }
+// At head_dim 512 a thread holds twice the q and accumulators: the 1- and 2-head kernels fit
+// twice, the others once (the 8-head kernel's 256 floats spill, whatever the bound).
+template <int G, int D>
+constexpr int min_blocks() { return D > 256 ? (G <= 2 ? 2 : 1) : G == 1 ? 3 : G >= 8 ? 1 : 2; }
 
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(const DecodeArgs a) {
+__global__ void __launch_bounds__(kMaxThreads, min_blocks<G, D>()) decode_kernel(const DecodeArgs a) {
   using S = RowShape<T, D>;
   constexpr int VEC = S::VEC, CHUNKS = S::CHUNKS, TPK = S::TPK, CPL = S::CPL;
   constexpr int SUB = kLogitFloats / G;
@@ -252,26 +259,32 @@ __global__ void __launch_bounds__(kMaxThreads, min_blocks<G>()) decode_kernel(co
         for (int off = TPK; off < 32; off *= 2)
           acc[g][c][e] += __shfl_xor_sync(0xffffffffu, acc[g][c][e], off);
 
+  // Across warps through `red` [nwarps][DR], DR dims of a head at a time (all of them up to head_dim 256).
+  constexpr int DR = kReduceDims<D>;
+  static_assert(D % DR == 0 && DR % VEC == 0, "a chunk lies in one pass of the reduction");
   const int lane = tid % 32, warp = tid / 32, nwarps = nt / 32;
-  float *red = logits;  // [nwarps][D] <= 8 x 256 floats
+  float *red = logits;
 #pragma unroll
   for (int g = 0; g < G; ++g) {
     if (g >= nh) break;
-    if (lane < TPK)
 #pragma unroll
-      for (int c = 0; c < CPL; ++c) {
-        const int ch = lane_k + c * TPK;
-        if (ch < CHUNKS)
+    for (int d0 = 0; d0 < D; d0 += DR) {
+      if (lane < TPK)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) red[warp * D + ch * VEC + e] = acc[g][c][e];
+        for (int c = 0; c < CPL; ++c) {
+          const int ch = lane_k + c * TPK, col = ch * VEC - d0;
+          if (ch < CHUNKS && (D == DR || (col >= 0 && col < DR)))
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) red[warp * DR + col + e] = acc[g][c][e];
+        }
+      __syncthreads();
+      for (int d = tid; d < DR; d += nt) {
+        float s = 0.f;
+        for (int w = 0; w < nwarps; ++w) s += red[w * DR + d];
+        write_result<T, D>(a, b, h0 + g, split, d0 + d, m_run[g], l_run[g], s);
       }
-    __syncthreads();
-    for (int d = tid; d < D; d += nt) {
-      float s = 0.f;
-      for (int w = 0; w < nwarps; ++w) s += red[w * D + d];
-      write_result<T, D>(a, b, h0 + g, split, d, m_run[g], l_run[g], s);
+      __syncthreads();  // before the next pass or head reuses `red`
     }
-    __syncthreads();  // before the next head reuses `red`
   }
   if (a.split_len > 0) combine_if_last<T, D>(a, b, h0, nh, start, pos, blockDim.x);
 }

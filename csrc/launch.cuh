@@ -22,7 +22,7 @@
 
 namespace ffa {
 
-constexpr int kHeadDims[] = {32, 64, 80, 96, 128, 256};
+constexpr int kHeadDims[] = {32, 64, 80, 96, 128, 256, 512};
 constexpr int kThreadCounts[] = {64, 128, 256};  // threads per block (the TMA kernel: consumer threads)
 constexpr int kMaxHeadsPerBlock = 8;
 
@@ -240,7 +240,8 @@ cudaError_t launch_decode(const DecodeArgs &a, int head_dim, int batch, int kv_h
     case 80: return launch_decode_d<T, 80>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
     case 96: return launch_decode_d<T, 96>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
     case 128: return launch_decode_d<T, 128>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
-    default: return launch_decode_d<T, 256>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    case 256: return launch_decode_d<T, 256>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
+    default: return launch_decode_d<T, 512>(a, grid, batch, kv_heads, threads, kernel, pdl, stream);
   }
 }
 

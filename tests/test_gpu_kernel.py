@@ -8,14 +8,14 @@ import torch
 from cases import Case, exact, make_inputs, make_sinks, pruning_bound, rel_l2
 from ffa import FastForwardAttn, LaunchConfig
 from ffa._lib import UnsupportedError
-from ffa.launch import features_apply, tensor_cores_apply, tma_applies
+from ffa.launch import features_apply, head_dims, tensor_cores_apply, tma_applies
 
 pytestmark = pytest.mark.gpu
 
 # Relative L2 error allowed against float64, per dtype (output rounding dominates).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-HEAD_DIMS = [32, 64, 80, 96, 128, 256]
+HEAD_DIMS = list(head_dims())  # the library's
 HEADS = {"mha": (8, 8), "gqa": (8, 2), "mqa": (8, 1)}
 LAUNCHES = ["default", "split"]
 # The tensor-core kernel (fp16/bf16, head_dim 64/128), unsplit and split, and with its launch features

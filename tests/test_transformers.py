@@ -552,6 +552,19 @@ def test_unnamed_architectures_take_the_generic_path(arch):
     assert_ffa_gives_hugging_face_tokens(model, 1e-10)
 
 
+def test_gemma4_layers_of_head_dim_512_take_the_generic_path():
+    """Gemma 4's full-attention layers have head_dim 512 (global_head_dim), its sliding layers the
+    config's head_dim: both go through FFA, and the tokens and logits equal transformers'."""
+    torch.manual_seed(0)
+    config = transformers.Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().double()
+    assert_ffa_gives_hugging_face_tokens(model, 1e-10)
+    assert [layer.attn.head_dim for layer in binding_of(model).generate_cache.layers] == [32, 512]
+
+
 def summarize_module(monkeypatch):
     """summarize.py as a module, imported as when it runs as a script (bench/ beside it is importable)."""
     if not (ROOT / "summarize.py").exists():
