@@ -29,6 +29,7 @@ WINDOW = 10  # sliding windows shorter than prompt + new tokens
 SOFTCAP = 2.0  # Gemma 2's attention softcap; its tiny model's weights are large enough for the cap to bend logits
 PRE_ATTN_SCALAR = 64  # Gemma's query_pre_attn_scalar: softmax scale 1/8, not head_dim's 1/sqrt(32)
 GRANITE_SCALE = 0.5  # Granite's attention multiplier: the softmax scale
+CHUNK = 5  # Llama 4's attention chunks, shorter than prompt + new tokens
 SINK_LOGITS = (-1.0, 2.0, 3.0, 4.0)  # gpt-oss's per-head sinks: from hardly any weight to most of it (tiny())
 
 
@@ -73,6 +74,10 @@ def tiny_config(arch):
                                            residual_multiplier=0.5, logits_scaling=2.0, **common),
         "smollm3": lambda: t.SmolLM3Config(**common),
         "gpt_oss": lambda: t.GptOssConfig(head_dim=32, num_local_experts=4, **moe, **alternating, **common),
+        # layers 0 and 1 attend in chunks of CHUNK positions (from a sequence's first token), layer 2 fully
+        "llama4_text": lambda: t.Llama4TextConfig(head_dim=32, num_local_experts=2, intermediate_size_mlp=128,
+                                                  attention_chunk_size=CHUNK, no_rope_layer_interval=3,
+                                                  **{**common, "num_hidden_layers": 3}),
     }
     return configs[arch]()
 
@@ -99,7 +104,7 @@ def tiny(arch):
 
 
 ARCHS = ["opt", "gpt2", "gptj", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "phi3", "mixtral", "olmo2", "granite", "smollm3", "gpt_oss"]
+         "phi3", "mixtral", "olmo2", "granite", "smollm3", "gpt_oss", "llama4_text"]
 # Where transformers' own code fixes the dtype at float32: its MoE experts (grouped_mm takes no
 # float64), and eager attention, whose float32 softmax turns the fully masked rows of left
 # padding into NaN in a float64 model.
@@ -171,8 +176,8 @@ def assert_ffa_gives_hugging_face_tokens(model, tolerance):
     fft.enable(model)
     with counting_ffa_calls() as calls:
         got, logits = greedy(model, ids, mask, with_logits=True)
-    # NEW - 1 decode steps (the prompt's forward yields the first token) in each of 2 layers.
-    assert len(calls) == (NEW - 1) * 2
+    # NEW - 1 decode steps (the prompt's forward yields the first token) in each layer.
+    assert len(calls) == (NEW - 1) * len(binding_of(model).generate_cache.layers)
     assert torch.equal(got, expected)
     torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
 
@@ -200,7 +205,7 @@ def test_sdpa_kernel_in_ffa_cache_gives_the_same_tokens(arch):
 # layer its attention sinks, the module's own tensor, where it has them: gpt-oss).
 LAYER_FACTS = {
     "llama": (32 ** -0.5, None, "full"), "mistral": (32 ** -0.5, None, "all sliding"),
-    "gpt_oss": (32 ** -0.5, None, "layer_types"),
+    "gpt_oss": (32 ** -0.5, None, "layer_types"), "llama4_text": (32 ** -0.5, None, "layer_types"),
     "phi3": (32 ** -0.5, None, "all sliding"), "qwen3": (32 ** -0.5, None, "layer_types"),
     "gemma2": (PRE_ATTN_SCALAR ** -0.5, SOFTCAP, "layer_types"),
     "gemma3_text": (PRE_ATTN_SCALAR ** -0.5, None, "layer_types"), "granite": (GRANITE_SCALE, None, "full"),
@@ -210,8 +215,9 @@ LAYER_FACTS = {
 @pytest.mark.parametrize("arch", list(LAYER_FACTS))
 def test_each_layer_gets_its_window_scale_and_softcap(arch):
     """Layer by layer, FFA attends where the model's attention would: a sliding layer from t -
-    window + 1 on (or from its left padding), a full layer from its padding on, with the model's
-    own softmax scale (Gemma's query_pre_attn_scalar, Granite's attention multiplier) and softcap."""
+    window + 1 on (or from its left padding), a chunked layer from the start of t's chunk (chunks
+    counted from the padding), a full layer from its padding on, with the model's own softmax scale
+    (Gemma's query_pre_attn_scalar, Granite's attention multiplier) and softcap."""
     scale, softcap, sliding = LAYER_FACTS[arch]
     model = fft.enable(tiny(arch).to(exact_dtype(arch)))
     ids, mask = prompts(model)
@@ -227,7 +233,9 @@ def test_each_layer_gets_its_window_scale_and_softcap(arch):
         first = padding
         if types[layer] in ("sliding_attention", "all sliding"):
             first = torch.maximum(padding, t - WINDOW + 1)
-            cut += int((first > padding).sum())
+        elif types[layer] == "chunked_attention":
+            first = padding + (t - padding) // CHUNK * CHUNK
+        cut += int((first > padding).sum())
         assert torch.equal(args["start"], first), (layer, args["start"], first)
         assert args["softmax_scale"] == pytest.approx(scale, rel=1e-12), layer
         assert args.get("softcap") == softcap, layer
@@ -453,9 +461,13 @@ def unsupported_models():
             decoder_attention_heads=2)), "cross-attention \\(BartAttention `model.decoder.layers.0.encoder_attn`"),
         ("cross-attention layers", lambda: causal(t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=1, n_head=2,
                                                                add_cross_attention=True)), "cross-attention"),
-        ("chunked attention", lambda: causal(t.Llama4TextConfig(head_dim=32, num_local_experts=1,
-                                                                intermediate_size_mlp=64, **small)),
-         "'chunked_attention'"),
+        ("sliding and chunked layers", lambda: causal(t.Llama4TextConfig(
+            head_dim=32, num_local_experts=1, intermediate_size_mlp=64, sliding_window=WINDOW,
+            layer_types=["sliding_attention", "chunked_attention"], **small)),
+         "both sliding-window and chunked-attention layers"),
+        ("another layer type", lambda: causal(t.MiniMaxConfig(head_dim=32, num_local_experts=2, **small,
+                                                              layer_types=["linear_attention", "full_attention"])),
+         "layers of type 'linear_attention'"),
         ("recurrent layers", lambda: causal(t.RecurrentGemmaConfig(
             vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
             intermediate_size=64, lru_width=64)), "layers 0, 1 of 3 have no self-attention"),

@@ -30,10 +30,10 @@ How it fits into transformers 5.x without touching any modeling file:
     device from the K/V it is given, never from the config; nothing else changes.
 
 Architectures: any decoder-only model whose attention goes through AttentionInterface with
-full or sliding-window layers (each layer's window, softmax scale, softcap and attention sinks
-reach FFA through the mask and attention functions); GPT-J, whose attention module does not use
-AttentionInterface, has its `_attn` method wrapped per instance (prefill keeps its own eager
-attention). What FFA cannot run (latent attention, cross-attention, non-causal
+full, sliding-window or chunked layers (each layer's window or chunk, softmax scale, softcap and
+attention sinks reach FFA through the mask and attention functions); GPT-J, whose attention
+module does not use AttentionInterface, has its `_attn` method wrapped per instance (prefill
+keeps its own eager attention). What FFA cannot run (latent attention, cross-attention, non-causal
 attention, other layer types, a head_dim the kernel lacks) is refused by enable() with a
 ValueError naming the feature. Left padding only; beam search works (the cache reorders in
 place); assisted decoding, chunked prefill and continuing a filled cache with several new

@@ -3,8 +3,9 @@
 In a decode step the mask function builds no mask: it returns the per-sequence window, a tiny
 int64 tensor [2, batch, 1, 1] holding (first valid position, write position t), which
 transformers hands to every layer untouched. The first valid position comes from the 2-D
-attention mask (left padding) and, for sliding-window layers, from the window (transformers
-passes a layer type's window as the mask function's `local_size`). The attention function
+attention mask (left padding) and, for sliding-window layers, from the window, or for
+chunked-attention layers (Llama 4) from t's chunk, counted from the first valid position
+(transformers passes a layer type's window or chunk size as the mask function's `local_size`). The attention function
 hands q, k, v and that window to the layer's FastForwardAttn, with the layer's own softmax
 scale (`scaling`: Gemma's query_pre_attn_scalar, Granite's attention multiplier), softcap
 (Gemma 2) and attention sinks (`s_aux`: gpt-oss). Any other call (prefill) runs the prefill
@@ -33,6 +34,14 @@ def is_window(mask):
     return isinstance(mask, torch.Tensor) and mask.dtype == torch.int64 and mask.dim() == 4 and mask.shape[0] == 2
 
 
+def is_chunked(config, local_size):
+    """Whether transformers asks for the mask of a chunked-attention layer (Llama 4): it passes the
+    chunk size as `local_size`, as it passes a sliding layer's window; enable() refuses a model with
+    both layer types."""
+    return config is not None and "chunked_attention" in (getattr(config, "layer_types", None) or ()) \
+        and getattr(config, "attention_chunk_size", None) == local_size
+
+
 def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None,
                   config=None, device=None, **kwargs):
     """The "ffa" mask: the decode window on a filled cache (its q_offset is a device counter),
@@ -43,7 +52,9 @@ def mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atte
             start = attention_mask.to(torch.int32).argmax(-1).to(torch.int64)  # first True: left padding
         else:
             start = torch.zeros(batch_size, dtype=torch.int64, device=t.device)
-        if local_size is not None:  # sliding window: keys at positions > t - local_size
+        if local_size is not None and is_chunked(config, local_size):  # chunks of local_size from the first token
+            start = start + (t - start) // local_size * local_size
+        elif local_size is not None:  # sliding window: keys at positions > t - local_size
             start = torch.maximum(start, t - (local_size - 1))
         return torch.stack([start, t]).view(2, batch_size, 1, 1)
     prefill = "eager" if config is not None and config.model_type in OWN_ATTENTION_MODEL_TYPES else "sdpa"

@@ -12,8 +12,8 @@ from .attention import NAME, OWN_ATTENTION_MODEL_TYPES, own_attn, register
 from .binding import Binding, binding_of, find_binding, refuse
 from .cache import FFACache
 
-# Attention layer types (config.layer_types) that are a window over the cache.
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# Attention layer types (config.layer_types) that are a window over the cache (attention.mask_function).
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 
 
 def is_enabled(model):
@@ -96,9 +96,15 @@ def _check_features(model, modules):
         _refuse(config, "K/V shared across layers (layers that attend over an earlier layer's K/V, as in Gemma 3n)")
     if any(getattr(m, "is_causal", True) is False for m in modules):
         _refuse(config, "non-causal (bidirectional) attention")
-    other = sorted(set(getattr(config, "layer_types", None) or ()) - set(LAYER_TYPES))
+    types = set(getattr(config, "layer_types", None) or ())
+    other = sorted(types - set(LAYER_TYPES))
     if other:
-        _refuse(config, f"layers of type {', '.join(map(repr, other))} (FFA runs full and sliding-window attention)")
+        _refuse(config, f"layers of type {', '.join(map(repr, other))} (FFA runs full, sliding-window and chunked "
+                        "attention)")
+    if {"sliding_attention", "chunked_attention"} <= types:  # transformers passes both sizes as local_size
+        _refuse(config, "both sliding-window and chunked-attention layers")
+    if "chunked_attention" in types and not getattr(config, "attention_chunk_size", None):
+        _refuse(config, "chunked-attention layers without an attention_chunk_size")
     for module in modules:
         empty = torch.empty(1, 1, 0, _head_dim(config, module), dtype=model.dtype)
         try:
