@@ -14,14 +14,15 @@
 // positions; warp w takes tiles w, w + W, w + 2W, ... (W warps). Each warp streams its tiles'
 // K and V rows with cp.async into its own ring of kMmaStages stages of shared memory, so the
 // loop has no block barrier, and keeps its own online softmax (running max and sum per head)
-// and output accumulator (O^T, D x 8 floats as mma fragments). Per tile:
-//   S^T = K Q^T        A = the K tile from ldmatrix, B = q (held in registers); D/16 k-steps;
-//                      positions >= hi masked to -inf; base-2 logits (softmax_scale * log2 e),
-//                      softcapped by cap_logit
-//   softmax update     max per head over the 8 lanes that share it (3 shuffles); the
-//                      accumulator is rescaled by 2^(old max - new max)
-//   O^T += V^T P^T     A = V^T from ldmatrix.trans, B = P^T's transpose (movmatrix) rounded to
-//                      T; D/16 m-tiles
+// and output accumulator (O^T, D x 8 floats as mma fragments). Per tile, once copy_tile has
+// filled its stage:
+//   S^T = K Q^T        tile_scores: A = the K tile from ldmatrix, B = q (held in registers);
+//                      D/16 k-steps; positions >= hi masked to -inf; base-2 logits
+//                      (softmax_scale * log2 e), softcapped by cap_logit
+//   softmax update     softmax_step, rescale: max per head over the 8 lanes that share it (3
+//                      shuffles); the accumulator is rescaled by 2^(old max - new max)
+//   O^T += V^T P^T     weights_b, accumulate: A = V^T from ldmatrix.trans, B = P^T's transpose
+//                      (movmatrix) rounded to T; D/16 m-tiles
 // Rounding P to fp16/bf16 (as FlashAttention does) is the only arithmetic difference from
 // decode_kernel.cuh. With p > 0 (kPrune) a tile's V rows are copied only after its weights
 // are known, and rows that every head weighs below the bound are not read (see the loop). At
@@ -63,11 +64,170 @@ __host__ __device__ constexpr int mma_smem_bytes(int head_dim, int threads) {
   return threads / 32 * kMmaStages * 2 * kTileRows * head_dim * 2;
 }
 
+// One warp's tiles: its i-th tile is tile warp + i * nwarps of the block's positions [lo, hi), in
+// stage i % kMmaStages of its ring (K rows, then V rows; 16 x D elements each, chunk c of row r at
+// c ^ (r % 8)). `mine`: how many tiles the warp has.
+template <typename T, int D>
+struct WarpTiles {
+  static constexpr int VEC = 8, CPR = D / VEC, STAGE = 2 * kTileRows * CPR;  // STAGE in chunks
+  uint4 *ring;
+  int64_t lo, hi, pos;
+  int warp, nwarps, lane, mine;
+  __device__ __forceinline__ int64_t start(int i) const { return lo + int64_t(warp + i * nwarps) * kTileRows; }
+  __device__ __forceinline__ uint4 *k_tile(int i) const { return ring + (i % kMmaStages) * STAGE; }
+  __device__ __forceinline__ uint4 *v_tile(int i) const { return ring + (i % kMmaStages) * STAGE + kTileRows * CPR; }
+};
+
+// Copies rows of the warp's i-th tile into its stage: the K rows if `k`, the V rows where keep(row) if
+// `v`. Positions >= hi and V rows not kept become zero rows without a read (their logits are masked
+// or their weights below p, and a zero V row adds nothing).
+template <typename T, int D, typename Keep>
+__device__ __forceinline__ void copy_tile(const DecodeArgs &a, const DecodeBlock<T> &blk, const WarpTiles<T, D> &w,
+                                          int i, bool k, bool v, Keep keep) {
+  constexpr int VEC = WarpTiles<T, D>::VEC, CPR = WarpTiles<T, D>::CPR;
+  if (i >= w.mine) return;
+  uint4 *kt = w.k_tile(i), *vt = w.v_tile(i);
+  const int64_t p0 = w.start(i);
+#pragma unroll
+  for (int c = w.lane; c < kTileRows * CPR; c += 32) {
+    const int row = c / CPR, ch = c % CPR, slot = row * CPR + (ch ^ (row % 8));
+    const int64_t p = p0 + row;
+    const bool in = p < w.hi;
+    if (k) {
+      const T *ks = p == w.pos ? blk.knew : blk.kbase + p * a.k_ss;
+      copy_chunk_async(kt + slot, in ? ks + ch * VEC : blk.kbase, in);
+    }
+    if (v) {
+      const bool read = in && keep(row);
+      const T *vs = p == w.pos ? blk.vnew : blk.vbase + p * a.v_ss;
+      copy_chunk_async(vt + slot, read ? vs + ch * VEC : blk.vbase, read);
+    }
+  }
+}
+
+// Every V row of a tile is kept (no pruning).
+struct EveryRow {
+  __device__ __forceinline__ bool operator()(int) const { return true; }
+};
+
+// A tile's V rows kept by pruning: row r (< 16) where a head of one of the 4 lanes of its fragment row
+// keeps it, from the ballots of rows 0-7 (`lo`) and 8-15 (`hi`), 4 bits per row.
+struct KeptRows {
+  unsigned lo, hi;
+  __device__ __forceinline__ bool operator()(int row) const { return ((row < 8 ? lo : hi) >> (4 * (row % 8)) & 15u) != 0; }
+};
+
+// S^T = K Q^T of the warp's tile i in base-2 units (softcapped), positions >= hi masked to -inf:
+// st[0..1] = position g, heads 2t, 2t+1; st[2..3] = position g + 8. qb: Q^T's B fragments.
+template <typename T, int D>
+__device__ __forceinline__ void tile_scores(const DecodeArgs &a, const WarpTiles<T, D> &w, int i,
+                                            const uint32_t (&qb)[D / 16][2], float (&st)[4]) {
+  constexpr int CPR = WarpTiles<T, D>::CPR;
+  const int lane = w.lane, g = lane / 4;
+  const uint4 *kt = w.k_tile(i);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) st[e] = 0.f;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    // matrices: positions 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
+    const int row = lane % 8 + 8 * ((lane / 8) % 2), ch = 2 * ks + lane / 16;
+    uint32_t ka[4];
+    ldmatrix_x4<false>(ka, kt + row * CPR + (ch ^ (row % 8)));
+    mma_16816(st, ka, qb[ks][0], qb[ks][1], T());
+  }
+  const int64_t p0 = w.start(i);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) st[e] = p0 + g + 8 * (e / 2) < w.hi ? cap_logit(a, st[e] * a.scale_log2) : -INFINITY;
+}
+
+// Online softmax step of a lane's heads 2t and 2t+1: the tile's logits st become weights 2^(s - ref)
+// (ref: the new running max, 0 while a head has no position yet, as 2^(-inf) = 0); alpha (per head)
+// rescales what came before; sum: this lane's weights of the tile, added to its running sum.
+__device__ __forceinline__ void softmax_step(float (&st)[4], float (&m_run)[2], float (&l_run)[2], float (&ref)[2],
+                                             float (&alpha)[2], float (&sum)[2]) {
+  const float mx[2] = {fmaxf(st[0], st[2]), fmaxf(st[1], st[3])};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float m_new = fmaxf(m_run[h], column_max(mx[h]));
+    ref[h] = m_new == -INFINITY ? 0.f : m_new;
+    alpha[h] = exp2f(m_run[h] - ref[h]);
+    m_run[h] = m_new;
+    sum[h] = 0.f;
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    st[e] = exp2f(st[e] - ref[e % 2]);
+    sum[e % 2] += st[e];
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + sum[h];
+}
+
+// O^T (this lane's fragments of D / 16 m-tiles) rescaled per head.
+template <int MTILES>
+__device__ __forceinline__ void rescale(float (&o)[MTILES][4], const float (&alpha)[2]) {
+#pragma unroll
+  for (int j = 0; j < MTILES; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e % 2];
+}
+
+// P as B fragments: the transposes of P^T's two 8 x 8 halves (positions 0-7, 8-15), rounded to T.
+template <typename T>
+__device__ __forceinline__ void weights_b(const float (&w)[4], uint32_t (&pb)[2]) {
+  pb[0] = transpose8x8(pack2(w[0], w[1], T()));
+  pb[1] = transpose8x8(pack2(w[2], w[3], T()));
+}
+
+// O^T += V^T P^T for the V rows of the warp's tile i.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate(const WarpTiles<T, D> &w, int i, const uint32_t (&pb)[2],
+                                           float (&o)[D / 16][4]) {
+  constexpr int CPR = WarpTiles<T, D>::CPR;
+  const int lane = w.lane;
+  const uint4 *vt = w.v_tile(i);
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {
+    // matrices (transposed): positions 0-7 / dims 16j+0..7, 0-7 / +8..15, 8-15 / +0..7, 8-15 / +8..15
+    const int row = lane % 8 + 8 * (lane / 16), ch = 2 * j + (lane / 8) % 2;
+    uint32_t va[4];
+    ldmatrix_x4<true>(va, vt + row * CPR + (ch ^ (row % 8)));
+    mma_16816(o[j], va, pb[0], pb[1], T());
+  }
+}
+
+// Pruning's lower bound of the softmax denominator adds the weight of the sequence's first position
+// when another warp or block holds it: first[h] is that logit of the lane's head 2t + h (-inf where
+// not needed), from each head's q (its B fragments, head g in lane group g) dotted with the row.
+template <typename T, int D>
+__device__ __forceinline__ void first_position_logits(const DecodeArgs &a, const DecodeBlock<T> &blk, bool attends,
+                                                      int warp, int lane, const uint32_t (&qb)[D / 16][2],
+                                                      float (&first)[2]) {
+  const int t4 = lane % 4;
+  const BlockRange &r = blk.r;
+  const bool needed = attends && !(warp == 0 && r.lo == r.start);  // tile 0 of warp 0 holds position start
+  const T *krow = r.start == r.pos ? blk.knew : blk.kbase + r.start * a.k_ss;
+  float dot = 0.f;  // head g's logit, over this lane's dims of q (those of its B fragments)
+  if (needed)
+#pragma unroll
+    for (int s = 0; s < D / 16; ++s)
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float2 kf = unpack2(*reinterpret_cast<const uint32_t *>(krow + 16 * s + 8 * i + 2 * t4), T());
+        const float2 qf = unpack2(qb[s][i], T());
+        dot = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, dot));
+      }
+  dot += __shfl_xor_sync(0xffffffffu, dot, 1);
+  dot += __shfl_xor_sync(0xffffffffu, dot, 2);
+  const float f = needed ? cap_logit(a, dot * a.scale_log2) : -INFINITY;
+  first[0] = __shfl_sync(0xffffffffu, f, 8 * t4);  // heads 2t and 2t+1 live in lanes 8t, 8t+4
+  first[1] = __shfl_sync(0xffffffffu, f, 8 * t4 + 4);
+}
+
 template <typename T, int D, bool kPrune>
 __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArgs a) {
   static_assert(sizeof(T) == 2 && (D == 64 || D == 128), "fp16/bf16 rows of 8 or 16 chunks");
-  constexpr int VEC = 8, CPR = D / VEC;  // elements per chunk, chunks per row
-  constexpr int KSTEPS = D / 16, MTILES = D / 16, STAGE = 2 * kTileRows * CPR;  // STAGE in chunks
+  constexpr int KSTEPS = D / 16, MTILES = D / 16, STAGE = WarpTiles<T, D>::STAGE;  // STAGE in chunks
   static_assert(mma_smem_bytes(D, 64) >= (3 * kHeads * D + kHeads) * 4,
                 "the stages are reused for the warps' outputs and the block's partial");
   // The rings start on a 128-byte boundary whatever the static arrays before them (a 16-byte offset
@@ -85,7 +245,6 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
   if (!attends && !(a.cluster > 1 && cluster_has_work(a, blk.b, blk.split))) return;
   const int b = blk.b, split = blk.split, h0 = blk.h0, nh = blk.nh;
   const BlockRange &r = blk.r;
-  const T *kbase = blk.kbase, *vbase = blk.vbase, *knew = blk.knew, *vnew = blk.vnew;
 
   // Q^T as B fragments, one per k-step: column n = head h0 + n (zeros from nh on).
   uint32_t qb[KSTEPS][2];
@@ -98,121 +257,29 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
 
   const int tiles = attends ? int((r.hi - r.lo + kTileRows - 1) / kTileRows) : 0;  // 0: a cluster's block without positions
   const int mine = warp < tiles ? (tiles - warp + nwarps - 1) / nwarps : 0;  // this warp's tiles
-  uint4 *ring = smem + warp * kMmaStages * STAGE;
-  auto tile_start = [&](int i) { return r.lo + int64_t(warp + i * nwarps) * kTileRows; };
-  auto k_tile = [&](int i) { return ring + (i % kMmaStages) * STAGE; };
-  auto v_tile = [&](int i) { return ring + (i % kMmaStages) * STAGE + kTileRows * CPR; };
-
-  // Copy rows of this warp's i-th tile into stage i % kMmaStages: its K rows if `k`, its V rows
-  // where keep(row) if `v`. Positions >= hi and V rows not kept become zero rows without a read
-  // (their logits are masked or their weights below p, and a zero V row adds nothing).
-  auto copy_tile = [&](int i, bool k, bool v, auto keep) {
-    if (i >= mine) return;
-    uint4 *kt = k_tile(i), *vt = v_tile(i);
-    const int64_t p0 = tile_start(i);
-#pragma unroll
-    for (int c = lane; c < kTileRows * CPR; c += 32) {
-      const int row = c / CPR, ch = c % CPR, slot = row * CPR + (ch ^ (row % 8));
-      const int64_t p = p0 + row;
-      const bool in = p < r.hi;
-      if (k) {
-        const T *ks = p == r.pos ? knew : kbase + p * a.k_ss;
-        copy_chunk_async(kt + slot, in ? ks + ch * VEC : kbase, in);
-      }
-      if (v) {
-        const bool read = in && keep(row);
-        const T *vs = p == r.pos ? vnew : vbase + p * a.v_ss;
-        copy_chunk_async(vt + slot, read ? vs + ch * VEC : vbase, read);
-      }
-    }
-  };
-  const auto every_row = [](int) { return true; };
-
-  // S^T = K Q^T of tile i in base-2 units (softcapped), positions >= hi masked to -inf: st[0..1] = position
-  // g, heads 2t, 2t+1; st[2..3] = position g + 8.
-  auto scores = [&](int i, float (&st)[4]) {
-    const uint4 *kt = k_tile(i);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st[e] = 0.f;
-#pragma unroll
-    for (int ks = 0; ks < KSTEPS; ++ks) {
-      // matrices: positions 0-7 / dims 16ks+0..7, 8-15 / +0..7, 0-7 / +8..15, 8-15 / +8..15
-      const int row = lane % 8 + 8 * ((lane / 8) % 2), ch = 2 * ks + lane / 16;
-      uint32_t ka[4];
-      ldmatrix_x4<false>(ka, kt + row * CPR + (ch ^ (row % 8)));
-      mma_16816(st, ka, qb[ks][0], qb[ks][1], T());
-    }
-    const int64_t p0 = tile_start(i);
-#pragma unroll
-    for (int e = 0; e < 4; ++e) st[e] = p0 + g + 8 * (e / 2) < r.hi ? cap_logit(a, st[e] * a.scale_log2) : -INFINITY;
-  };
+  const WarpTiles<T, D> w{smem + warp * kMmaStages * STAGE, r.lo, r.hi, r.pos, warp, nwarps, lane, mine};
 
   // Per lane: heads 2t and 2t+1 (t = lane % 4) of the running max and sum (the sum over this
   // lane's positions only until the end), and O^T for dims 16j + g and 16j + g + 8.
   float o[MTILES][4] = {};
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {};
 
-  // Online softmax step: the tile's logits st become weights 2^(s - ref) (ref: the new running
-  // max, 0 while a head has no position yet, as 2^(-inf) = 0); alpha (per head) rescales what
-  // came before; sum: this lane's weights of the tile.
-  auto softmax = [&](float (&st)[4], float (&ref)[2], float (&alpha)[2], float (&sum)[2]) {
-    const float mx[2] = {fmaxf(st[0], st[2]), fmaxf(st[1], st[3])};
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float m_new = fmaxf(m_run[h], column_max(mx[h]));
-      ref[h] = m_new == -INFINITY ? 0.f : m_new;
-      alpha[h] = exp2f(m_run[h] - ref[h]);
-      m_run[h] = m_new;
-      sum[h] = 0.f;
-    }
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      st[e] = exp2f(st[e] - ref[e % 2]);
-      sum[e % 2] += st[e];
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) l_run[h] = l_run[h] * alpha[h] + sum[h];
-  };
-  auto rescale = [&](const float (&alpha)[2]) {
-#pragma unroll
-    for (int j = 0; j < MTILES; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[j][e] *= alpha[e % 2];
-  };
-  // P as B fragments: the transposes of P^T's two 8 x 8 halves (positions 0-7, 8-15).
-  auto weights_b = [&](const float (&w)[4], uint32_t (&pb)[2]) {
-    pb[0] = transpose8x8(pack2(w[0], w[1], T()));
-    pb[1] = transpose8x8(pack2(w[2], w[3], T()));
-  };
-  // O^T += V^T P^T for the V rows of tile i.
-  auto accumulate = [&](int i, const uint32_t (&pb)[2]) {
-    const uint4 *vt = v_tile(i);
-#pragma unroll
-    for (int j = 0; j < MTILES; ++j) {
-      // matrices (transposed): positions 0-7 / dims 16j+0..7, 0-7 / +8..15, 8-15 / +0..7, 8-15 / +8..15
-      const int row = lane % 8 + 8 * (lane / 16), ch = 2 * j + (lane / 8) % 2;
-      uint32_t va[4];
-      ldmatrix_x4<true>(va, vt + row * CPR + (ch ^ (row % 8)));
-      mma_16816(o[j], va, pb[0], pb[1], T());
-    }
-  };
-
   if constexpr (!kPrune) {
     // K and V of a tile travel together, kMmaStages - 1 tiles ahead of their use.
 #pragma unroll
-    for (int i = 0; i < kMmaStages - 1; ++i) copy_tile(i, true, true, every_row), async_commit();
+    for (int i = 0; i < kMmaStages - 1; ++i) copy_tile(a, blk, w, i, true, true, EveryRow{}), async_commit();
     for (int i = 0; i < mine; ++i) {
-      copy_tile(i + kMmaStages - 1, true, true, every_row);
+      copy_tile(a, blk, w, i + kMmaStages - 1, true, true, EveryRow{});
       async_commit();                // an empty group past the end keeps the wait count uniform
       async_wait<kMmaStages - 1>();  // tile i has landed (this lane's copies) ...
       __syncwarp();                  // ... and every lane's
       float st[4], ref[2], alpha[2], sum[2];
       uint32_t pb[2];
-      scores(i, st);
-      softmax(st, ref, alpha, sum);
-      rescale(alpha);
-      weights_b(st, pb);
-      accumulate(i, pb);
+      tile_scores(a, w, i, qb, st);
+      softmax_step(st, m_run, l_run, ref, alpha, sum);
+      rescale(o, alpha);
+      weights_b<T>(st, pb);
+      accumulate(w, i, pb, o);
       __syncwarp();  // every lane is done with this stage before it is refilled
     }
   } else {
@@ -224,58 +291,40 @@ __global__ void __launch_bounds__(kMaxThreads) decode_mma_kernel(const DecodeArg
     // i + kMmaStages - 1), then adds tile i-1's P V (P in `pending`, relative to the max before
     // tile i: O is rescaled after it).
     float first[2];
-    {
-      const bool needed = attends && !(warp == 0 && r.lo == r.start);  // tile 0 of warp 0 holds position start
-      const T *krow = r.start == r.pos ? knew : kbase + r.start * a.k_ss;
-      float dot = 0.f;  // head g's logit, over this lane's dims of q (those of its B fragments)
-      if (needed)
-#pragma unroll
-        for (int s = 0; s < KSTEPS; ++s)
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float2 kf = unpack2(*reinterpret_cast<const uint32_t *>(krow + 16 * s + 8 * i + 2 * t4), T());
-            const float2 qf = unpack2(qb[s][i], T());
-            dot = fmaf(qf.x, kf.x, fmaf(qf.y, kf.y, dot));
-          }
-      dot += __shfl_xor_sync(0xffffffffu, dot, 1);
-      dot += __shfl_xor_sync(0xffffffffu, dot, 2);
-      const float f = needed ? cap_logit(a, dot * a.scale_log2) : -INFINITY;
-      first[0] = __shfl_sync(0xffffffffu, f, 8 * t4);  // heads 2t and 2t+1 live in lanes 8t, 8t+4
-      first[1] = __shfl_sync(0xffffffffu, f, 8 * t4 + 4);
-    }
+    first_position_logits<T, D>(a, blk, attends, warp, lane, qb, first);
     float l_warp[2] = {};  // the warp's running sum per head (l_run summed over its 8 lanes)
     uint32_t pending[2] = {};
 #pragma unroll
-    for (int i = 0; i < kMmaStages - 1; ++i) copy_tile(i, true, false, every_row), async_commit();
+    for (int i = 0; i < kMmaStages - 1; ++i) copy_tile(a, blk, w, i, true, false, EveryRow{}), async_commit();
     for (int i = 0; i < mine; ++i) {
       async_wait<kMmaStages - 2>();  // K of tile i has landed
       __syncwarp();
       float st[4], ref[2], alpha[2], sum[2], threshold[2];
-      scores(i, st);
-      softmax(st, ref, alpha, sum);
+      tile_scores(a, w, i, qb, st);
+      softmax_step(st, m_run, l_run, ref, alpha, sum);
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         l_warp[h] = l_warp[h] * alpha[h] + column_sum(sum[h]);
         threshold[h] = 2 * t4 + h < nh ? a.prune_p * (l_warp[h] + exp2f(first[h] - ref[h])) : INFINITY;
       }
       // rows g and g + 8 of the tile, kept if any head of any of the 4 lanes of the row keeps them
-      const unsigned keep_lo = __ballot_sync(0xffffffffu, st[0] >= threshold[0] || st[1] >= threshold[1]);
-      const unsigned keep_hi = __ballot_sync(0xffffffffu, st[2] >= threshold[0] || st[3] >= threshold[1]);
-      copy_tile(i + kMmaStages - 1, true, false, every_row);
-      copy_tile(i, false, true, [&](int row) { return ((row < 8 ? keep_lo : keep_hi) >> (4 * (row % 8)) & 15u) != 0; });
+      const KeptRows kept{__ballot_sync(0xffffffffu, st[0] >= threshold[0] || st[1] >= threshold[1]),
+                          __ballot_sync(0xffffffffu, st[2] >= threshold[0] || st[3] >= threshold[1])};
+      copy_tile(a, blk, w, i + kMmaStages - 1, true, false, EveryRow{});
+      copy_tile(a, blk, w, i, false, true, kept);
       async_commit();
       if (i > 0) {
         async_wait<1>();  // V of tile i-1 has landed
         __syncwarp();
-        accumulate(i - 1, pending);
+        accumulate(w, i - 1, pending, o);
       }
-      rescale(alpha);
-      weights_b(st, pending);
+      rescale(o, alpha);
+      weights_b<T>(st, pending);
     }
     if (mine > 0) {
       async_wait<0>();
       __syncwarp();
-      accumulate(mine - 1, pending);
+      accumulate(w, mine - 1, pending, o);
     }
   }
   allow_dependents();
