@@ -56,6 +56,18 @@ constexpr bool has_tma_kernel(int dtype_bytes, int head_dim) {
   return dtype_bytes == 2 && listed(kTmaHeadDims, head_dim);
 }
 
+// The compute capability of `device` (x 10), found once per device.
+inline cudaError_t device_capability(int device, int &capability) {
+  static std::atomic<int> known[kMaxDevices];
+  if (device < kMaxDevices && (capability = known[device].load()) != 0) return cudaSuccess;
+  int major = 0, minor = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  capability = 10 * major + minor;
+  if (err == cudaSuccess && device < kMaxDevices) known[device].store(capability);
+  return err;
+}
+
 // The most dynamic shared memory a tensor-core block may use on the current device, -1 where
 // the device has no mma.m16n8k16 (compute capability below 8.0) or the kernel's code was built
 // for an older architecture (PTX of sm_75 JIT-compiled for a newer GPU: the mma instructions
@@ -66,27 +78,16 @@ cudaError_t mma_smem_limit(int device, int &limit) {
   static std::atomic<int> known[kMaxDevices];  // 0: not yet asked; every thread finds the same value
   if (device < kMaxDevices && (limit = known[device].load()) != 0) return cudaSuccess;
   const auto kernel = decode_mma_kernel<T, D, kPrune>;
-  int major = 0, optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int capability = 0, optin = 0;
+  cudaError_t err = device_capability(device, capability);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   cudaFuncAttributes attr;
-  if (err == cudaSuccess && major >= 8) err = cudaFuncGetAttributes(&attr, kernel);
+  const bool runs = capability >= kTensorCoreCapability;
+  if (err == cudaSuccess && runs) err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
-  limit = major >= 8 && attr.ptxVersion >= 80 ? optin - int(attr.sharedSizeBytes) : -1;
+  limit = runs && attr.ptxVersion >= kTensorCoreCapability ? optin - int(attr.sharedSizeBytes) : -1;
   if (limit > 0) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
   if (err == cudaSuccess && device < kMaxDevices) known[device].store(limit);
-  return err;
-}
-
-// The compute capability of `device` (x 10), found once per device.
-inline cudaError_t device_capability(int device, int &capability) {
-  static std::atomic<int> known[kMaxDevices];
-  if (device < kMaxDevices && (capability = known[device].load()) != 0) return cudaSuccess;
-  int major = 0, minor = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-  capability = 10 * major + minor;
-  if (err == cudaSuccess && device < kMaxDevices) known[device].store(capability);
   return err;
 }
 
@@ -138,13 +139,14 @@ cudaError_t tma_smem_limit(int device, int &limit) {
   static std::atomic<int> known[kMaxDevices];
   if (device < kMaxDevices && (limit = known[device].load()) != 0) return cudaSuccess;
   const auto kernel = decode_tma_kernel<T, D>;
-  int major = 0, optin = 0;
-  cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int capability = 0, optin = 0;
+  cudaError_t err = device_capability(device, capability);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   cudaFuncAttributes attr;
-  if (err == cudaSuccess && major * 10 >= kTmaCapability) err = cudaFuncGetAttributes(&attr, kernel);
+  const bool runs = capability >= kTmaCapability;
+  if (err == cudaSuccess && runs) err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;
-  limit = major * 10 >= kTmaCapability && attr.ptxVersion >= kTmaCapability ? optin - int(attr.sharedSizeBytes) : -1;
+  limit = runs && attr.ptxVersion >= kTmaCapability ? optin - int(attr.sharedSizeBytes) : -1;
   if (limit > 0) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
   if (err == cudaSuccess && device < kMaxDevices) known[device].store(limit);
   return err;
