@@ -5,12 +5,12 @@ int64 tensor [2, batch, 1, 1] holding (first valid position, write position t), 
 transformers hands to every layer untouched. The first valid position comes from the 2-D
 attention mask (left padding) and, for sliding-window layers, from the window, or for
 chunked-attention layers (Llama 4) from t's chunk, counted from the first valid position
-(transformers passes a layer type's window or chunk size as the mask function's `local_size`). The attention function
-hands q, k, v and that window to the layer's FastForwardAttn, with the layer's own softmax
-scale (`scaling`: Gemma's query_pre_attn_scalar, Granite's attention multiplier), softcap
-(Gemma 2) and attention sinks (`s_aux`: gpt-oss). Any other call (prefill) runs the prefill
-attention: SDPA, or, for a layer with a softcap or sinks, which SDPA lacks, the eager attention
-of the model's own modeling file.
+(transformers passes a layer type's window or chunk size as the mask function's `local_size`).
+The attention function hands q, k, v and that window to the layer's FastForwardAttn, with the
+layer's own softmax scale (`scaling`: Gemma's query_pre_attn_scalar, Granite's attention
+multiplier), softcap (Gemma 2) and attention sinks (`s_aux`: gpt-oss). Any other call (prefill)
+runs the prefill attention: SDPA, or, for a layer with a softcap or sinks, which SDPA lacks, the
+eager attention of the model's own modeling file.
 """
 
 import math
