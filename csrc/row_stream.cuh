@@ -54,26 +54,35 @@ struct RingRows {
   template <typename Src, typename Use>
   __device__ __forceinline__ static void stream(uint4 *ring, const void *valid, int rows, Src src, Use use) {
     const int nt = blockDim.x, tid = threadIdx.x;
-    auto slot = [&](int j, int c) { return ring + ((j % R) * CPL + c) * nt + tid; };
-    auto issue = [&](int j) {
-      if (j < rows)
 #pragma unroll
-        for (int c = 0; c < CPL; ++c) {
-          const ChunkSrc s = src(j, c);
-          copy_chunk_async(slot(j, c), s.read ? s.ptr : valid, s.read);
-        }
-      async_commit();  // an empty group past the end keeps the wait count uniform
-    };
-#pragma unroll
-    for (int j = 0; j < R - 1; ++j) issue(j);
+    for (int j = 0; j < R - 1; ++j) issue(ring, nt, tid, valid, rows, src, j);
     for (int j = 0; j < rows; ++j) {
-      issue(j + R - 1);
+      issue(ring, nt, tid, valid, rows, src, j + R - 1);
       async_wait<R - 1>();  // row j has landed (this thread's own copies: no barrier needed)
       uint4 chunk[CPL];
 #pragma unroll
-      for (int c = 0; c < CPL; ++c) chunk[c] = *slot(j, c);
+      for (int c = 0; c < CPL; ++c) chunk[c] = *slot(ring, nt, tid, j, c);
       use(j, chunk);
     }
+  }
+
+ private:
+  // Thread tid's slot of chunk c of row j (nt threads).
+  __device__ __forceinline__ static uint4 *slot(uint4 *ring, int nt, int tid, int j, int c) {
+    return ring + ((j % R) * CPL + c) * nt + tid;
+  }
+  // Issues the copies of row j (none past the last row) as one commit group: an empty group past
+  // the end keeps the wait count uniform.
+  template <typename Src>
+  __device__ __forceinline__ static void issue(uint4 *ring, int nt, int tid, const void *valid, int rows, Src &src,
+                                               int j) {
+    if (j < rows)
+#pragma unroll
+      for (int c = 0; c < CPL; ++c) {
+        const ChunkSrc s = src(j, c);
+        copy_chunk_async(slot(ring, nt, tid, j, c), s.read ? s.ptr : valid, s.read);
+      }
+    async_commit();
   }
 };
 
