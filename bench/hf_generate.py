@@ -5,7 +5,7 @@
         --decode-time --no-profile --no-bf16 --out ab.json          # the kernel's share of generate
 
 Model: a built-in shape with random weights (--shape: OPT-1.3b's, the default, with positions for
-prompts up to 4,096 tokens; Llama-3-8B's, Qwen3-8B's, Gemma-3-4B's), or --model, a local
+prompts up to 4,096 tokens; Llama-3-8B's, Qwen3-8B's, Gemma-3-4B's, gpt-oss-20b's, Gemma 4's), or --model, a local
 checkpoint folder or GGUF file (its tokenizer then turns a real text into the prompts and the
 first row's continuation is printed); fp16; prompts of --prompts random tokens; exactly --new
 new tokens (greedy, EOS suppressed; --sample: sampling with transformers' defaults); --batches.
@@ -52,7 +52,9 @@ from shared import environment, say, token_agreement
 PATHS = ("hf", "hf_static", "ffa", "ffa_compiled", "ffa_hf_loop", "ffa_compiled_hf_loop", "ffa_sdpa")
 # Built-in shapes (config class, settings) for random-weight models: the published configs'
 # sizes. OPT-1.3b gets positions for 4,096-token prompts (the original has 2,048; nothing else
-# changes).
+# changes). gpt-oss-20b: GptOssConfig's defaults (gpt-oss-120b's) with 20b's 24 layers and 32
+# experts (attention sinks, 128-position windows on every other layer). gemma-4: transformers'
+# default Gemma4TextConfig (sliding layers of head_dim 256; every sixth layer full, of head_dim 512).
 SHAPES = {
     "opt-1.3b": ("OPTConfig", dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192,
                                    word_embed_proj_dim=2048, max_position_embeddings=4608, vocab_size=50272)),
@@ -66,6 +68,8 @@ SHAPES = {
                                             num_attention_heads=8, num_key_value_heads=4, head_dim=256,
                                             vocab_size=262208, sliding_window=1024, query_pre_attn_scalar=256,
                                             max_position_embeddings=131072)),
+    "gpt-oss-20b": ("GptOssConfig", dict(num_hidden_layers=24, num_local_experts=32)),
+    "gemma-4": ("Gemma4TextConfig", dict()),
 }
 # A real text for models with a tokenizer (--model): repeated to the prompt length.
 TEXT = ("The key/value cache of a transformer holds one row per earlier token and layer. Each new token "
