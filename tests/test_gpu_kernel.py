@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cases import Case, exact, make_inputs, make_sinks, pruning_bound, rel_l2
-from ffa import FastForwardAttn, LaunchConfig
+from ffa import FastForwardAttn, LaunchConfig, ops
 from ffa._lib import UnsupportedError
 from ffa.launch import features_apply, head_dims, tensor_cores_apply, tma_applies
 
@@ -131,15 +131,20 @@ def test_attention_sinks(dtype, head_dim, launch, p):
     run_case(c, launch, seed)
 
 
-def test_library_rejects_a_softcap_out_of_float_range():
-    """The library's own check (for callers of the C ABI): a softcap that is negative, not a
-    number, or whose base-2 value is no normal float32 is a ValueError naming it."""
-    from ffa import ops
+def one_head_call():
+    """The fixed launch fields (which hold the caches they point into), q and output of a one-head fp16
+    step on an 8-position cache, for calling ops.cuda_decode (the C ABI's checks) directly."""
     K = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.float16)
     f = FastForwardAttn(K, K.clone(), 8)
     q = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
     params = ops.launch_params(f.k_cache, f.v_cache, 1, LaunchConfig(128, 1, 0), f._no_workspace)
-    out = torch.empty_like(q)
+    return params, q, torch.empty_like(q)
+
+
+def test_library_rejects_a_softcap_out_of_float_range():
+    """The library's own check (for callers of the C ABI): a softcap that is negative, not a
+    number, or whose base-2 value is no normal float32 is a ValueError naming it."""
+    params, q, out = one_head_call()
     for softcap in (-1.0, float("nan"), float("inf"), 1e-39, 1e39):
         with pytest.raises(ValueError, match="softcap"):
             ops.cuda_decode(params, out, q, q, q, None, 4, None, 0, 0.125, 0.0, softcap)
@@ -152,12 +157,7 @@ def test_library_rejects_a_softcap_out_of_float_range():
 def test_library_rejects_misaligned_sinks():
     """The library's own check (for callers of the C ABI): sinks not aligned to their elements are a
     ValueError naming them, and aligned ones pass."""
-    from ffa import ops
-    K = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.float16)
-    f = FastForwardAttn(K, K.clone(), 8)
-    q = torch.randn(1, 1, 64, device="cuda", dtype=torch.float16)
-    params = ops.launch_params(f.k_cache, f.v_cache, 1, LaunchConfig(128, 1, 0), f._no_workspace)
-    out = torch.empty_like(q)
+    params, q, out = one_head_call()
     sinks = torch.zeros(2, device="cuda", dtype=torch.float16)
 
     class Misaligned:  # a pointer one byte into the sinks
