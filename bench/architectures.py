@@ -53,13 +53,22 @@ class Timeout(BaseException):  # not caught where a model's own errors are
 
 
 def tiny_model(arch):
-    """The tiny random-weight model of `arch` (the keywords of COMMON its config takes)."""
+    """The tiny random-weight model of `arch` (the keywords of COMMON its config takes). A hybrid
+    model whose two layers would both be linear-attention or recurrent (an attention layer every
+    4th or 8th) gets its first layer's type and a full-attention layer, where its config takes
+    layer_types."""
     import torch
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from ffa.transformers.enable import LAYER_TYPES
     config_class = CONFIG_MAPPING[arch]
     takes = inspect.signature(config_class.__init__).parameters
-    config = config_class(**{k: v for k, v in COMMON.items() if k in takes})
+    keywords = {k: v for k, v in COMMON.items() if k in takes}
+    config = config_class(**keywords)
+    types = list(getattr(config, "layer_types", None) or ())
+    if types and not set(types) & set(LAYER_TYPES) and "layer_types" in takes:
+        config = config_class(**keywords, layer_types=[types[0], "full_attention"])
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 

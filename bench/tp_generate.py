@@ -192,9 +192,9 @@ def yardstick(model, ids, mask, args, hf_tokens):
 
 
 def ffa_cache_shape(model):
-    """(kv heads, query heads) that this rank's FFA cache holds in layer 0."""
+    """(kv heads, query heads) that this rank's FFA cache holds in its first attention layer."""
     from ffa.transformers.binding import binding_of
-    layer = binding_of(model).generate_cache.layers[0]
+    layer = binding_of(model).generate_cache.attention_layers()[0]
     return layer.keys.shape[1], layer.heads
 
 

@@ -4,6 +4,7 @@ sequences, each layer's window, softmax scale, softcap and sinks reach FFA, mode
 refused before any work, and a decode step touches the cache only through FFA's fused append."""
 
 import contextlib
+import copy
 import importlib.util
 import inspect
 import json
@@ -34,16 +35,22 @@ SINK_LOGITS = (-1.0, 2.0, 3.0, 4.0)  # gpt-oss's per-head sinks: from hardly any
 
 
 def tiny_config(arch):
-    """The config of a 2-layer model of `arch`: head_dim 32, grouped-query heads where the
-    architecture has them; sliding-window layers (all of them,
-    or alternating with full layers) shorter than the sequence; Gemma's and Granite's own
-    softmax scales, Gemma 2's softcap, gpt-oss's attention sinks (tiny() sets their logits)."""
+    """The config of a 2-layer model of `arch` (3 layers where noted): head_dim 32, grouped-query
+    heads where the architecture has them; sliding-window layers (all of them, or alternating
+    with full layers) shorter than the sequence; Gemma's and Granite's own softmax scales, Gemma
+    2's softcap, gpt-oss's attention sinks (tiny() sets their logits); hybrid models with
+    linear-attention, Mamba or convolution layers before (and after) a full-attention layer."""
     t = transformers
     common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
                   bos_token_id=1, eos_token_id=2)
     alternating = dict(sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
     moe = dict(num_experts_per_tok=2)
+    linear_full_linear = {**common, "num_hidden_layers": 3,
+                          "layer_types": ["linear_attention", "full_attention", "linear_attention"]}
+    delta_net = dict(linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+                     linear_value_head_dim=16)
+    mamba = dict(mamba_d_state=8, mamba_expand=2)
     configs = {
         "opt": lambda: t.OPTConfig(
             vocab_size=VOCAB, hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=2,
@@ -78,6 +85,22 @@ def tiny_config(arch):
         "llama4_text": lambda: t.Llama4TextConfig(head_dim=32, num_local_experts=2, intermediate_size_mlp=128,
                                                   attention_chunk_size=CHUNK, no_rope_layer_interval=3,
                                                   **{**common, "num_hidden_layers": 3}),
+        # Hybrid models: FFA attends in the full-attention layers, transformers' layers keep their states.
+        "qwen3_next": lambda: t.Qwen3NextConfig(head_dim=32, num_experts=4, moe_intermediate_size=64,
+                                                shared_expert_intermediate_size=64, **moe, **delta_net,
+                                                **linear_full_linear),
+        "qwen3_5_text": lambda: t.Qwen3_5TextConfig(head_dim=32, **delta_net, **linear_full_linear),
+        "olmo_hybrid": lambda: t.OlmoHybridConfig(layer_types=["linear_attention", "full_attention"], **common),
+        "lfm2": lambda: t.Lfm2Config(layer_types=["conv", "full_attention"],
+                                     **{k: v for k, v in common.items() if k != "intermediate_size"}),
+        "jamba": lambda: t.JambaConfig(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                       expert_layer_offset=1, num_experts=2, **mamba, **common),
+        "bamba": lambda: t.BambaConfig(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=32, **mamba, **common),
+        "granitemoehybrid": lambda: t.GraniteMoeHybridConfig(layer_types=["mamba", "attention"], mamba_n_heads=8,
+                                                             mamba_d_head=32, num_local_experts=2, **mamba, **common),
+        "nemotron_h": lambda: t.NemotronHConfig(layer_types=["linear_attention", "full_attention", "mlp"],
+                                                mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=8, n_groups=1,
+                                                **{**common, "num_hidden_layers": 3}),
     }
     return configs[arch]()
 
@@ -103,12 +126,14 @@ def tiny(arch):
     return model
 
 
+# Hybrid architectures: linear-attention (gated DeltaNet), Mamba or short-convolution layers beside attention.
+HYBRID = ["qwen3_next", "qwen3_5_text", "olmo_hybrid", "lfm2", "jamba", "bamba", "granitemoehybrid", "nemotron_h"]
 ARCHS = ["opt", "gpt2", "gptj", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "phi3", "mixtral", "olmo2", "granite", "smollm3", "gpt_oss", "llama4_text"]
+         "phi3", "mixtral", "olmo2", "granite", "smollm3", "gpt_oss", "llama4_text", *HYBRID]
 # Where transformers' own code fixes the dtype at float32: its MoE experts (grouped_mm takes no
 # float64), and eager attention, whose float32 softmax turns the fully masked rows of left
 # padding into NaN in a float64 model.
-FLOAT32_ONLY = ("qwen3_moe", "mixtral", "gemma2", "gpt_oss")
+FLOAT32_ONLY = ("qwen3_moe", "mixtral", "gemma2", "gpt_oss", "qwen3_next", "jamba", "granitemoehybrid")
 
 
 def exact_dtype(arch):
@@ -121,9 +146,11 @@ ARCH_DTYPES = [(arch, dtype) for arch in ARCHS for dtype in (torch.float32, torc
 
 
 def logits_tolerance(arch, dtype):
-    """GPT-J computes attention scores in float32 even in a float64 model."""
+    """GPT-J computes attention scores in float32 even in a float64 model, and so do the gated
+    DeltaNet layers of Qwen3.5 and OLMo-hybrid (transformers' torch implementation), whose padded
+    and unpadded rows then differ by float32 rounding in transformers alone."""
     if dtype == torch.float64:
-        return 1e-6 if arch == "gptj" else 1e-10
+        return 1e-6 if arch in ("gptj", "qwen3_5_text", "olmo_hybrid") else 1e-10
     return 1e-4
 
 
@@ -176,8 +203,8 @@ def assert_ffa_gives_hugging_face_tokens(model, tolerance):
     fft.enable(model)
     with counting_ffa_calls() as calls:
         got, logits = greedy(model, ids, mask, with_logits=True)
-    # NEW - 1 decode steps (the prompt's forward yields the first token) in each layer.
-    assert len(calls) == (NEW - 1) * len(binding_of(model).generate_cache.layers)
+    # NEW - 1 decode steps (the prompt's forward yields the first token) in each attention layer.
+    assert len(calls) == (NEW - 1) * len(binding_of(model).generate_cache.attention_layers())
     assert torch.equal(got, expected)
     torch.testing.assert_close(logits, expected_logits, rtol=tolerance, atol=tolerance)
 
@@ -356,6 +383,42 @@ def test_generate_reuses_its_cache_across_calls():
     assert torch.equal(first, again)
 
 
+def test_hybrid_cache_keeps_transformers_state_layers():
+    """In a hybrid model (Qwen3.5: gated DeltaNet, full attention, gated DeltaNet) FFACache holds an
+    FFALayer for the attention layer and transformers' LinearAttentionLayer for the others, which
+    FFA never calls. checkpoint() / restore() undo a step's advance of the recurrent and conv states
+    (as the CUDA graph's warm-up steps need), reset() zeroes them for the next prompt within the
+    same buffers (storage() unchanged, so a captured step stays valid), and a prompt of another batch
+    size gets new ones."""
+    model = fft.enable(tiny("qwen3_5_text").double())
+    ids, mask = prompts(model)
+    with counting_ffa_calls() as calls:
+        first = greedy(model, ids, mask)
+    cache = binding_of(model).generate_cache
+    assert [type(layer).__name__ for layer in cache.layers] == ["LinearAttentionLayer", "FFALayer",
+                                                                "LinearAttentionLayer"]
+    assert cache.attention_layers() == [cache.layers[1]]
+    assert {id(attn) for attn, _ in calls} == {id(cache.layers[1].attn)}
+    storage = cache.storage()
+    assert len(storage) == 1 + 4 and None not in storage  # K/V, and a conv and a recurrent state per DeltaNet layer
+    assert torch.equal(greedy(model, ids, mask), first) and cache.storage() == storage
+
+    states = [x for layer in cache.state_layers() for x in (layer.conv_states[0], layer.recurrent_states[0])]
+    before = [x.clone() for x in states]
+    saved = cache.checkpoint()
+    with torch.no_grad():
+        model(input_ids=first[:, -1:], attention_mask=torch.ones(3, PROMPT + NEW + 1, dtype=torch.long),
+              past_key_values=cache)
+    assert not all(torch.equal(x, y) for x, y in zip(states, before)), "the step left the states as they were"
+    cache.restore(saved)
+    assert all(torch.equal(x, y) for x, y in zip(states, before))
+
+    cache.reset()
+    assert all(not x.any() for x in states) and cache.storage() == storage
+    single = greedy(model, ids[:1], mask[:1])
+    assert torch.equal(single, first[:1]) and cache.storage() != storage
+
+
 def composite(arch):
     """Models made of parts with configs of their own: GOT-OCR2 (an eager vision tower, an SDPA
     language model) and Moshi (audio and depth-decoder parts that never chose an implementation)."""
@@ -465,12 +528,17 @@ def unsupported_models():
             head_dim=32, num_local_experts=1, intermediate_size_mlp=64, sliding_window=WINDOW,
             layer_types=["sliding_attention", "chunked_attention"], **small)),
          "both sliding-window and chunked-attention layers"),
-        ("another layer type", lambda: causal(t.MiniMaxConfig(head_dim=32, num_local_experts=2, **small,
-                                                              layer_types=["linear_attention", "full_attention"])),
-         "layers of type 'linear_attention'"),
-        ("recurrent layers", lambda: causal(t.RecurrentGemmaConfig(
+        ("another layer type", lambda: causal(t.FalconH1Config(
+            head_dim=32, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, **small)),
+         "layers of type 'hybrid'"),
+        ("linear-attention states in a cache of its own", lambda: causal(t.MiniMaxConfig(
+            head_dim=32, num_local_experts=2, **small, layer_types=["linear_attention", "full_attention"])),
+         "cache class of its own \\(MiniMaxCache\\)"),
+        ("recurrent layers of their own", lambda: causal(t.RecurrentGemmaConfig(
             vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=64, lru_width=64)), "layers 0, 1 of 3 have no self-attention"),
+            intermediate_size=64, lru_width=64)), "layers 0, 1 of 3 have no self-attention module and no layer type"),
+        ("no attention at all", lambda: causal(t.MambaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                             state_size=8)), "none of its layers has a self-attention"),
         ("no attention interface (ALiBi)", lambda: causal(t.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1,
                                                                         n_head=2)), "attention interface"),
         ("K/V shared across layers", lambda: causal(t.Gemma3nTextConfig(
@@ -501,8 +569,10 @@ def attention_of_its_own(arch):
     """Models whose layers attend over something other than what their cache stored: DiffLlama
     (each layer attends twice, over halves of its values), Doge (a dynamic mask computed in
     the layer), a Llama whose layer 1 keeps its K/V in a cache of its own (stores nothing
-    in the model's cache, as a layer that borrows another layer's K/V does), and a Llama whose
-    layer 0 has attention sinks that its forward does not pass on (as s_aux)."""
+    in the model's cache, as a layer that borrows another layer's K/V does), a Llama whose layer 1
+    attends with SDPA whatever the model's attention implementation (found at the first decode
+    step: its prefill never reached FFA's attention function), and a Llama whose layer 0 has
+    attention sinks that its forward does not pass on (as s_aux)."""
     t = transformers
     small = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -518,6 +588,12 @@ def attention_of_its_own(arch):
 
         attention.forward = keeping_its_own_cache
         return model
+    if arch == "llama, a layer outside the attention interface":
+        model = t.AutoModelForCausalLM.from_config(t.LlamaConfig(**small))
+        attention = model.model.layers[1].self_attn
+        attention.config = copy.copy(attention.config)  # keeps "sdpa" when enable() switches the model
+        attention.config._attn_implementation = "sdpa"
+        return model
     if arch == "llama, sinks not passed on":
         model = t.AutoModelForCausalLM.from_config(t.LlamaConfig(**small))
         model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(small["num_attention_heads"]))
@@ -529,6 +605,8 @@ def attention_of_its_own(arch):
 @pytest.mark.parametrize("arch,words", [("diffllama", "layer 0 .* is handed K/V other than those it stored"),
                                         ("doge", "layer 0 .* gets a mask of its own"),
                                         ("llama, a layer with a cache of its own", "layer 1 .* is handed K/V other"),
+                                        ("llama, a layer outside the attention interface",
+                                         "1 of 2 attention layers did not go through transformers' attention"),
                                         ("llama, sinks not passed on", "layer 0 .* sinks that it does not pass")])
 def test_attention_a_decode_step_cannot_continue_is_refused_at_the_prefill(arch, words):
     """What enable() cannot see in the modules shows in the prefill, before any decode step: one

@@ -170,6 +170,7 @@ def own_attn(module, original, query, key, value, attention_mask=None):
                       if module.training else 0.0)
         return out.unsqueeze(2), None
     _refuse_unwindowed_decode(module, query, key)
+    _refuse_what_decode_cannot_continue(module, key, value, None, None)
     return original(query, key, value, attention_mask)
 
 

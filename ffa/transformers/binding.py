@@ -10,16 +10,19 @@ def refuse(model_type, feature):
 
 
 class Binding:
-    """The attention modules of an enabled model (of transformers' `model_type`), query heads
-    per kv head, the previous attention implementations (of the model, "", and of each
-    sub-model), the enable() options, and the cache in use (set by FFACache.update while a
-    forward runs)."""
+    """The attention modules of an enabled model (of transformers' `model_type`) by layer index
+    (`attention`: every layer but, in a hybrid model, its linear-attention and recurrent ones),
+    its number of layers, query heads per kv head, the previous attention implementations (of the
+    model, "", and of each sub-model), the enable() options, and the cache in use (set by
+    FFACache.update while a forward runs)."""
 
-    def __init__(self, model_type, modules, group, previous, own_attention, compile, decode_loop, kernel="ffa"):
+    def __init__(self, model_type, attention, num_layers, group, previous, own_attention, compile, decode_loop,
+                 kernel="ffa"):
         self.model_type = model_type
-        self.modules = modules
+        self.attention = dict(sorted(attention.items()))
+        self.modules = list(self.attention.values())
         self.group = group
-        self.num_layers = len(modules)
+        self.num_layers = num_layers
         self.previous = previous
         self.own_attention = own_attention  # modules wrapped through their `_attn` (GPT-J)
         self.cache = None

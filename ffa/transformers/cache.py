@@ -1,19 +1,22 @@
-"""FFACache: a transformers Cache whose layers are FastForwardAttn caches.
+"""FFACache: a transformers Cache whose attention layers are FastForwardAttn caches.
 
 Prefill (several tokens on an empty cache) copies the prompt's K/V into one FastForwardAttn per
-layer; a decode step (one token on a filled cache) stores nothing here: `update` returns the
-token's K/V and the FFA kernel appends them. The fill state (whether a prompt is in, and how
-many positions are written) is shared by all layers; the loop (loop.py) saves and restores it
-around warm-up steps through `checkpoint` / `restore`.
+attention layer; a decode step (one token on a filled cache) stores nothing here: `update`
+returns the token's K/V and the FFA kernel appends them. The fill state (whether a prompt is in,
+and how many positions are written) is shared by all attention layers. A hybrid model's
+linear-attention and recurrent layers (enable.STATE_LAYER_TYPES) keep transformers' own
+LinearAttentionLayer, whose fixed-size states the model updates in place. The loop (loop.py)
+saves and restores the fill state and those states around warm-up steps through `checkpoint` /
+`restore`.
 """
 
 import weakref
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from ..attention import FastForwardAttn
-from .binding import binding_of
+from .binding import binding_of, refuse
 
 
 class _Fill:
@@ -123,8 +126,14 @@ class FFALayer(CacheLayerMixin):
         self._prompt = None
 
 
+def _states(layer):
+    """The state tensors a linear-attention layer holds (its conv and recurrent states)."""
+    return [x for x in (*layer.conv_states.values(), *layer.recurrent_states.values()) if x is not None]
+
+
 class FFACache(Cache):
-    """A transformers Cache whose layers are FastForwardAttn caches of `max_len` positions.
+    """A transformers Cache whose attention layers are FastForwardAttn caches of `max_len`
+    positions (and, in a hybrid model, whose other layers are transformers' LinearAttentionLayer).
 
     `FFACache(model, max_len)` for a model passed through `enable`; `generate` on an enabled
     model makes one itself. The buffers are allocated at the first prefill (batch, heads,
@@ -139,23 +148,62 @@ class FFACache(Cache):
         self.compileable = binding.compile
         self._binding = binding
         self._fill = _Fill()
+        self._attention = tuple(binding.attention)  # indices of the attention layers, ascending
         layers = [FFALayer(max_len, self._fill, binding.group, binding.compile, binding.kernel)
-                  for _ in range(binding.num_layers)]
+                  if i in binding.attention else LinearAttentionLayer() for i in range(binding.num_layers)]
         super().__init__(layers=layers)
+
+    def attention_layers(self):
+        """The FFALayer of each attention layer, in layer order."""
+        return [self.layers[i] for i in self._attention]
+
+    def state_layers(self):
+        """The LinearAttentionLayer of each linear-attention or recurrent layer, in layer order."""
+        return [layer for layer in self.layers if not isinstance(layer, FFALayer)]
+
+    def storage(self):
+        """What a captured step reads and writes in place: the addresses of the first attention
+        layer's K/V and of every state tensor (None before the first prefill). A prefill that
+        reallocates (another batch size or dtype) changes it."""
+        first = self.layers[self._attention[0]]
+        return (first.keys.data_ptr() if first.is_initialized else None,
+                *(x.data_ptr() for layer in self.state_layers() for x in _states(layer)))
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         # The attention function finds this cache through the model's binding.
         self._binding.cache = self
         filled = self._fill.filled
         keys, values = self.layers[layer_idx].update(key_states, value_states)
-        if layer_idx == 0:
+        if layer_idx == self._attention[0]:
             if filled:
+                self._refuse_unchecked_prefill()
                 self._count_step()
             else:
                 self._start_fill(key_states)
-        if layer_idx == len(self.layers) - 1 and not filled:
+        if layer_idx == self._attention[-1] and not filled:
             self._fill.filled = True  # every layer holds the prompt: from now on, one token per step
         return keys, values
+
+    def update_conv_state(self, conv_states, layer_idx, state_idx=0, **kwargs):
+        self._fit_state_layer(layer_idx, "conv_states", conv_states, state_idx)
+        return super().update_conv_state(conv_states, layer_idx, state_idx, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx, state_idx=0, **kwargs):
+        self._fit_state_layer(layer_idx, "recurrent_states", recurrent_states, state_idx)
+        return super().update_recurrent_state(recurrent_states, layer_idx, state_idx, **kwargs)
+
+    def _fit_state_layer(self, layer_idx, kind, state, state_idx):
+        """A prompt of another batch size, dtype or device than a state layer holds gets a new
+        layer: a LinearAttentionLayer copies each update into its fixed-shape buffers (decode
+        steps bring the buffers' own shapes, a conv state one position instead of its kernel's)."""
+        held = getattr(self.layers[layer_idx], kind, {}).get(state_idx)
+        if held is not None and (held.shape[:-1] != state.shape[:-1] or held.dtype != state.dtype
+                                 or held.device != state.device):
+            self.layers[layer_idx] = LinearAttentionLayer()
+
+    def get_mask_sizes(self, query_length, layer_idx):
+        """Every attention layer's mask sizes are the same; transformers may ask a state layer."""
+        return self.layers[self._attention[0]].get_mask_sizes(query_length)
 
     def _start_fill(self, key_states):
         length = key_states.shape[2]
@@ -165,7 +213,16 @@ class FFACache(Cache):
                 torch._dynamo.mark_static_address(self._fill.length, guard=False)
         self._fill.length.fill_(length)
         self._fill.host_length = length
-        self._fill.unchecked = len(self.layers)
+        self._fill.unchecked = len(self._attention)
+
+    def _refuse_unchecked_prefill(self):
+        """At the first decode step: every attention layer's prefill went through FFA's attention
+        function (FFALayer.prompt_handed_on). A layer that attended elsewhere would, in a decode
+        step, attend over the new token alone."""
+        if self._fill.unchecked:
+            refuse(self._binding.model_type, f"the attention of {self._fill.unchecked} of {len(self._attention)} "
+                                             "attention layers did not go through transformers' attention interface "
+                                             "in the prefill")
 
     def _count_step(self):
         # Eager steps also count on the host and refuse to run past max_len (the GPU kernel
@@ -177,19 +234,26 @@ class FFACache(Cache):
         self._fill.length.add_(1)
 
     def reset(self):
-        """Forget the contents and keep the buffers, for the next prompt."""
+        """Forget the contents and keep the buffers, for the next prompt (state layers: zeroed)."""
         self._fill.filled = False
+        for layer in self.state_layers():
+            layer.reset()
 
     def checkpoint(self):
-        """A copy of how many positions are written (on the device and on the host), for
-        `restore`: steps run and then undone (a CUDA graph's warm-up) leave no count behind."""
-        return self._fill.length.clone(), self._fill.host_length
+        """A copy of how many positions are written (on the device and on the host) and of the
+        state layers' states, for `restore`: steps run and then undone (a CUDA graph's warm-up)
+        leave no count behind and no recurrent state advanced (K/V written past the count are
+        written again before anything reads them)."""
+        states = [x.clone() for layer in self.state_layers() for x in _states(layer)]
+        return self._fill.length.clone(), self._fill.host_length, states
 
     def restore(self, checkpoint):
-        """Back to a `checkpoint()`, in place (a captured graph keeps reading the same counter)."""
-        length, host_length = checkpoint
+        """Back to a `checkpoint()`, in place (a captured graph keeps reading the same buffers)."""
+        length, host_length, states = checkpoint
         self._fill.length.copy_(length)
         self._fill.host_length = host_length
+        for x, saved in zip([x for layer in self.state_layers() for x in _states(layer)], states, strict=True):
+            x.copy_(saved)
 
     def count_written(self, length):
         """The host's count of written positions after steps that only the device counted (a

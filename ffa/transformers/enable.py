@@ -2,9 +2,11 @@
 
 import functools
 import inspect
+import sys
 
 import torch
 from transformers import GenerationMixin
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, LinearAttentionCacheLayerMixin
 
 from . import loop
 from ..attention import KERNELS, FastForwardAttn
@@ -14,6 +16,11 @@ from .cache import FFACache
 
 # Attention layer types (config.layer_types) that are a window over the cache (attention.mask_function).
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
+# Layer types without K/V whose cache is a fixed-size state (transformers' LinearAttentionLayer:
+# Mamba and gated-DeltaNet layers, short convolutions, MoE/MLP-only layers). In a hybrid model
+# FFACache keeps transformers' own layer for them (StateLayer) and FFA attends in the others.
+STATE_LAYER_TYPES = tuple(kind for kind, layer in DYNAMIC_LAYER_TYPE_MAPPING.items()
+                          if issubclass(layer, LinearAttentionCacheLayerMixin) and not issubclass(layer, CacheLayerMixin))
 
 
 def is_enabled(model):
@@ -24,25 +31,37 @@ def _refuse(config, feature):
     refuse(config.model_type, feature)
 
 
+def _layer_types(config):
+    """The decoder's config.layer_types, or () where it has none."""
+    return tuple(getattr(config.get_text_config(decoder=True), "layer_types", None) or ())
+
+
 def _attention_modules(model):
-    """The self-attention modules of layers 0 .. n-1 (class name ending in Attention, with an
-    int layer_idx), one per layer of the model."""
+    """The self-attention modules of the model's layers (class name ending in Attention, with an
+    int layer_idx), by layer index, and the number of layers. Every layer has one, except, in a
+    hybrid model, layers of a STATE_LAYER_TYPES type, whose modules (linear attention, such as
+    Kimi's delta attention, or none) are the model's own business."""
     config, found = model.config, {}
+    types = _layer_types(config)
+    states = {i for i, kind in enumerate(types) if kind in STATE_LAYER_TYPES}
     for name, module in model.named_modules():
         idx = getattr(module, "layer_idx", None)
-        if type(module).__name__.endswith("Attention") and isinstance(idx, int):
+        if type(module).__name__.endswith("Attention") and isinstance(idx, int) and idx not in states:
             leaf = name.rsplit(".", 1)[-1]
             if getattr(module, "is_cross_attention", False) or "cross" in leaf or leaf.startswith("encoder_attn"):
                 _refuse(config, f"it has cross-attention ({type(module).__name__} `{name}` of layer {idx})")
             if idx in found:
                 _refuse(config, f"two attention modules claim layer {idx}")
             found[idx] = module
-    layers = getattr(config, "num_hidden_layers", None) or max(found, default=-1) + 1
-    missing = sorted(set(range(layers)) - set(found))
-    if missing or not found:
-        _refuse(config, f"layers {', '.join(map(str, missing))} of {layers} have no self-attention module "
-                        "(recurrent or linear-attention layers?)")
-    return [found[i] for i in range(layers)]
+    layers = len(types) or getattr(config, "num_hidden_layers", None) or max(found, default=-1) + 1
+    if not found:
+        _refuse(config, "none of its layers has a self-attention module (a module named ...Attention with a "
+                        "layer_idx): a recurrent model, or attention modules of its own")
+    missing = sorted(set(range(layers)) - set(found) - states)
+    if missing:
+        _refuse(config, f"layers {', '.join(map(str, missing))} of {layers} have no self-attention module and no "
+                        "layer type of transformers' linear-attention cache (recurrent layers of their own?)")
+    return found, layers
 
 
 def _group(config, modules):
@@ -58,6 +77,25 @@ def _head_dim(config, module):
     """The head_dim of a layer's q, k and v: the module's own, else the config's."""
     return (getattr(module, "head_dim", None) or getattr(config, "head_dim", None)
             or config.hidden_size // config.num_attention_heads)
+
+
+def _calls_attention_interface(module):
+    """Whether the module's forward looks its attention up in transformers' attention interface
+    (ALL_ATTENTION_FUNCTIONS), as hybrid models' attention layers do without the model declaring
+    itself an attention backend (`_supports_attention_backend`). The first decode step checks
+    that every attention layer's prefill went through it (FFACache.update)."""
+    try:
+        return "ALL_ATTENTION_FUNCTIONS" in inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _own_cache_class(model):
+    """A transformers Cache subclass that the model's modeling file defines for itself (MiniMax
+    keeps its linear-attention states in one, and refuses any other cache), or None."""
+    module = sys.modules.get(type(model).__module__)
+    return next((value for value in vars(module).values() if isinstance(value, type) and issubclass(value, Cache)
+                 and value.__module__ == module.__name__), None) if module is not None else None
 
 
 def _implementations(config):
@@ -80,13 +118,19 @@ def _restore_implementations(model, previous):
             getattr(model.config, key)._attn_implementation = None
 
 
-def _check_features(model, modules):
-    """Refuse, naming the feature, a model that needs what FFA cannot do. Runs before anything
-    is changed or allocated; the head_dim (and dtype) by probing FastForwardAttn with an empty
-    prompt of one kv head on the CPU (a tensor-parallel rank holds fewer kv heads than the
-    config says, so only head_dim and dtype are probed)."""
+def _check_features(model, modules, hybrid):
+    """Refuse, naming the feature, a model that needs what FFA cannot do (`hybrid`: it has
+    linear-attention or recurrent layers). Runs before anything is changed or allocated; the
+    head_dim (and dtype) by probing FastForwardAttn with an empty prompt of one kv head on the
+    CPU (a tensor-parallel rank holds fewer kv heads than the config says, so only head_dim and
+    dtype are probed)."""
     config = model.config
-    if config.model_type not in OWN_ATTENTION_MODEL_TYPES and not type(model).is_backend_compatible():
+    own_cache = _own_cache_class(model) if hybrid else None
+    if own_cache is not None:
+        _refuse(config, f"its linear-attention layers keep their state in a cache class of its own "
+                        f"({own_cache.__name__}), not in transformers' LinearAttentionLayer")
+    if config.model_type not in OWN_ATTENTION_MODEL_TYPES and not (
+            type(model).is_backend_compatible() or all(map(_calls_attention_interface, modules))):
         _refuse(config, "its attention does not go through transformers' attention interface (AttentionInterface)")
     if getattr(config, "kv_lora_rank", None) is not None or any(hasattr(m, "kv_lora_rank") for m in modules):
         _refuse(config, "multi-head latent attention (compressed K/V, as in DeepSeek-V3)")
@@ -96,11 +140,11 @@ def _check_features(model, modules):
         _refuse(config, "K/V shared across layers (layers that attend over an earlier layer's K/V, as in Gemma 3n)")
     if any(getattr(m, "is_causal", True) is False for m in modules):
         _refuse(config, "non-causal (bidirectional) attention")
-    types = set(getattr(config, "layer_types", None) or ())
-    other = sorted(types - set(LAYER_TYPES))
+    types = set(_layer_types(config))
+    other = sorted(types - set(LAYER_TYPES) - set(STATE_LAYER_TYPES))
     if other:
         _refuse(config, f"layers of type {', '.join(map(repr, other))} (FFA runs full, sliding-window and chunked "
-                        "attention)")
+                        "attention, next to transformers' own linear-attention and recurrent layers)")
     if {"sliding_attention", "chunked_attention"} <= types:  # transformers passes both sizes as local_size
         _refuse(config, "both sliding-window and chunked-attention layers")
     if "chunked_attention" in types and not getattr(config, "attention_chunk_size", None):
@@ -139,12 +183,13 @@ def enable(model, *, compile=False, decode_loop=True, kernel="ffa"):
         return model
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
         _refuse(config, "it has cross-attention (FFA runs decoder-only models)")
-    modules = _attention_modules(model)
-    _check_features(model, modules)
+    found, layers = _attention_modules(model)
+    modules = [found[i] for i in sorted(found)]
+    _check_features(model, modules, hybrid=len(found) < layers)
     register()
     own_attention = config.model_type in OWN_ATTENTION_MODEL_TYPES
-    binding = Binding(config.model_type, modules, _group(config, modules), _implementations(config), own_attention,
-                      compile, decode_loop, kernel)
+    binding = Binding(config.model_type, found, layers, _group(config, modules), _implementations(config),
+                      own_attention, compile, decode_loop, kernel)
     binding.attach(model)
     if own_attention:
         for module in modules:

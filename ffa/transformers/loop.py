@@ -223,12 +223,12 @@ class DecodeStep:
 
     @staticmethod
     def key_of(cache, plan):
-        """What the captured graph depends on: the cache's buffers, the batch size, the EOS and
-        pad ids, the sampling settings, the penalty, the stop strings and their tokenizer."""
-        layer = cache.layers[0]
+        """What the captured graph depends on: the cache's buffers (FFACache.storage), the batch
+        size, the EOS and pad ids, the sampling settings, the penalty, the stop strings and their
+        tokenizer."""
         stop = (plan.stop_strings, id(plan.tokenizer)) if plan.stop_strings is not None else None
-        return (id(cache), layer.keys.data_ptr() if layer.is_initialized else None, plan.input_ids.shape[0],
-                plan.eos, plan.pad, plan.sampling, plan.repetition_penalty, stop)
+        return (id(cache), cache.storage(), plan.input_ids.shape[0], plan.eos, plan.pad, plan.sampling,
+                plan.repetition_penalty, stop)
 
     def start(self, plan):
         """Prefill (eager, the model's own attention), reset the state and pick the first token."""
